@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine: `make chat` and `make test`.
+# The venv in .venv is rebuilt only when pyproject.toml (the dependency spec) changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+# llama.cpp's AMX kernels crash on CPUs that advertise AMX inside some VMs (this one):
+# build without them there. pip caches the built wheel, so this costs ~9 min once.
+ifneq ($(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo amx),)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
+
+.PHONY: setup chat ui test bench doctor clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+	$(BIN)/localchat setup
+
+chat: setup
+	$(BIN)/localchat chat
+
+ui: setup
+	$(BIN)/localchat ui --host 127.0.0.1
+
+doctor: setup
+	$(BIN)/localchat doctor
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""LoRA / QLoRA fine-tuning that feeds convert/ and the model store."""

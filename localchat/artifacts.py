@@ -1,0 +1,96 @@
+"""The runnable files a model has (a GGUF file, a GPTQ folder) and the shapes the planner
+needs to size memory: read from headers and configs, never by loading weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .gguf_file import GGUFHeader, read_gguf
+
+Format = Literal["gguf", "gptq"]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_layers: int
+    n_ctx_train: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+
+    def kv_bytes(self, context: int, bytes_per_value: int = 2) -> int:
+        """K and V caches for `context` tokens (f16 by default, as llama.cpp and torch keep them)."""
+        return 2 * self.n_layers * self.n_head_kv * self.head_dim * context * bytes_per_value
+
+
+@dataclass(frozen=True)
+class Artifact:
+    format: Format
+    path: str
+    size_bytes: int  # weights as they load
+    layer_bytes: int  # weights of one repeating block (what GPU offload moves)
+    quant: str
+    dims: ModelDims
+    architecture: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.format.upper()} {self.quant} ({Path(self.path).name})"
+
+
+def dims_from_gguf(h: GGUFHeader) -> ModelDims:
+    n_layers = int(h.arch_value("block_count", 0))
+    n_embd = int(h.arch_value("embedding_length", 0))
+    n_head = int(h.arch_value("attention.head_count", 1) or 1)
+    n_head_kv = h.arch_value("attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):  # per-layer counts in some architectures
+        n_head_kv = max(n_head_kv)
+    head_dim = int(h.arch_value("attention.key_length", 0) or (n_embd // n_head if n_head else 0))
+    n_vocab = int(h.arch_value("vocab_size", 0) or h.array_lengths.get("tokenizer.ggml.tokens", 0))
+    return ModelDims(n_layers=n_layers, n_ctx_train=int(h.arch_value("context_length", 2048)),
+                     n_embd=n_embd, n_head=n_head, n_head_kv=int(n_head_kv), head_dim=head_dim,
+                     n_vocab=n_vocab)
+
+
+def artifact_from_gguf(path: str | Path, header: GGUFHeader | None = None) -> Artifact:
+    h = header or read_gguf(path)
+    dims = dims_from_gguf(h)
+    blocks = sum(t.nbytes for t in h.tensors if t.name.startswith("blk."))
+    layer = blocks // dims.n_layers if dims.n_layers else h.weights_bytes
+    return Artifact(format="gguf", path=str(Path(path)), size_bytes=h.weights_bytes,
+                    layer_bytes=layer, quant=h.quant, dims=dims, architecture=h.architecture)
+
+
+def artifact_from_gptq(folder: str | Path) -> Artifact:
+    """A GPTQ checkpoint folder: sizes from its safetensors files, shapes from config.json."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_path}: cannot read the model config: {exc}") from None
+    qcfg = cfg.get("quantization_config") or {}
+    qfile = folder / "quantize_config.json"
+    if not qcfg and qfile.is_file():
+        qcfg = json.loads(qfile.read_text())
+    bits = qcfg.get("bits", 4)
+    n_layers = int(cfg.get("num_hidden_layers", 0))
+    n_head = int(cfg.get("num_attention_heads", 1))
+    n_embd = int(cfg.get("hidden_size", 0))
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    dims = ModelDims(n_layers=n_layers, n_ctx_train=int(cfg.get("max_position_embeddings", 2048)),
+                     n_embd=n_embd, n_head=n_head,
+                     n_head_kv=int(cfg.get("num_key_value_heads", n_head)),
+                     head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                     n_vocab=int(cfg.get("vocab_size", 0)))
+    embed = 2 * dims.n_vocab * n_embd * 2  # fp16 embedding and head stay unquantized
+    layer = max(size - embed, 0) // n_layers if n_layers else size
+    arch = (cfg.get("architectures") or [""])[0]
+    return Artifact(format="gptq", path=str(folder), size_bytes=size, layer_bytes=layer,
+                    quant=f"GPTQ-{bits}bit-g{qcfg.get('group_size', 128)}", dims=dims,
+                    architecture=arch)

@@ -1,0 +1,110 @@
+"""A conversation with one model: turns, the chat template, and the context window.
+
+When a conversation outgrows the context, the oldest turns are dropped (the system
+prompt is kept) and `last_dropped` says how many, so callers can show it; it never
+happens silently. The CLI, the UI and the server all talk through this class.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats
+from ..engine.settings import SamplingSettings
+from ..templates import DEFAULT_FORMAT, get_format, render_chat
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ResolvedTemplate:
+    source: str
+    stop: tuple[str, ...]
+    origin: str
+    notice: str = ""  # shown to the user when a fallback was chosen
+
+
+def resolve_template(backend: Backend, chat_format: str | None) -> ResolvedTemplate:
+    """The user's named format, else the model's own template, else the default (said aloud)."""
+    if chat_format:
+        fmt = get_format(chat_format)
+        return ResolvedTemplate(fmt.template, fmt.stop, f"chat format {fmt.name!r}")
+    t = backend.template
+    if t.source:
+        stop = (t.eos_token,) if t.eos_token else ()
+        return ResolvedTemplate(t.source, stop, t.origin)
+    fmt = get_format(DEFAULT_FORMAT)
+    return ResolvedTemplate(fmt.template, fmt.stop, f"chat format {fmt.name!r}",
+                            notice=f"the model has no chat template; using {fmt.name!r} "
+                                   "(choose another with --chat-format)")
+
+
+def validate_messages(messages: list[Message]) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must have a role in {ROLES} and text content, got {m!r}")
+
+
+class ChatSession:
+    def __init__(self, backend: Backend, system: str | None = None, chat_format: str | None = None,
+                 settings: SamplingSettings | None = None) -> None:
+        self.backend = backend
+        self.template = resolve_template(backend, chat_format)
+        self.settings = settings or SamplingSettings()
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.last_stats: GenerationStats | None = None
+        self.last_dropped = 0
+
+    def render(self, messages: list[Message]) -> str:
+        t = self.backend.template
+        return render_chat(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
+                           origin=self.template.origin)
+
+    def reserve_for(self, settings: SamplingSettings) -> int:
+        """Tokens kept free for the answer."""
+        return min(settings.max_tokens, self.backend.n_ctx // 2)
+
+    def fit(self, messages: list[Message], reserve: int) -> tuple[str, int]:
+        """Render `messages`, dropping the oldest turns until the prompt and `reserve` fit."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        dropped = 0
+        while True:
+            prompt = self.render(system + turns)
+            used = self.backend.count_tokens(prompt)
+            if used + reserve <= self.backend.n_ctx:
+                return prompt, dropped
+            if len(turns) <= 1:
+                raise ContextOverflow(
+                    f"the message takes {used} tokens with the system prompt; the context holds "
+                    f"{self.backend.n_ctx}, with {reserve} kept for the answer")
+            # Drop the oldest turn: a user message and the assistant reply that followed it.
+            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+            turns, dropped = turns[cut:], dropped + cut
+
+    def stream_reply(self, messages: list[Message], settings: SamplingSettings | None = None,
+                     cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Answer the conversation `messages` (not stored); sets last_stats and last_dropped."""
+        validate_messages(messages)
+        s = (settings or self.settings).with_stops(self.template.stop)
+        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s))
+        for chunk in self.backend.stream(prompt, s, cancel):
+            if chunk.stats:
+                self.last_stats = chunk.stats
+            yield chunk
+
+    def send(self, text: str, settings: SamplingSettings | None = None,
+             cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Add a user turn, stream the answer, and keep it (even a cancelled part) in the history."""
+        pending = self.messages + [{"role": "user", "content": text}]
+        parts: list[str] = []
+        for chunk in self.stream_reply(pending, settings, cancel):
+            parts.append(chunk.text)
+            yield chunk
+        self.messages = pending + [{"role": "assistant", "content": "".join(parts)}]
+
+    def ask(self, text: str, settings: SamplingSettings | None = None) -> str:
+        return "".join(c.text for c in self.send(text, settings))

@@ -1,0 +1,1 @@
+"""One module per `localchat` command, each with a plain function, a parser and `main`."""

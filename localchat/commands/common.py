@@ -1,0 +1,24 @@
+"""Options shared by the commands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..planner import BACKENDS, Overrides
+from ..store import DEFAULT_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"a model in the store, a GGUF file, or a model folder (default: {DEFAULT_MODEL})")
+    g.add_argument("--backend", choices=BACKENDS, help="force a backend instead of the planner's choice")
+    g.add_argument("--ctx", type=int, help="context size in tokens (default: planner's choice)")
+    g.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU")
+    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("--quant", help="pick the model's artifact with this quant type (e.g. Q4_K_M)")
+
+
+def overrides_from(args: argparse.Namespace) -> Overrides:
+    return Overrides(backend=args.backend, context=args.ctx, gpu_layers=args.gpu_layers,
+                     threads=args.threads, quant=args.quant)

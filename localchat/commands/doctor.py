@@ -1,0 +1,66 @@
+"""`localchat doctor`: what hardware this machine has, which backend a model would run on,
+and why. `--report FILE` plans for a hardware report saved elsewhere (`--json` writes one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..hardware import HardwareReport, probe
+from ..planner import PlanError, gb
+from ..runtime import plan_model
+from .common import add_model_args, overrides_from
+
+
+def describe_report(r: HardwareReport) -> str:
+    lines = [f"cpu:     {r.cpu.model} ({r.cpu.arch}), {r.cpu.physical_cores} physical / "
+             f"{r.cpu.logical_cores} logical cores; SIMD: {' '.join(r.cpu.simd) or 'none found'}",
+             f"memory:  {gb(r.memory.total_bytes)} total, {gb(r.memory.available_bytes)} available"]
+    for g in r.nvidia:
+        lines.append(f"nvidia:  #{g.index} {g.name}, {gb(g.vram_total_bytes)} VRAM "
+                     f"({gb(g.vram_free_bytes)} free), compute capability {g.compute_capability}")
+    if not r.nvidia:
+        lines.append("nvidia:  none found")
+    if r.apple:
+        lines.append(f"apple:   {r.apple.chip}, {gb(r.apple.unified_memory_bytes)} unified memory, "
+                     f"Metal {'yes' if r.apple.metal else 'no'}")
+    rt = r.runtimes
+    lines.append(f"runtimes: llama.cpp {rt.llama_cpp_version or 'not installed'}"
+                 f"{' (GPU offload)' if rt.llama_cpp_gpu_offload else ' (CPU only build)' if rt.llama_cpp else ''}; "
+                 f"GPTQ (torch + GPTQModel) {'installed' if rt.gptq else 'not installed'}")
+    for e in r.errors:
+        lines.append(f"probe error: {e.probe}: {e.message}")
+    return "\n".join(lines)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    report = HardwareReport.from_dict(json.loads(Path(args.report).read_text())) if args.report else probe()
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(describe_report(report))
+    print()
+    try:
+        model, p = plan_model(args.model, overrides_from(args), report=report)
+    except PlanError as exc:
+        print(f"plan for {args.model}: refused: {exc}")
+        return 1
+    print(f"plan for {model.name}:")
+    print(p.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localchat doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the hardware report as JSON")
+    parser.add_argument("--report", help="plan with this hardware report (JSON) instead of probing")
+    add_model_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return doctor(build_parser().parse_args(argv))
+
+

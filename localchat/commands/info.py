@@ -1,0 +1,70 @@
+"""`localchat info FILE`: a GGUF file's metadata and tensors, read without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..artifacts import dims_from_gguf
+from ..fsutil import human
+from ..gguf_file import GGUFHeader, read_gguf
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    if isinstance(value, list):
+        head = ", ".join(repr(v) for v in value[:4])
+        return f"[{len(value)} items: {head}{', ...' if len(value) > 4 else ''}]"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def summary(h: GGUFHeader) -> dict[str, Any]:
+    d = dims_from_gguf(h)
+    return {
+        "file": str(h.path), "size": h.file_size, "gguf_version": h.version,
+        "architecture": h.architecture, "name": h.metadata.get("general.name", ""),
+        "quant": h.quant, "parameters": h.n_params, "tensors": len(h.tensors),
+        "layers": d.n_layers, "context_length": d.n_ctx_train, "embedding": d.n_embd,
+        "heads": d.n_head, "kv_heads": d.n_head_kv, "vocab": d.n_vocab,
+        "tokenizer": h.metadata.get("tokenizer.ggml.model", ""),
+        "chat_template": bool(h.chat_template),
+    }
+
+
+def info(args: argparse.Namespace) -> int:
+    h = read_gguf(args.file)
+    s = summary(h)
+    if args.json:
+        s["metadata"] = {k: (f"<array of {len(v)}>" if isinstance(v, list) and len(v) > 16 else v)
+                         for k, v in h.metadata.items()}
+        if args.tensors:
+            s["tensor_list"] = [{"name": t.name, "shape": t.shape, "type": t.type_name} for t in h.tensors]
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{s['file']}: GGUF v{s['gguf_version']}, {human(s['size'])}")
+    print(f"  {s['name'] or '(no name)'}: {s['architecture']}, {s['parameters'] / 1e6:.1f}M parameters, "
+          f"{s['quant']}")
+    print(f"  {s['layers']} layers, context {s['context_length']}, embedding {s['embedding']}, "
+          f"heads {s['heads']} (KV {s['kv_heads']}), vocab {s['vocab']} ({s['tokenizer']})")
+    print(f"  chat template: {'yes' if s['chat_template'] else 'none (pass --chat-format when chatting)'}")
+    if args.metadata:
+        for k, v in h.metadata.items():
+            print(f"  {k} = {_short(v)}")
+    if args.tensors:
+        for t in h.tensors:
+            print(f"  {t.name:40s} {t.type_name:8s} {'x'.join(map(str, t.shape))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localchat info", description=__doc__)
+    parser.add_argument("file", help="a GGUF file")
+    parser.add_argument("--metadata", action="store_true", help="print every metadata key")
+    parser.add_argument("--tensors", action="store_true", help="print every tensor")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return info(build_parser().parse_args(argv))

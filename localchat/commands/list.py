@@ -1,0 +1,47 @@
+"""`localchat list`: the models in the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..fsutil import human
+from ..store import ModelEntry, default_store
+
+
+def _eval_text(e: ModelEntry) -> str:
+    parts = []
+    if "ppl" in e.eval:
+        parts.append(f"ppl {e.eval['ppl']:.2f}")
+    if "kld" in e.eval:
+        parts.append(f"KLD {e.eval['kld']:.4f}")
+    return ", ".join(parts) or "-"
+
+
+def format_table(entries: list[ModelEntry]) -> str:
+    rows = [("NAME", "FORMAT", "QUANT", "SIZE", "EVAL", "SOURCE")]
+    rows += [(e.name, e.format, e.quant, human(e.size), _eval_text(e), e.source) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def list_models(args: argparse.Namespace) -> int:
+    store = default_store()
+    entries = list(store.models().values())
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=2))
+    elif not entries:
+        print(f"no models in {store.root}; `localchat setup` installs the starter model")
+    else:
+        print(format_table(entries))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localchat list", description=__doc__)
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return list_models(build_parser().parse_args(argv))

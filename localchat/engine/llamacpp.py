@@ -1,0 +1,119 @@
+"""The llama.cpp backend (CPU, Metal, CUDA) through llama-cpp-python.
+
+It drives `Llama.generate` token by token: that keeps the KV cache of the previous turn
+(a follow-up question only evaluates the new tokens), lets stop strings and cancellation
+act between tokens, and costs next to nothing over raw llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import random
+import threading
+import time
+from typing import Iterator
+
+import llama_cpp
+
+from ..gguf_file import GGUFHeader, read_gguf
+from ..planner import Plan
+from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate
+from .settings import SamplingSettings
+from .stops import StopFilter
+
+DEFAULT_BATCH = 512
+
+
+class LlamaCppBackend(Backend):
+    def __init__(self, plan: Plan, header: GGUFHeader | None = None) -> None:
+        path = plan.artifact.path
+        self.header = header or read_gguf(path)  # never hand llama.cpp a bad file
+        self.name = plan.backend
+        n_layers = plan.artifact.dims.n_layers
+        gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
+        if plan.backend == "llamacpp-cpu":
+            gpu_layers = 0
+        self.llm = llama_cpp.Llama(
+            model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
+            n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
+            verbose=False,
+        )
+        self.n_ctx = self.llm.n_ctx()
+        self._vocab = self.llm._model.vocab
+        self._add_bos = bool(self.header.metadata.get("tokenizer.ggml.add_bos_token", True))
+        self.template = ModelTemplate(
+            source=self.header.chat_template,
+            bos_token=self.header.token("bos") or "",
+            eos_token=self.header.token("eos") or "",
+            origin=f"chat template of {path}",
+        )
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def tokenize(self, text: str) -> list[int]:
+        bos = self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _piece(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:  # a piece longer than the buffer: grow it and ask again
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
+        return self._piece_buf.raw[:n]
+
+    def stream(self, prompt: str, settings: SamplingSettings,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
+        cached = 0
+        for a, b in zip(self.llm._input_ids[: self.llm.n_tokens], tokens):
+            if a != b:
+                break
+            cached += 1
+        self.llm.set_seed(settings.seed if settings.seed is not None else random.getrandbits(32))
+        budget = min(settings.max_tokens, self.n_ctx - len(tokens))
+        stops = StopFilter(settings.stop)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        is_eog = llama_cpp.llama_vocab_is_eog
+        finish, n, started = "length", 0, False
+        t0 = time.perf_counter()
+        t_first = t_last = t0
+        gen = self.llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
+                                temp=settings.temperature, repeat_penalty=settings.repeat_penalty)
+        try:
+            for token in gen:
+                t_last = time.perf_counter()
+                if n == 0:
+                    t_first = t_last
+                if is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                n += 1
+                text = stops.feed(decoder.decode(self._piece(token)))
+                if not started:  # answers start at their first visible character
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield Chunk(text)
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if n >= budget:
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            gen.close()
+        tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
+        stats = GenerationStats(prompt_tokens=len(tokens), cached_tokens=min(cached, len(tokens) - 1),
+                                completion_tokens=n, ttft_s=t_first - t0, decode_s=t_last - t_first,
+                                finish_reason=finish)
+        yield Chunk(tail.lstrip() if not started else tail, stats)
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,47 @@
+"""NVIDIA probe through `nvidia-smi`, so finding a GPU never imports torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from .report import NvidiaGpu
+
+QUERY = "index,name,memory.total,memory.free,compute_cap,driver_version"
+MIB = 1024**2
+
+
+class NvidiaProbeError(RuntimeError):
+    pass
+
+
+def parse_nvidia_smi(csv_text: str) -> list[NvidiaGpu]:
+    """Parse `nvidia-smi --query-gpu=QUERY --format=csv,noheader,nounits` output."""
+    gpus = []
+    for lineno, line in enumerate(csv_text.strip().splitlines(), 1):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 6:
+            raise NvidiaProbeError(f"nvidia-smi line {lineno}: expected 6 fields, got {line!r}")
+        index, name, total, free, cc, driver = fields
+        try:
+            gpus.append(NvidiaGpu(index=int(index), name=name, vram_total_bytes=int(float(total)) * MIB,
+                                  vram_free_bytes=int(float(free)) * MIB, compute_capability=cc,
+                                  driver=driver))
+        except ValueError as exc:
+            raise NvidiaProbeError(f"nvidia-smi line {lineno}: {exc} in {line!r}") from None
+    return gpus
+
+
+def probe_nvidia() -> list[NvidiaGpu]:
+    """The NVIDIA GPUs present; [] when there is no driver. Raises when the driver misbehaves."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise NvidiaProbeError("nvidia-smi did not answer within 15 s") from None
+    if out.returncode != 0:
+        raise NvidiaProbeError(f"nvidia-smi exited {out.returncode}: {out.stderr.strip() or out.stdout.strip()}")
+    return parse_nvidia_smi(out.stdout)

@@ -1,0 +1,268 @@
+"""Choose how to run a model on this hardware, and say why.
+
+`plan()` is a pure function of (hardware report, the model's artifacts, user overrides):
+no probing, no file reads, so every machine we do not have can be tested with a report
+written by hand. It estimates memory as weights + KV cache for the context + compute
+buffers, shrinks the context or offloads fewer layers when that does not fit, and refuses
+with "needs X GB, has Y GB" rather than letting the OS kill the process mid-load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .artifacts import Artifact
+from .hardware.report import GIB, HardwareReport, NvidiaGpu
+
+BACKENDS = ("gptq-cuda", "llamacpp-cuda", "llamacpp-metal", "llamacpp-cpu")
+DEFAULT_CONTEXT = 4096
+MIN_CONTEXT = 512
+DEFAULT_BATCH = 512
+# Left for the OS and other programs: the larger of these, out of total RAM.
+RAM_RESERVE_BYTES = 1 * GIB
+RAM_RESERVE_FRACTION = 0.10
+# CUDA context, cuBLAS workspace and fragmentation.
+VRAM_RESERVE_BYTES = 512 * 1024**2
+COMPUTE_BASE_BYTES = 128 * 1024**2
+# Metal may wire about 2/3 of unified memory on machines up to 36 GB, about 3/4 above
+# (Apple's recommendedMaxWorkingSetSize, which llama.cpp obeys).
+METAL_SMALL_FRACTION, METAL_LARGE_FRACTION, METAL_LARGE_FROM = 0.66, 0.75, 36 * GIB
+# torch's own CUDA context and allocator slack for the GPTQ backend.
+GPTQ_OVERHEAD_BYTES = 700 * 1024**2
+
+
+class PlanError(RuntimeError):
+    """No way to run the model here; the message says what it needs and what there is."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    backend: str | None = None
+    context: int | None = None
+    gpu_layers: int | None = None
+    threads: int | None = None
+    quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    host_bytes: int  # RAM this plan takes
+    device_bytes: int  # VRAM (or Metal working set) this plan takes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str
+    artifact: Artifact
+    context: int
+    gpu_layers: int  # layers on the GPU; == n_layers means all (output layer too)
+    threads: int
+    memory: MemoryEstimate
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        lines = [f"backend: {self.backend}", f"model:   {self.artifact.label}",
+                 f"context: {self.context} tokens", f"threads: {self.threads}"]
+        if self.backend != "llamacpp-cpu":
+            lines.append(f"gpu layers: {self.gpu_layers}/{self.artifact.dims.n_layers}")
+        m = self.memory
+        lines.append(f"memory:  {gb(m.total_bytes)} (weights {gb(m.weights_bytes)}, KV cache "
+                     f"{gb(m.kv_bytes)}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
+                     f"GPU {gb(m.device_bytes)}")
+        lines += [f"why:     {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _compute_bytes(a: Artifact, context: int) -> int:
+    # Logits for one batch plus activations: small next to weights, but not zero.
+    batch = min(context, DEFAULT_BATCH)
+    return COMPUTE_BASE_BYTES + a.dims.n_vocab * batch * 4 + a.dims.n_embd * batch * 4 * 8
+
+
+def host_budget(report: HardwareReport) -> int:
+    reserve = max(RAM_RESERVE_BYTES, int(report.memory.total_bytes * RAM_RESERVE_FRACTION))
+    return max(report.memory.available_bytes - reserve, 0)
+
+
+def metal_budget(report: HardwareReport) -> int:
+    assert report.apple is not None
+    total = report.apple.unified_memory_bytes
+    frac = METAL_LARGE_FRACTION if total > METAL_LARGE_FROM else METAL_SMALL_FRACTION
+    return min(int(total * frac), host_budget(report))
+
+
+def _contexts(start: int) -> list[int]:
+    sizes = [start]
+    while sizes[-1] // 2 >= MIN_CONTEXT:
+        sizes.append(sizes[-1] // 2)
+    if sizes[-1] > MIN_CONTEXT:
+        sizes.append(MIN_CONTEXT)
+    return sizes
+
+
+@dataclass(frozen=True)
+class _Fit:
+    gpu_layers: int
+    memory: MemoryEstimate
+
+
+def _fit_llamacpp(a: Artifact, context: int, host: int, device: int, unified: bool,
+                  want_layers: int | None) -> _Fit | None:
+    """Most layers that fit on the device (all when it can), with the rest in RAM."""
+    n = a.dims.n_layers or 1
+    kv = a.dims.kv_bytes(context)
+    compute = _compute_bytes(a, context)
+    other = max(a.size_bytes - a.layer_bytes * n, 0)  # embeddings and output head
+    per_layer = a.layer_bytes + kv // n
+    top = n if want_layers is None else max(0, min(want_layers, n))
+    for layers in range(top, -1, -1) if device > 0 else [0]:
+        on_device = layers * per_layer + (other + compute if layers == n else 0)
+        if layers and on_device > device:
+            continue
+        total = a.size_bytes + kv + compute
+        on_host = total if unified else total - on_device
+        if on_host > host:
+            return None  # fewer layers on the GPU only moves more to RAM
+        return _Fit(layers, MemoryEstimate(a.size_bytes, kv, compute, on_host,
+                                           on_device if layers else 0))
+    return None
+
+
+def _fit_gptq(a: Artifact, context: int, device: int) -> _Fit | None:
+    kv, compute = a.dims.kv_bytes(context), _compute_bytes(a, context) + GPTQ_OVERHEAD_BYTES
+    need = a.size_bytes + kv + compute
+    if need > device:
+        return None
+    return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, kv, compute, 512 * 1024**2, need))
+
+
+def _best_gpu(report: HardwareReport) -> NvidiaGpu | None:
+    return max(report.nvidia, key=lambda g: g.vram_free_bytes, default=None)
+
+
+def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
+                reasons: list[str]) -> list[str]:
+    """Backends worth trying on this machine, best first, with the reasons for skipping others."""
+    has_gguf = any(a.format == "gguf" for a in artifacts)
+    has_gptq = any(a.format == "gptq" for a in artifacts)
+    rt, gpu = report.runtimes, _best_gpu(report)
+    order: list[str] = []
+    if gpu is not None:
+        if not has_gptq:
+            pass
+        elif not rt.gptq:
+            reasons.append("the model has a GPTQ artifact, but torch + GPTQModel are not installed "
+                           "(pip install 'localchat[gptq]')")
+        else:
+            order.append("gptq-cuda")
+        if has_gguf and rt.llama_cpp_gpu_offload:
+            order.append("llamacpp-cuda")
+        elif has_gguf:
+            reasons.append(f"{gpu.name} found, but llama-cpp-python was built without GPU support "
+                           "(reinstall with CMAKE_ARGS=-DGGML_CUDA=on)")
+    elif report.apple is not None and report.apple.metal and has_gguf:
+        if rt.llama_cpp_gpu_offload:
+            order.append("llamacpp-metal")
+        else:
+            reasons.append("Apple Silicon found, but llama-cpp-python was built without Metal")
+    if has_gguf:
+        order.append("llamacpp-cpu")
+    if o.backend:
+        if o.backend not in BACKENDS:
+            raise PlanError(f"unknown backend {o.backend!r}; valid: {', '.join(BACKENDS)}")
+        if o.backend not in order:
+            raise PlanError(f"backend {o.backend!r} is not possible here: "
+                            + ("; ".join(reasons) or f"possible: {', '.join(order) or 'none'}"))
+        reasons.append(f"backend {o.backend} chosen by the user")
+        return [o.backend]
+    if gpu is None and report.apple is None:
+        reasons.append("no NVIDIA GPU and not Apple Silicon: llama.cpp on the CPU")
+    return order
+
+
+def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides | None = None) -> Plan:
+    """Choose backend, artifact, context, GPU layers and threads; raise PlanError if nothing fits."""
+    o = overrides or Overrides()
+    if not artifacts:
+        raise PlanError("the model has no runnable artifact (no GGUF file or GPTQ folder)")
+    if o.quant:
+        chosen = [a for a in artifacts if a.quant.lower() == o.quant.lower()]
+        if not chosen:
+            raise PlanError(f"no artifact with quant {o.quant!r}; the model has: "
+                            + ", ".join(a.quant for a in artifacts))
+        artifacts = chosen
+    reasons: list[str] = []
+    order = _candidates(report, artifacts, o, reasons)
+    if not order:
+        raise PlanError("nothing here can run this model: " + "; ".join(reasons))
+    threads = o.threads or report.cpu.physical_cores
+    host = host_budget(report)
+    gpu = _best_gpu(report)
+    smallest_need: int | None = None
+
+    for backend in order:
+        fmt = "gptq" if backend == "gptq-cuda" else "gguf"
+        # Best quality first: the biggest file of the right format.
+        options = sorted((a for a in artifacts if a.format == fmt), key=lambda a: -a.size_bytes)
+        if backend in ("gptq-cuda", "llamacpp-cuda"):
+            assert gpu is not None
+            device = gpu.vram_free_bytes - VRAM_RESERVE_BYTES
+            where = f"{gpu.name} ({gb(gpu.vram_free_bytes)} VRAM free)"
+        elif backend == "llamacpp-metal":
+            device, where = metal_budget(report), f"{report.apple.chip} Metal"  # type: ignore[union-attr]
+        else:
+            device, where = 0, "CPU"
+        for shrink in (False, True):
+            for a in options:
+                want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
+                sizes = _contexts(want) if shrink else [want]
+                for ctx in sizes:
+                    if backend == "gptq-cuda":
+                        fit = _fit_gptq(a, ctx, device)
+                    else:
+                        fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal",
+                                            o.gpu_layers if backend != "llamacpp-cpu" else 0)
+                    need = a.size_bytes + a.dims.kv_bytes(MIN_CONTEXT) + _compute_bytes(a, MIN_CONTEXT)
+                    smallest_need = need if smallest_need is None else min(smallest_need, need)
+                    if fit is None:
+                        continue
+                    why = list(reasons)
+                    if backend != "llamacpp-cpu" and fit.gpu_layers == 0:
+                        continue  # a GPU backend with nothing on the GPU is the CPU backend
+                    if o.context and o.context > want:
+                        why.append(f"context {o.context} capped at the model's trained length {want}")
+                    if ctx < want:
+                        why.append(f"context shrunk from {want} to {ctx} tokens to fit memory")
+                    if backend == "gptq-cuda":
+                        why.append(f"CUDA GPU and a GPTQ checkpoint that fits in VRAM: {where}")
+                    elif backend == "llamacpp-cuda":
+                        n = a.dims.n_layers
+                        part = "all" if fit.gpu_layers == n else f"{fit.gpu_layers} of {n}"
+                        why.append(f"{part} layers offloaded to {where}")
+                    elif backend == "llamacpp-metal":
+                        part = "all" if fit.gpu_layers == a.dims.n_layers else str(fit.gpu_layers)
+                        why.append(f"Apple Silicon: {part} layers on Metal, within its "
+                                   f"{gb(device)} working-set limit")
+                    if a is not options[0]:
+                        why.append(f"{a.quant} chosen: larger artifacts do not fit")
+                    why.append(f"needs {gb(fit.memory.host_bytes)} RAM of {gb(host)} usable"
+                               + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device)} usable"
+                                  if fit.memory.device_bytes else ""))
+                    why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
+                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why))
+        reasons.append(f"{backend} does not fit on {where}")
+
+    raise PlanError(f"needs {gb(smallest_need or 0)}, has {gb(host)} usable RAM "
+                    f"({gb(report.memory.available_bytes)} available): even the smallest artifact at "
+                    f"{MIN_CONTEXT} tokens of context does not fit; " + "; ".join(reasons))

@@ -1,0 +1,1 @@
+"""The Gradio desktop app: chat, models, convert, fine-tune."""
