@@ -31,7 +31,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 36),
+    9: ("Q8_1", 32, 40),
     10: ("Q2_K", 256, 84),
     11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144),
@@ -176,7 +176,8 @@ class _Reader:
         start = self.pos
         length = self.scalar("<Q", f"length of {what}")
         if length > self.size - self.pos:
-            raise self.fail(f"{what} claims {length} bytes, more than the file holds", start)
+            raise self.fail(f"{what} claims {length} bytes but only {self.size - self.pos} remain "
+                            "(truncated or corrupted file)", start)
         raw = self.read(length, what)
         try:
             return raw.decode("utf-8")
@@ -200,12 +201,14 @@ def _read_value(r: _Reader, vtype: int, key: str) -> Any:
             _, fmt = _SCALARS[item_type]
             width = struct.calcsize(fmt)
             if count * width > r.size - r.pos:
-                raise r.fail(f"array {key!r} claims {count} items, more than the file holds", start)
+                raise r.fail(f"array {key!r} claims {count} items, more than the rest of the file "
+                             "holds (truncated or corrupted file)", start)
             raw = r.read(count * width, f"items of array {key!r}")
             return list(struct.unpack(f"<{count}{fmt[1]}", raw))
         if item_type == _STRING:
             if count * 8 > r.size - r.pos:
-                raise r.fail(f"array {key!r} claims {count} strings, more than the file holds", start)
+                raise r.fail(f"array {key!r} claims {count} strings, more than the rest of the file "
+                             "holds (truncated or corrupted file)", start)
             return [r.string(f"item {i} of array {key!r}") for i in range(count)]
         raise r.fail(f"array {key!r} has unknown item type {item_type}", start)
     raise r.fail(f"metadata {key!r} has unknown value type {vtype} (valid: 0-12)")
@@ -237,7 +240,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFHeader:
         if n_kv * 14 > size or n_tensors * 33 > size:
             raise r.fail(
                 f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
-                f"impossible in a {size}-byte file (corrupted header)", 8)
+                f"impossible in a {size}-byte file (truncated or corrupted header)", 8)
 
         metadata: dict[str, Any] = {}
         array_lengths: dict[str, int] = {}

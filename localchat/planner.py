@@ -191,8 +191,40 @@ def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
     return order
 
 
+def _device(report: HardwareReport, backend: str) -> tuple[int, str]:
+    """Bytes usable on the backend's device, and its name for the reasons."""
+    gpu = _best_gpu(report)
+    if backend in ("gptq-cuda", "llamacpp-cuda") and gpu is not None:
+        return gpu.vram_free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.vram_free_bytes)} VRAM free)"
+    if backend == "llamacpp-metal" and report.apple is not None:
+        return metal_budget(report), f"{report.apple.chip} Metal"
+    return 0, "CPU"
+
+
+def _explain(backend: str, a: Artifact, fit: _Fit, where: str, device: int) -> str:
+    n = a.dims.n_layers
+    part = "all" if fit.gpu_layers >= n else f"{fit.gpu_layers} of {n}"
+    if backend == "gptq-cuda":
+        return f"CUDA GPU and a GPTQ checkpoint that fits in VRAM: {where}"
+    if backend == "llamacpp-cuda":
+        return f"{part} layers offloaded to {where}"
+    if backend == "llamacpp-metal":
+        return f"Apple Silicon: {part} layers on Metal, within its {gb(device)} working-set limit"
+    return "weights and KV cache in RAM"
+
+
+# (shrink the context?, whole model on the GPU?), tried in this order.
+_PASSES = ((False, True), (False, False), (True, False))
+
+
 def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides | None = None) -> Plan:
-    """Choose backend, artifact, context, GPU layers and threads; raise PlanError if nothing fits."""
+    """Choose backend, artifact, context, GPU layers and threads; raise PlanError if nothing fits.
+
+    Passes, each over the backends best first: (1) the whole model on the GPU at the wanted
+    context; (2) partial offload or the CPU at the wanted context; (3) the same with the
+    context halved down to MIN_CONTEXT. So a GPU backend that fits only with a tiny
+    context loses to partial offload at the full context.
+    """
     o = overrides or Overrides()
     if not artifacts:
         raise PlanError("the model has no runnable artifact (no GGUF file or GPTQ folder)")
@@ -208,61 +240,54 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
         raise PlanError("nothing here can run this model: " + "; ".join(reasons))
     threads = o.threads or report.cpu.physical_cores
     host = host_budget(report)
-    gpu = _best_gpu(report)
-    smallest_need: int | None = None
 
-    for backend in order:
-        fmt = "gptq" if backend == "gptq-cuda" else "gguf"
-        # Best quality first: the biggest file of the right format.
-        options = sorted((a for a in artifacts if a.format == fmt), key=lambda a: -a.size_bytes)
-        if backend in ("gptq-cuda", "llamacpp-cuda"):
-            assert gpu is not None
-            device = gpu.vram_free_bytes - VRAM_RESERVE_BYTES
-            where = f"{gpu.name} ({gb(gpu.vram_free_bytes)} VRAM free)"
-        elif backend == "llamacpp-metal":
-            device, where = metal_budget(report), f"{report.apple.chip} Metal"  # type: ignore[union-attr]
-        else:
-            device, where = 0, "CPU"
-        for shrink in (False, True):
+    for shrink, full_offload in _PASSES:
+        for backend in order:
+            on_gpu = backend != "llamacpp-cpu"
+            if (full_offload and not on_gpu) or (not full_offload and backend == "gptq-cuda" and not shrink):
+                continue
+            device, where = _device(report, backend)
+            fmt = "gptq" if backend == "gptq-cuda" else "gguf"
+            # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
+            # CPU memory bandwidth, so the smallest file is the fastest.
+            options = sorted((a for a in artifacts if a.format == fmt), key=lambda a: a.size_bytes,
+                             reverse=full_offload)
             for a in options:
                 want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
-                sizes = _contexts(want) if shrink else [want]
-                for ctx in sizes:
+                for ctx in (_contexts(want)[1:] if shrink else [want]):
                     if backend == "gptq-cuda":
                         fit = _fit_gptq(a, ctx, device)
                     else:
-                        fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal",
-                                            o.gpu_layers if backend != "llamacpp-cpu" else 0)
-                    need = a.size_bytes + a.dims.kv_bytes(MIN_CONTEXT) + _compute_bytes(a, MIN_CONTEXT)
-                    smallest_need = need if smallest_need is None else min(smallest_need, need)
-                    if fit is None:
+                        layers = 0 if not on_gpu else o.gpu_layers
+                        fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal", layers)
+                    # A GPU backend with nothing on the GPU is the CPU backend: leave it to that.
+                    if fit is None or (on_gpu and fit.gpu_layers == 0):
+                        continue
+                    if full_offload and fit.gpu_layers < min(a.dims.n_layers, o.gpu_layers or a.dims.n_layers):
                         continue
                     why = list(reasons)
-                    if backend != "llamacpp-cpu" and fit.gpu_layers == 0:
-                        continue  # a GPU backend with nothing on the GPU is the CPU backend
                     if o.context and o.context > want:
                         why.append(f"context {o.context} capped at the model's trained length {want}")
                     if ctx < want:
                         why.append(f"context shrunk from {want} to {ctx} tokens to fit memory")
-                    if backend == "gptq-cuda":
-                        why.append(f"CUDA GPU and a GPTQ checkpoint that fits in VRAM: {where}")
-                    elif backend == "llamacpp-cuda":
-                        n = a.dims.n_layers
-                        part = "all" if fit.gpu_layers == n else f"{fit.gpu_layers} of {n}"
-                        why.append(f"{part} layers offloaded to {where}")
-                    elif backend == "llamacpp-metal":
-                        part = "all" if fit.gpu_layers == a.dims.n_layers else str(fit.gpu_layers)
-                        why.append(f"Apple Silicon: {part} layers on Metal, within its "
-                                   f"{gb(device)} working-set limit")
-                    if a is not options[0]:
-                        why.append(f"{a.quant} chosen: larger artifacts do not fit")
+                    why.append(_explain(backend, a, fit, where, device))
+                    if len(options) > 1:
+                        why.append(f"{a.quant} chosen: " + (
+                            "the best quality that fits entirely on the GPU" if full_offload else
+                            "the smallest file, as memory is tight" if shrink else
+                            "the smallest file, as decoding speed follows the bytes read from RAM")
+                            + "; --quant picks another")
                     why.append(f"needs {gb(fit.memory.host_bytes)} RAM of {gb(host)} usable"
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
                     return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why))
-        reasons.append(f"{backend} does not fit on {where}")
+            if full_offload:
+                reasons.append(f"{backend} cannot hold the whole model on {where}")
 
-    raise PlanError(f"needs {gb(smallest_need or 0)}, has {gb(host)} usable RAM "
-                    f"({gb(report.memory.available_bytes)} available): even the smallest artifact at "
-                    f"{MIN_CONTEXT} tokens of context does not fit; " + "; ".join(reasons))
+    smallest = min(a.size_bytes + a.dims.kv_bytes(MIN_CONTEXT) + _compute_bytes(a, MIN_CONTEXT)
+                   for a in artifacts)
+    raise PlanError(f"needs {gb(smallest)}, has {gb(host)} usable RAM "
+                    f"({gb(report.memory.available_bytes)} available, some kept for the system): "
+                    f"even the smallest artifact at {MIN_CONTEXT} tokens of context does not fit"
+                    + ("; " + "; ".join(reasons) if reasons else ""))

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real starter model, installed once per machine in the default store
+(`make test` runs `localchat setup` first), and throwaway stores for tests that write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from localchat.artifacts import artifact_from_gguf
+from localchat.engine.llamacpp import LlamaCppBackend
+from localchat.hardware import probe
+from localchat.planner import Overrides, plan
+from localchat.store import STARTER, Store, install_starter, store_root
+from localchat.store.manifest import ModelEntry
+
+TEST_CONTEXT = 2048
+
+
+@pytest.fixture(scope="session")
+def starter_entry() -> ModelEntry:
+    return install_starter(Store(store_root()), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def starter_gguf(starter_entry: ModelEntry) -> Path:
+    return Store(store_root()).path_of(starter_entry.files[0].path)
+
+
+@pytest.fixture
+def home(tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """An empty-but-for-the-starter store in LOCALCHAT_HOME (hard-linked, not copied)."""
+    root = tmp_path / "home"
+    target = root / STARTER.name / starter_gguf.name
+    target.parent.mkdir(parents=True)
+    try:
+        os.link(starter_gguf, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(starter_gguf, target)
+    store = Store(root)
+    install_starter(store)  # finds the verified file and writes the manifest entry
+    monkeypatch.setenv("LOCALCHAT_HOME", str(root))
+    return store
+
+
+@pytest.fixture(scope="session")
+def starter_backend(starter_gguf: Path) -> LlamaCppBackend:
+    p = plan(probe(), [artifact_from_gguf(starter_gguf)], Overrides(context=TEST_CONTEXT))
+    backend = LlamaCppBackend(p)
+    yield backend
+    backend.close()

@@ -1,0 +1,145 @@
+"""Planner table tests: hardware reports written by hand for machines we do not have.
+
+The model is LLaMA-2-7B shaped (32 layers, 4096 wide, 32 KV heads, 32k vocab), in the
+sizes its real files have: Q4_K_M 4.08 GB, F16 13.5 GB, GPTQ 4-bit 3.9 GB.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from localchat.artifacts import Artifact, ModelDims
+from localchat.hardware import GIB, AppleSilicon, CpuInfo, HardwareReport, MemoryInfo, NvidiaGpu, Runtimes
+from localchat.planner import MIN_CONTEXT, Overrides, PlanError, plan
+
+GB = 10**9
+LLAMA7B = ModelDims(n_layers=32, n_ctx_train=4096, n_embd=4096, n_head=32, n_head_kv=32,
+                    head_dim=128, n_vocab=32000)
+
+
+def artifact(fmt: str, quant: str, size: float) -> Artifact:
+    size_b = int(size * GB)
+    layer = int((size_b - 2 * 32000 * 4096 * 2 * size / 13.5) / 32)
+    return Artifact(fmt, f"/nonexistent/llama-7b-{quant}", size_b, layer, quant, LLAMA7B, "LlamaForCausalLM")
+
+
+Q4 = artifact("gguf", "Q4_K_M", 4.08)
+F16 = artifact("gguf", "F16", 13.5)
+GPTQ = artifact("gptq", "GPTQ-4bit-g128", 3.9)
+
+ALL_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_gpu_offload=True, gptq=True)
+CPU_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36")
+
+
+def mac(chip: str, mem_gb: int, free_gb: float) -> HardwareReport:
+    return HardwareReport(cpu=CpuInfo(chip, 8, 8, "arm64", ("neon", "dotprod")),
+                          memory=MemoryInfo(mem_gb * GIB, int(free_gb * GIB)),
+                          apple=AppleSilicon(chip, mem_gb * GIB, True), runtimes=ALL_LLAMA)
+
+
+def pc(ram_gb: int, free_gb: float, gpus: tuple[NvidiaGpu, ...] = (), runtimes: Runtimes = ALL_LLAMA,
+       cores: int = 8) -> HardwareReport:
+    return HardwareReport(cpu=CpuInfo("x86", cores, cores * 2, "x86_64", ("avx2", "fma")),
+                          memory=MemoryInfo(ram_gb * GIB, int(free_gb * GIB)), nvidia=gpus, runtimes=runtimes)
+
+
+M1_8GB = mac("Apple M1", 8, 6.0)
+M2_PRO_16GB = mac("Apple M2 Pro", 16, 12.0)
+RTX3060_LAPTOP = pc(16, 12.0, (NvidiaGpu(0, "NVIDIA GeForce RTX 3060 Laptop GPU", 6 * GIB, int(5.6 * GIB), "8.6"),))
+CPU_8GB = pc(8, 6.0, runtimes=CPU_LLAMA, cores=4)
+H100 = pc(256, 200.0, (NvidiaGpu(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, "9.0"),))
+
+
+@pytest.mark.parametrize(
+    "name, report, artifacts, backend, quant, full_context, all_layers",
+    [
+        ("8 GB M1", M1_8GB, [Q4, F16], "llamacpp-metal", "Q4_K_M", False, True),
+        ("16 GB M2 Pro", M2_PRO_16GB, [Q4, F16], "llamacpp-metal", "Q4_K_M", True, True),
+        ("RTX 3060 laptop, GGUF", RTX3060_LAPTOP, [Q4, F16], "llamacpp-cuda", "Q4_K_M", True, False),
+        ("RTX 3060 laptop, GGUF + GPTQ", RTX3060_LAPTOP, [Q4, GPTQ], "llamacpp-cuda", "Q4_K_M", True, False),
+        ("CPU-only 8 GB", CPU_8GB, [Q4, F16], "llamacpp-cpu", "Q4_K_M", False, False),
+        ("H100, GGUF", H100, [Q4, F16], "llamacpp-cuda", "F16", True, True),
+        ("H100, GGUF + GPTQ", H100, [Q4, F16, GPTQ], "gptq-cuda", "GPTQ-4bit-g128", True, True),
+    ],
+)
+def test_plan_table(name: str, report: HardwareReport, artifacts: list[Artifact], backend: str,
+                    quant: str, full_context: bool, all_layers: bool) -> None:
+    p = plan(report, artifacts)
+    assert p.backend == backend, (name, p.describe())
+    assert p.artifact.quant == quant, name
+    assert (p.context == 4096) is full_context, (name, p.context)
+    assert MIN_CONTEXT <= p.context <= 4096
+    if backend != "llamacpp-cpu":
+        assert (p.gpu_layers == 32) is all_layers, (name, p.gpu_layers)
+        assert p.gpu_layers > 0
+    else:
+        assert p.gpu_layers == 0
+    assert p.reasons, "a plan always says why"
+    # The estimate never exceeds what the machine has.
+    reserve = max(GIB, report.memory.total_bytes // 10)
+    assert p.memory.host_bytes <= report.memory.available_bytes - reserve, name
+
+
+def test_partial_offload_says_how_many_layers() -> None:
+    p = plan(RTX3060_LAPTOP, [Q4])
+    assert f"{p.gpu_layers} of 32 layers offloaded to NVIDIA GeForce RTX 3060 Laptop GPU" in " ".join(p.reasons)
+    # what stays in RAM is the rest of the model
+    assert p.memory.device_bytes <= 5.6 * GIB - 512 * 1024**2
+    assert p.memory.host_bytes + p.memory.device_bytes == p.memory.total_bytes
+
+
+def test_gptq_not_fitting_is_explained() -> None:
+    p = plan(RTX3060_LAPTOP, [Q4, GPTQ])
+    assert any("gptq-cuda cannot hold the whole model" in r for r in p.reasons)
+
+
+def test_context_shrinks_before_refusing() -> None:
+    p = plan(CPU_8GB, [Q4])
+    assert p.context < 4096
+    assert any("context shrunk from 4096" in r for r in p.reasons)
+
+
+def test_refuses_with_needs_and_has() -> None:
+    tiny_pc = pc(4, 3.0, runtimes=CPU_LLAMA)
+    with pytest.raises(PlanError, match=r"needs 4\.\d+ GB, has 2\.\d+ GB usable RAM"):
+        plan(tiny_pc, [Q4, F16])
+
+
+def test_cuda_without_gpu_build_falls_back_and_says_why() -> None:
+    report = pc(64, 60.0, RTX3060_LAPTOP.nvidia, runtimes=CPU_LLAMA)
+    p = plan(report, [Q4])
+    assert p.backend == "llamacpp-cpu"
+    assert any("built without GPU support" in r for r in p.reasons)
+
+
+def test_overrides() -> None:
+    p = plan(H100, [Q4, F16], Overrides(backend="llamacpp-cpu", threads=3, context=1024, quant="q4_k_m"))
+    assert (p.backend, p.threads, p.context, p.artifact.quant) == ("llamacpp-cpu", 3, 1024, "Q4_K_M")
+    p = plan(RTX3060_LAPTOP, [Q4], Overrides(gpu_layers=10))
+    assert p.gpu_layers == 10
+    with pytest.raises(PlanError, match="valid: gptq-cuda, llamacpp-cuda, llamacpp-metal, llamacpp-cpu"):
+        plan(H100, [Q4], Overrides(backend="vulkan"))
+    with pytest.raises(PlanError, match="not possible here"):
+        plan(CPU_8GB, [Q4], Overrides(backend="llamacpp-metal"))
+    with pytest.raises(PlanError, match="the model has: Q4_K_M"):
+        plan(CPU_8GB, [Q4], Overrides(quant="Q8_0"))
+
+
+def test_context_capped_at_training_length() -> None:
+    p = plan(H100, [Q4], Overrides(context=32768))
+    assert p.context == 4096
+    assert any("capped at the model's trained length" in r for r in p.reasons)
+
+
+def test_plan_is_pure() -> None:
+    """Same inputs, same plan; no file is touched (the artifact paths do not exist)."""
+    assert plan(M1_8GB, [Q4, F16]) == plan(M1_8GB, [Q4, F16])
+
+
+def test_report_round_trips_through_json() -> None:
+    import json
+
+    for report in (M1_8GB, RTX3060_LAPTOP, H100, CPU_8GB):
+        again = HardwareReport.from_dict(json.loads(report.to_json()))
+        assert again == report
+        assert plan(again, [Q4, F16, GPTQ]) == plan(report, [Q4, F16, GPTQ])
