@@ -69,6 +69,10 @@ class LlamaCppBackend(Backend):
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
+        if settings.seed is not None:
+            # Reusing a cached prefix evaluates the prompt in other batches, which moves the
+            # logits by rounding; a seed promises the same answer, so start from scratch.
+            self.llm.reset()
         cached = 0
         for a, b in zip(self.llm._input_ids[: self.llm.n_tokens], tokens):
             if a != b:
