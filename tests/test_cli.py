@@ -1,0 +1,94 @@
+"""The `localchat` command as a user runs it, in a separate process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localchat.store import STARTER, Store
+
+
+def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "localchat", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_chat_one_prompt(home: Store) -> None:
+    r = run("chat", "-p", "What is the capital of France?", "--temp", "0", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "llamacpp-cpu" in r.stderr  # the plan line
+    assert "tok/s" in r.stderr and "first token" in r.stderr
+
+
+def test_chat_reads_piped_lines_as_one_conversation(home: Store) -> None:
+    r = run("chat", "--temp", "0", "--max-tokens", "24", "-q",
+            stdin="What is the capital of France?\n\nAnd what is the capital of Germany?\n")
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2
+    assert "Paris" in r.stdout and "Berlin" in r.stdout
+
+
+def test_chat_unknown_chat_format_lists_valid(home: Store) -> None:
+    r = run("chat", "-p", "hi", "--chat-format", "nope")
+    assert r.returncode == 1
+    assert "unknown chat format 'nope'; valid: chatml" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_doctor_chooses_llama_cpp_cpu(home: Store) -> None:
+    r = run("doctor")
+    assert r.returncode == 0, r.stderr
+    assert "backend: llamacpp-cpu" in r.stdout
+    assert "no NVIDIA GPU and not Apple Silicon" in r.stdout
+    assert "physical" in r.stdout and "why:" in r.stdout
+
+
+def test_doctor_plans_for_a_saved_report(home: Store, tmp_path: Path) -> None:
+    from tests.test_planner import M2_PRO_16GB
+
+    report = tmp_path / "m2.json"
+    report.write_text(M2_PRO_16GB.to_json())
+    r = run("doctor", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "backend: llamacpp-metal" in r.stdout and "Apple M2 Pro" in r.stdout
+
+
+def test_list_info_rm(home: Store, starter_gguf: Path) -> None:
+    r = run("list")
+    assert r.returncode == 0 and STARTER.name in r.stdout and "Q4_1" in r.stdout
+    r = run("info", str(starter_gguf))
+    assert r.returncode == 0, r.stderr
+    assert "llama" in r.stdout and "30 layers" in r.stdout and "Q4_1" in r.stdout
+    r = run("rm", STARTER.name)
+    assert r.returncode == 0 and "removed" in r.stdout
+    assert run("list").stdout.startswith("no models")
+    assert starter_gguf.exists(), "removing from a test store leaves the real store alone"
+
+
+def test_info_on_bad_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    r = run("info", str(bad))
+    assert r.returncode == 1
+    assert "broken.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_on_truncated_gguf_errors_without_crashing(tmp_path: Path, starter_gguf: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with open(starter_gguf, "rb") as src:
+        cut.write_bytes(src.read(5_000_000))
+    r = run("chat", "--model", str(cut), "-p", "hi")
+    assert r.returncode == 1
+    assert "cut.gguf" in r.stderr and "past the end of the file" in r.stderr
+
+
+def test_unknown_command() -> None:
+    r = run("fly")
+    assert r.returncode == 2 and "valid: chat, doctor" in r.stderr
