@@ -9,7 +9,7 @@ from ..store.pull import pull
 
 
 def pull_command(args: argparse.Namespace) -> int:
-    entry = pull(args.repo, args.file, name=args.name, revision=args.revision)
+    entry = pull(args.repo, args.file, name=args.name, revision=args.revision, quiet=args.quiet)
     print(f"pulled {entry.name}: {entry.format} {entry.quant}, {human(entry.size)}, sha256 verified")
     return 0
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "or its safetensors checkpoint)")
     parser.add_argument("--name", help="name in the store (default: from the file name)")
     parser.add_argument("--revision", help="branch, tag or commit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 

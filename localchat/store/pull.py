@@ -1,7 +1,7 @@
 """Download a model from the Hugging Face Hub into the store.
 
-Downloads land in `<store>/.partial/<name>/` (huggingface-hub resumes an interrupted one
-from there), are checked against the Hub's sha256 and, for GGUF, against our header
+Downloads land in `<store>/.partial/<name>/`, where the next run resumes an interrupted
+one (HTTP Range), are checked against the Hub's sha256 and, for GGUF, against our header
 check, and only then move into `<store>/<name>/` and the manifest.
 """
 
@@ -11,12 +11,11 @@ import os
 import re
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from ..fsutil import check_disk, sha256_file
 from ..gguf_file import read_gguf
 from .manifest import ModelEntry, ModelFile, Store
-from .names import check_name, check_relative, check_repo_id
+from .names import UnsafeNameError, check_name, check_relative, check_repo_id
 
 PREFERRED_GGUF = "q4_k_m"
 HF_CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
@@ -48,7 +47,10 @@ def _hub_error(repo: str, exc: Exception) -> PullError:
         return PullError(f"no repository {repo} on the Hugging Face Hub (or it is private: set HF_TOKEN)")
     if isinstance(exc, errors.EntryNotFoundError):
         return PullError(f"{repo} has no such file: {exc}")
-    return PullError(f"cannot pull {repo}: {type(exc).__name__}: {exc}; check the network connection")
+    if isinstance(exc, errors.HfHubHTTPError) or "HTTPStatusError" in type(exc).__name__:
+        return PullError(f"cannot pull {repo}: the Hub answered {exc}")
+    return PullError(f"cannot reach the Hugging Face Hub to pull {repo}: {type(exc).__name__}: {exc}; "
+                     "check the network connection")
 
 
 def _choose_files(repo: str, filename: str | None, revision: str | None) -> tuple[str, list[str]]:
@@ -74,10 +76,52 @@ def _choose_files(repo: str, filename: str | None, revision: str | None) -> tupl
     return "hf", [check_relative(f) for f in wanted]
 
 
+def _fetch(url: str, part: Path, size: int | None, label: str, quiet: bool) -> None:
+    """Download `url` into `part`, continuing from the bytes a previous run left there."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+    from tqdm import tqdm
+
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:
+        part.unlink()
+        have = 0
+    if size is not None and have == size:
+        return
+    headers = build_hf_headers()
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
+            if r.status_code == 416:  # the partial file does not match the server's: start over
+                part.unlink()
+                return _fetch(url, part, size, label, quiet)
+            r.raise_for_status()
+            resumed = r.status_code == 206
+            with open(part, "ab" if resumed else "wb") as fh, \
+                    tqdm(total=size, initial=have if resumed else 0, unit="B", unit_scale=True,
+                         desc=label, disable=quiet) as bar:
+                for block in r.iter_bytes(1 << 20):
+                    fh.write(block)
+                    bar.update(len(block))
+    except Exception as exc:
+        if "HTTPStatusError" in type(exc).__name__:
+            raise
+        got = part.stat().st_size if part.exists() else 0
+        raise PullError(f"the download of {label} broke off at {got} of {size or '?'} bytes "
+                        f"({type(exc).__name__}); run the same pull again to resume from there") from None
+    got = part.stat().st_size
+    if size is not None and got != size:
+        raise PullError(f"the download of {label} stopped at {got} of {size} bytes; "
+                        "run the same pull again to resume from there")
+
+
 def pull(repo: str, filename: str | None = None, store: Store | None = None, name: str | None = None,
-         revision: str | None = None, progress: Any = None) -> ModelEntry:
-    """Fetch `filename` (or the repo's GGUF, or its HF checkpoint) into the store."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+         revision: str | None = None, quiet: bool = False) -> ModelEntry:
+    """Fetch `filename` (or the repo's GGUF, or its HF checkpoint) into the store.
+
+    Partial downloads stay in `<store>/.partial/<name>/` so the next run resumes them.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     from ..store import default_store
 
@@ -86,27 +130,22 @@ def pull(repo: str, filename: str | None = None, store: Store | None = None, nam
     if filename is not None:
         check_relative(filename)
     name = check_name(name or default_name(repo, filename))
+    partial = store.root / ".partial" / name
     try:
         fmt, files = _choose_files(repo, filename, revision)
-        partial = store.root / ".partial" / name
-        partial.mkdir(parents=True, exist_ok=True)
         metas = {f: get_hf_file_metadata(hf_hub_url(repo, f, revision=revision)) for f in files}
         need = sum(m.size or 0 for m in metas.values())
         check_disk(store.root, need, f"pulling {repo}")
+        partial.mkdir(parents=True, exist_ok=True)
         fetched: dict[str, Path] = {}
         for f in files:
-            fetched[f] = Path(hf_hub_download(repo, f, revision=revision, local_dir=partial,
-                                              tqdm_class=progress))
-    except PullError:
+            part = partial / (PurePosixPath(f).name + ".part")
+            _fetch(hf_hub_url(repo, f, revision=revision), part, metas[f].size, f, quiet)
+            fetched[f] = part
+    except (PullError, UnsafeNameError):
         raise
     except Exception as exc:  # network and hub errors become one clear message
-        from huggingface_hub import errors
-
-        if isinstance(exc, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError,
-                            errors.OfflineModeIsEnabled, errors.EntryNotFoundError, OSError)) \
-                or "connect" in type(exc).__name__.lower():
-            raise _hub_error(repo, exc) from None
-        raise
+        raise _hub_error(repo, exc) from None
 
     final_dir = store.model_dir(name)
     final_dir.mkdir(parents=True, exist_ok=True)
