@@ -91,3 +91,25 @@ def test_chat_on_truncated_gguf_errors_without_crashing(tmp_path: Path, starter_
 def test_unknown_command() -> None:
     r = run("fly")
     assert r.returncode == 2 and "valid: chat, doctor" in r.stderr
+
+
+def test_model_with_hostile_template_is_refused(tmp_path: Path, starter_gguf: Path) -> None:
+    from tests.gguf_edit import rewrite_gguf
+
+    marker = tmp_path / "pwned"
+    evil = rewrite_gguf(starter_gguf, tmp_path / "evil.gguf", {
+        "tokenizer.chat_template": "{{ lipsum.__globals__['os'].popen('touch " + str(marker) + "').read() }}"})
+    r = run("chat", "--model", str(evil), "-p", "hi")
+    assert r.returncode == 1
+    assert "evil.gguf was refused: it tried to leave the sandbox" in r.stderr
+    assert not marker.exists()
+
+
+def test_model_without_template_uses_named_fallback_and_says_so(tmp_path: Path, starter_gguf: Path) -> None:
+    from tests.gguf_edit import rewrite_gguf
+
+    plain = rewrite_gguf(starter_gguf, tmp_path / "plain.gguf", {"tokenizer.chat_template": None})
+    r = run("chat", "--model", str(plain), "-p", "What is the capital of France?", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert "no chat template; using 'chatml'" in r.stderr
+    assert "Paris" in r.stdout
