@@ -1,0 +1,85 @@
+"""Typed settings that generate their own CLI flags and check their own bounds.
+
+A settings class is a frozen dataclass whose fields carry `option(...)` metadata; the
+same class then builds argparse flags, validates values from any front end (CLI, UI,
+HTTP), and cannot drift apart from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Sequence
+
+MISSING = dataclasses.MISSING
+
+
+def option(default: Any, help: str, lo: float | None = None, hi: float | None = None, flag: str = "",
+           choices: Sequence[str] | None = None) -> Any:
+    factory = (lambda d=default: tuple(d)) if isinstance(default, tuple) else None
+    meta = {"help": help, "min": lo, "max": hi, "flag": flag, "choices": choices}
+    if factory:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _kind(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def validate(obj: Any) -> None:
+    """Raise ValueError naming the field whose value is out of range or of the wrong type."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = _kind(type(obj), f)
+        if value is None or kind in (tuple, list):
+            continue
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            continue
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{f.name} must be a string, got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"{f.name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"{f.name}={value!r} is out of range [{lo}, {hi}]")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        kind = _kind(cls, f)
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        text = f.metadata.get("help", "")
+        if kind in (tuple, list):
+            group.add_argument(flag, dest=f.name, action="append", default=None, help=f"{text} (repeatable)")
+            continue
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text} (default: {'on' if default else 'off'})")
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=f"{text} (default: {default})")
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    values.update(overrides)
+    return cls(**values)
