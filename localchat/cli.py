@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("localchat.commands.rm", "delete a model from the store"),
     "info": ("localchat.commands.info", "show a GGUF file's metadata without loading it"),
     "setup": ("localchat.commands.setup", "install the starter model"),
+    "serve": ("localchat.commands.serve", "serve the store over an OpenAI-compatible API"),
 }
 
 

@@ -49,6 +49,7 @@ class LlamaCppBackend(Backend):
             origin=f"chat template of {path}",
         )
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
 
     def tokenize(self, text: str) -> list[int]:
         bos = self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
@@ -66,6 +67,11 @@ class LlamaCppBackend(Backend):
 
     def stream(self, prompt: str, settings: SamplingSettings,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        with self._busy:
+            yield from self._stream(prompt, settings, cancel)
+
+    def _stream(self, prompt: str, settings: SamplingSettings,
+                cancel: threading.Event | None) -> Iterator[Chunk]:
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
@@ -87,7 +93,9 @@ class LlamaCppBackend(Backend):
         t0 = time.perf_counter()
         t_first = t_last = t0
         gen = self.llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
-                                temp=settings.temperature, repeat_penalty=settings.repeat_penalty)
+                                temp=settings.temperature, repeat_penalty=settings.repeat_penalty,
+                                presence_penalty=settings.presence_penalty,
+                                frequency_penalty=settings.frequency_penalty)
         try:
             for token in gen:
                 t_last = time.perf_counter()

@@ -19,6 +19,8 @@ class SamplingSettings:
     top_k: int = option(40, "sample from the k most likely tokens (0: all)", 0, 100_000)
     min_p: float = option(0.05, "drop tokens less likely than min_p times the best one", 0.0, 1.0)
     repeat_penalty: float = option(1.1, "penalty for repeating recent tokens (1: none)", 0.0, 10.0)
+    presence_penalty: float = option(0.0, "penalty for any token already in the text", -2.0, 2.0)
+    frequency_penalty: float = option(0.0, "penalty growing with how often a token appeared", -2.0, 2.0)
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "most tokens in one answer", 1, 1_000_000)
     seed: int | None = option(None, "random seed, for answers you can reproduce", 0, 2**32 - 1)
     stop: tuple[str, ...] = option((), "extra stop string")

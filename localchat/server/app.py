@@ -1,0 +1,321 @@
+"""The OpenAI-compatible HTTP API over the model store, whichever backend the planner picks.
+
+Generation runs in a worker thread per request, one at a time per model behind a FIFO
+lock; chunks cross to the event loop through a queue. When a streaming client goes away
+the response is cancelled, the cancel flag stops llama.cpp within a token, and the
+model's lock is free for the next request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..chat.session import ChatSession
+from ..engine.backend import Chunk, ContextOverflow, GenerationStats
+from ..engine.settings import SamplingSettings
+from ..store import Store, default_store
+from .models import ModelManager, ServerError, Ticket
+from .schemas import ChatRequest, CompletionRequest
+from .settings import LOOPBACK_HOSTS, ServerSettings
+
+_DONE = object()
+
+
+def error_body(message: str, code: str, param: str | None = None,
+               type_: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None,
+                   type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(message, code, param, type_), status_code=status)
+
+
+class GuardMiddleware:
+    """Host/Origin checks (403), the API key (401) and the body size limit (413), before routing."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app, self.settings = app, settings
+        hosts = set(LOOPBACK_HOSTS) | {"[::1]"} | set(settings.allowed_host)
+        if not settings.loopback and settings.host not in ("0.0.0.0", "::"):
+            hosts.add(settings.host)
+        self.hosts = hosts
+        self.origins = {o.rstrip("/") for o in settings.allowed_origin}
+
+    def _host_ok(self, host: str) -> bool:
+        name = urlsplit(f"//{host}").hostname or ""
+        return name in self.hosts or f"[{name}]" in self.hosts or (
+            not self.settings.loopback and self.settings.host in ("0.0.0.0", "::"))
+
+    def _origin_ok(self, origin: str) -> bool:
+        parts = urlsplit(origin)
+        return origin.rstrip("/") in self.origins or (parts.hostname or "") in LOOPBACK_HOSTS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        deny = None
+        if not self._host_ok(headers.get("host", "")):
+            deny = error_response(403, f"Host {headers.get('host', '')!r} is not allowed "
+                                       "(add it with --allowed-host)", "forbidden_host")
+        elif "origin" in headers and not self._origin_ok(headers["origin"]):
+            deny = error_response(403, f"Origin {headers['origin']!r} is not allowed "
+                                       "(add it with --allowed-origin)", "forbidden_origin")
+        elif self.settings.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
+                deny = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                      "invalid_api_key")
+        elif int(headers.get("content-length", "0") or 0) > self.settings.max_body_bytes:
+            deny = error_response(413, f"request body over {self.settings.max_body_bytes} bytes",
+                                  "request_too_large")
+        if deny is not None:
+            return await deny(scope, receive, send)
+
+        seen = 0
+        limit = self.settings.max_body_bytes
+
+        async def limited() -> Message:  # for bodies sent without Content-Length
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ServerError(413, f"request body over {limit} bytes", "request_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class TicketStreamingResponse(StreamingResponse):
+    """Releases the request's queue ticket however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+async def generate(ticket: Ticket, prompt: str, settings: SamplingSettings) -> AsyncIterator[Chunk]:
+    """Run one generation on the ticket's model in a thread, in queue order.
+
+    The worker thread, not this generator, releases the model's lock when llama.cpp is
+    really done: a cancelled request (anyio cancels every await in its scope) must not
+    let the next one start on a model that is still decoding.
+    """
+    model = ticket.model
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def done() -> None:
+        model.last_used = time.monotonic()
+        model.lock.release()
+
+    def post(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: the server is shutting down
+            cancel.set()
+
+    def work() -> None:
+        try:
+            for chunk in model.backend.stream(prompt, settings, cancel):
+                post(chunk)
+        except Exception as exc:  # handed to the request that caused it
+            post(exc)
+        finally:
+            post(_DONE)
+            try:
+                loop.call_soon_threadsafe(done)
+            except RuntimeError:
+                pass
+
+    await model.lock.acquire()
+    loop.run_in_executor(None, work)  # from here on the thread owns the lock
+    try:
+        while (item := await queue.get()) is not _DONE:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()  # a client that left stops llama.cpp within one token
+
+
+def usage(stats: GenerationStats | None) -> dict[str, int]:
+    p = stats.prompt_tokens if stats else 0
+    c = stats.completion_tokens if stats else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def finish(stats: GenerationStats | None) -> str:
+    return "length" if stats and stats.finish_reason == "length" else "stop"
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(settings: ServerSettings | None = None, store: Store | None = None,
+               manager: ModelManager | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    store = store or default_store()
+    the_manager = manager or ModelManager(store, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        the_manager.close()
+
+    app = FastAPI(title="localchat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.manager = the_manager
+    app.add_middleware(GuardMiddleware, settings=settings)
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request", param)
+
+    def mgr() -> ModelManager:
+        return app.state.manager
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "loaded": sorted(mgr().loaded)}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        entries = store.models()
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "owned_by": "localchat",
+             "created": int(time.mktime(time.strptime(entries[n].added[:19], "%Y-%m-%dT%H:%M:%S")))}
+            for n in mgr().names()]}
+
+    async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
+                      ) -> tuple[Ticket, str, SamplingSettings]:
+        ticket = await mgr().ticket(req.model)
+        try:
+            try:
+                settings_ = req.sampling()
+            except ValueError as exc:
+                param = str(exc).split("=")[0].split(" ")[0]
+                raise ServerError(400, str(exc), "invalid_value", param) from None
+            n_ctx = ticket.model.backend.n_ctx
+            if settings_.max_tokens > n_ctx:
+                raise ServerError(400, f"max_tokens={settings_.max_tokens} exceeds the model's context "
+                                       f"of {n_ctx} tokens", "invalid_value", "max_tokens")
+            prompt, stops = build_prompt(ticket)
+            settings_ = settings_.with_stops(stops)
+            try:
+                n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, prompt)
+            except Exception as exc:
+                raise ServerError(400, f"cannot tokenize the prompt: {exc}", "invalid_prompt") from None
+            if n_prompt >= n_ctx:
+                raise ServerError(400, f"the prompt takes {n_prompt} tokens; the model's context holds "
+                                       f"{n_ctx}", "context_length_exceeded", "messages")
+            return ticket, prompt, settings_
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: str,
+                      settings_: SamplingSettings, chat: bool) -> Any:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        head = {"id": rid, "created": created, "model": req.model}
+
+        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "finish_reason": reason}
+
+        if not req.stream:
+            try:
+                parts, stats = [], None
+                async for chunk in generate(ticket, prompt, settings_):
+                    parts.append(chunk.text)
+                    stats = chunk.stats or stats
+            finally:
+                ticket.release()
+            text = "".join(parts)
+            body = ({"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish(stats), "logprobs": None} if chat else
+                    {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(stats)})
+            return {**head, "object": obj, "choices": [body], "usage": usage(stats)}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            chunk_obj = obj + ".chunk" if chat else obj
+            stats = None
+            first = True
+            try:
+                async for chunk in generate(ticket, prompt, settings_):
+                    stats = chunk.stats or stats
+                    if chunk.text or first:
+                        yield sse({**head, "object": chunk_obj, "choices": [choice(chunk.text, None, first)]})
+                        first = False
+            except ContextOverflow as exc:
+                yield sse(error_body(str(exc), "context_length_exceeded"))
+                return
+            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats))]})
+            if include_usage:
+                yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stats)})
+            yield "data: [DONE]\n\n"
+
+        return TicketStreamingResponse(events(), ticket)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        messages = [m.as_dict() for m in req.messages]
+
+        def build(ticket: Ticket) -> tuple[str, tuple[str, ...]]:
+            model = ticket.model
+            system = model.defaults.get("system")
+            msgs = messages if (messages[0]["role"] == "system" or not system) else \
+                [{"role": "system", "content": system}] + messages
+            session = ChatSession(model.backend, chat_format=model.defaults.get("chat_format"))
+            try:
+                prompt = session.render(msgs)
+            except ValueError as exc:
+                raise ServerError(400, str(exc), "invalid_messages", "messages") from None
+            return prompt, session.template.stop
+
+        ticket, prompt, settings_ = await prepare(req, build)
+        return await respond(req, ticket, prompt, settings_, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        ticket, prompt, settings_ = await prepare(req, lambda t: (req.text, ()))
+        return await respond(req, ticket, prompt, settings_, chat=False)
+
+    return app

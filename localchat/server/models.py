@@ -1,0 +1,120 @@
+"""The models a server keeps loaded, and the fair queue in front of each.
+
+A model loads on first use and stays; when another one needs the memory (or the
+`max_models` cap is reached) the least recently used idle model is unloaded. Each model
+runs one generation at a time behind a FIFO lock; `Ticket`s count the requests waiting
+or running so a full queue is refused up front instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..engine.backend import Backend
+from ..engine.registry import load_backend
+from ..hardware import HardwareReport, probe
+from ..planner import Overrides, Plan, host_budget, plan
+from ..store import Store
+from ..store.resolve import resolve_model
+from .settings import ServerSettings
+
+
+class ServerError(Exception):
+    """An error with an HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    plan: Plan
+    backend: Backend
+    defaults: dict[str, Any]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tickets: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle(self) -> bool:
+        return self.tickets == 0 and not self.lock.locked()
+
+
+class Ticket:
+    """A request's place in a model's queue; released exactly once."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        model.tickets += 1
+        model.last_used = time.monotonic()
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.model.tickets -= 1
+
+
+class ModelManager:
+    def __init__(self, store: Store, settings: ServerSettings,
+                 report: Callable[[], HardwareReport] = probe) -> None:
+        self.store, self.settings, self._report = store, settings, report
+        self.loaded: dict[str, LoadedModel] = {}
+        self._load_lock = asyncio.Lock()
+        self.budget = host_budget(report())  # RAM for models, measured before any is loaded
+
+    def names(self) -> list[str]:
+        return [n for n, e in self.store.models().items() if e.format in ("gguf", "gptq")]
+
+    async def ticket(self, name: str) -> Ticket:
+        """Load `name` if needed and take a place in its queue, or raise ServerError."""
+        model = self.loaded.get(name) or await self._load(name)
+        if model.tickets >= self.settings.max_queue:
+            raise ServerError(429, f"model {name!r} has {model.tickets} requests queued "
+                                   f"(limit {self.settings.max_queue}); retry later",
+                              "rate_limit_exceeded", type_="rate_limit_error")
+        return Ticket(model)
+
+    def _in_use(self) -> int:
+        return sum(m.plan.memory.host_bytes for m in self.loaded.values())
+
+    async def _load(self, name: str) -> LoadedModel:
+        async with self._load_lock:
+            if name in self.loaded:
+                return self.loaded[name]
+            if name not in self.names():  # only store names: no paths from the network
+                raise ServerError(404, f"the model {name!r} does not exist; available: "
+                                       f"{', '.join(self.names()) or 'none'}", "model_not_found", "model")
+            entry_defaults = self.store.get(name).defaults
+            resolved = resolve_model(name, self.store)
+            overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
+            try:
+                p = plan(self._report(), resolved.artifacts, overrides)
+            except RuntimeError as exc:
+                raise ServerError(503, f"cannot run {name!r} here: {exc}", "model_does_not_fit",
+                                  type_="server_error") from None
+            while self.loaded and (len(self.loaded) >= self.settings.max_models
+                                   or self._in_use() + p.memory.host_bytes > self.budget):
+                idle = [m for m in self.loaded.values() if m.idle]
+                if not idle:
+                    raise ServerError(503, f"loading {name!r} needs memory that busy models hold; "
+                                           "retry when they finish", "server_busy", type_="server_error")
+                self.unload(min(idle, key=lambda m: m.last_used).name)
+            backend = await asyncio.to_thread(load_backend, p)
+            model = LoadedModel(name, p, backend, dict(entry_defaults))
+            self.loaded[name] = model
+            return model
+
+    def unload(self, name: str) -> None:
+        model = self.loaded.pop(name)
+        model.backend.close()
+
+    def close(self) -> None:
+        for name in list(self.loaded):
+            self.unload(name)

@@ -1,0 +1,44 @@
+"""`localchat serve` settings: one typed model that also generates the CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from ..options import add_arguments, from_args, option, validate
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = option("127.0.0.1", "address to bind; anything but loopback needs --api-key")
+    port: int = option(DEFAULT_PORT, "port to listen on", 0, 65535)
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health")
+    max_queue: int = option(32, "requests waiting or running per model before answering 429", 1, 10_000)
+    max_body_bytes: int = option(4_000_000, "largest request body accepted (413 above)", 1024, 1 << 30)
+    max_models: int = option(2, "models kept loaded at once (least recently used unloads first)", 1, 64)
+    context: int | None = option(None, "context size for loaded models (default: the planner's)", 128, 1 << 20)
+    threads: int | None = option(None, "CPU threads per model (default: physical cores)", 1, 1024)
+    allowed_host: tuple[str, ...] = option((), "extra Host header value to accept (DNS-rebinding guard)")
+    allowed_origin: tuple[str, ...] = option((), "extra browser Origin to accept, e.g. http://myapp.local")
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.host not in LOOPBACK_HOSTS and not self.api_key:
+            raise ValueError(f"binding to {self.host} exposes the models to the network: "
+                             "pass --api-key KEY (or bind 127.0.0.1)")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, cls, "server")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "ServerSettings":
+        return from_args(cls, args, **overrides)
