@@ -152,7 +152,7 @@ async def generate(ticket: Ticket, prompt: str, settings: SamplingSettings) -> A
                 pass
 
     await model.lock.acquire()
-    loop.run_in_executor(None, work)  # from here on the thread owns the lock
+    loop.run_in_executor(model.worker, work)  # from here on the thread owns the lock
     try:
         while (item := await queue.get()) is not _DONE:
             if isinstance(item, Exception):

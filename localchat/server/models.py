@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,9 @@ class LoadedModel:
     backend: Backend
     defaults: dict[str, Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Every decode of a model runs on this one thread: llama.cpp's OpenMP keeps a spinning
+    # thread team per calling thread, and teams from several threads fight over the cores.
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "localchat-decode"))
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -113,6 +117,7 @@ class ModelManager:
 
     def unload(self, name: str) -> None:
         model = self.loaded.pop(name)
+        model.worker.shutdown(wait=True)
         model.backend.close()
 
     def close(self) -> None:
