@@ -1,0 +1,302 @@
+"""Load a Hugging Face checkpoint the way people actually have them, one tensor at a time.
+
+One place for the GGUF and GPTQ paths alike. It reads:
+- safetensors, single or sharded through `model.safetensors.index.json` (first choice);
+- `.bin` files, only through `torch.load(weights_only=True)`: a pickle that needs more
+  than tensors is refused, never executed;
+- RLHF outputs: TRL value-head models (`v_head.*` dropped), DeepSpeed-Chat and
+  ColossalChat actors (wrapper prefixes such as `module.` found and stripped);
+- PEFT adapter folders, merged into their base (W += B @ A * alpha / r).
+Everything dropped, stripped or merged is listed in `report`, so nothing happens silently.
+The architecture comes from `config.json` `architectures`, never from a folder name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+# Tensors that carry no model weights: value heads of RLHF critics, cached rotary tables.
+DROPPABLE = (re.compile(r"^v_head\."), re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+             re.compile(r"(^|\.)score\.weight$"))
+ANCHORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot read; the message names the file and what is wrong."""
+
+
+@dataclass
+class HFConfig:
+    """config.json with the lookups that differ across transformers versions."""
+
+    path: Path
+    data: dict[str, Any]
+
+    def get(self, *keys: str, default: Any = None) -> Any:
+        for key in keys:
+            if key in self.data and self.data[key] is not None:
+                return self.data[key]
+        return default
+
+    def require(self, key: str) -> Any:
+        if key not in self.data:
+            raise CheckpointError(f"{self.path}: field {key!r} is missing")
+        return self.data[key]
+
+    @property
+    def architecture(self) -> str:
+        archs = self.data.get("architectures")
+        if not archs or not isinstance(archs, list):
+            raise CheckpointError(f"{self.path}: field 'architectures' is missing; cannot tell which "
+                                  "model this is (it is never guessed from the name)")
+        return str(archs[0])
+
+    @property
+    def rope_theta(self) -> float:
+        params = self.data.get("rope_parameters") or {}
+        return float(params.get("rope_theta") or self.data.get("rope_theta") or 10000.0)
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        params = self.data.get("rope_scaling") or self.data.get("rope_parameters") or {}
+        kind = params.get("rope_type") or params.get("type")
+        return params if kind and kind != "default" else None
+
+
+def read_config(folder: Path) -> HFConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return HFConfig(path, data)
+
+
+@dataclass
+class _Source:
+    """Where one tensor lives: a file and its name there."""
+
+    file: Path
+    key: str
+
+
+def _safetensors_keys(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape) from a safetensors header, with a clear error if broken."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header claims {n} bytes, the file has {size}: "
+                                  "truncated or not a safetensors file")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + end}, past the end of the "
+                                  f"file ({size} bytes): the file is truncated")
+        out[name] = (info["dtype"], info["shape"])
+    return out
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "WeightsUnpickler" in str(exc):
+            raise CheckpointError(f"{path}: this pickle needs more than tensors to load, so it was refused "
+                                  "(only weights are read, never code); re-save it with safetensors") from None
+        raise CheckpointError(f"{path}: cannot read this .bin checkpoint: {exc}") from None
+    if isinstance(data, dict) and "module" in data and isinstance(data["module"], dict):
+        data = data["module"]  # DeepSpeed engine checkpoints nest the weights
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: HFConfig
+    sources: dict[str, _Source]  # final tensor name -> where it is
+    report: list[str] = field(default_factory=list)
+    _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _patches: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    _shapes: dict[str, list[int]] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None  # where tokenizer files are (an adapter's base, say)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_dir is None:
+            self.tokenizer_dir = self.folder
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def shape(self, name: str) -> list[int]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        if src.file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(src.file), framework="pt") as f:
+                t = f.get_tensor(src.key)
+        else:
+            if src.file not in self._bin_cache:
+                self._bin_cache = {src.file: _load_bin(src.file)}  # one .bin shard in memory at a time
+            t = self._bin_cache[src.file][src.key]
+        patch = self._patches.get(name)
+        return patch(t) if patch else t
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.sources:
+            yield name, self.get(name)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        p = folder / index
+        if p.is_file():
+            try:
+                weight_map = json.loads(p.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{p}: not a valid shard index ({exc})") from None
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{p}: lists shards that are missing: {', '.join(missing)}")
+            return files
+    st = sorted(folder.glob("*.safetensors"))
+    st = [f for f in st if not f.name.startswith("adapter_model")]
+    if st:
+        return st
+    bins = sorted(p for p in folder.glob("*.bin") if not p.name.startswith(("adapter_model", "training_args")))
+    if bins:
+        return bins
+    raise CheckpointError(f"{folder}: no weights found (model.safetensors, shards with an index, or "
+                          "pytorch_model.bin)")
+
+
+def _wrapper_prefix(names: list[str]) -> str:
+    """The wrapper prefix in front of the model's own tensor names ('' when there is none)."""
+    for anchor in ANCHORS:
+        hits = [n[: -len(anchor)] for n in names if n.endswith(anchor)]
+        if "" in hits:
+            return ""
+        for prefix in hits:
+            if sum(k.startswith(prefix) for k in names) >= len(names) // 2:
+                return prefix
+    return ""
+
+
+def load_checkpoint(folder: str | Path, base: str | Path | None = None) -> Checkpoint:
+    """Open an HF folder (or a PEFT adapter folder merged into `base`) for streaming."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    if (folder / "adapter_config.json").is_file():
+        return _load_adapter(folder, base)
+    config = read_config(folder)
+    config.architecture  # noqa: B018 - fail early on a config without architectures
+    sources: dict[str, _Source] = {}
+    shapes: dict[str, list[int]] = {}
+    for f in _weight_files(folder):
+        if f.suffix == ".safetensors":
+            for key, (_, shape) in _safetensors_keys(f).items():
+                sources[key], shapes[key] = _Source(f, key), shape
+        else:
+            for key, t in _load_bin(f).items():
+                sources[key], shapes[key] = _Source(f, key), list(t.shape)
+    report: list[str] = []
+    prefix = _wrapper_prefix(list(sources))
+    if prefix:
+        stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sources.items()}
+        shapes = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
+        report.append(f"stripped the wrapper prefix {prefix!r} from {sum(k.startswith(prefix) for k in sources)} "
+                      "tensor names (DeepSpeed-Chat / ColossalChat actor layout)")
+        sources = stripped
+    dropped = [k for k in sources if any(p.search(k) for p in DROPPABLE)]
+    for k in dropped:
+        sources.pop(k)
+    if any(k.startswith("v_head.") for k in dropped):
+        report.append(f"dropped the value head ({', '.join(k for k in dropped if k.startswith('v_head.'))}) "
+                      "of a TRL PPO model")
+    if any(not k.startswith("v_head.") for k in dropped):
+        report.append(f"dropped {sum(not k.startswith('v_head.') for k in dropped)} non-weight tensors "
+                      "(rotary caches, classifier heads)")
+    return Checkpoint(folder, config, sources, report, _shapes=shapes)
+
+
+def _load_adapter(folder: Path, base: str | Path | None) -> Checkpoint:
+    cfg_path = folder / "adapter_config.json"
+    acfg = json.loads(cfg_path.read_text())
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} cannot be merged; only LORA")
+    base_path = Path(base) if base else Path(str(acfg.get("base_model_name_or_path", "")))
+    if not base_path.is_dir():
+        raise CheckpointError(f"{cfg_path}: base model {str(base_path)!r} is not a local folder; pass "
+                              "--base PATH (models are never fetched from a hub here)")
+    ckpt = load_checkpoint(base_path)
+    weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        lora = load_file(str(weights))
+    else:
+        lora = _load_bin(weights)
+    r = int(acfg.get("r", 8))
+    alpha = float(acfg.get("lora_alpha", r))
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    fan_in_fan_out = bool(acfg.get("fan_in_fan_out", False))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in lora.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
+        if not m:
+            if key.endswith(("modules_to_save.weight",)) or ".modules_to_save." in key:
+                raise CheckpointError(f"{weights}: {key}: modules_to_save are not supported yet")
+            continue
+        pairs.setdefault(m.group(1) + ".weight", {})[m.group(2)] = t
+    for target, ab in pairs.items():
+        if target not in ckpt.sources or set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{weights}: LoRA weights for {target!r} do not match the base model "
+                                  f"at {base_path}")
+        delta = (ab["B"].float() @ ab["A"].float()) * scale
+        if fan_in_fan_out:
+            delta = delta.T
+
+        def merge(w: torch.Tensor, d: torch.Tensor = delta) -> torch.Tensor:
+            return (w.float() + d).to(w.dtype if w.dtype != torch.bfloat16 else torch.float32)
+
+        ckpt._patches[target] = merge
+    ckpt.report.append(f"merged the LoRA adapter {folder.name} (r={r}, alpha={alpha:g}) into "
+                       f"{len(pairs)} weights of {base_path.name}")
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+        ckpt.tokenizer_dir = folder
+    return ckpt

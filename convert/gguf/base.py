@@ -1,0 +1,89 @@
+"""The small interface each architecture implements to become GGUF."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+import gguf
+import torch
+
+from ..checkpoint import CheckpointError, HFConfig
+
+
+class UnknownTensor(CheckpointError):
+    pass
+
+
+class ArchConverter:
+    """Maps one HF architecture's config and tensors to llama.cpp's names and layouts.
+
+    Subclasses set `gguf_arch`, the top-level and per-layer name tables, and override
+    `transform` where llama.cpp wants a tensor laid out differently.
+    """
+
+    gguf_arch: ClassVar[str]
+    top_names: ClassVar[dict[str, str]] = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names: ClassVar[dict[str, str]] = {}
+    _layer = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+    def __init__(self, config: HFConfig) -> None:
+        self.config = config
+        c = config
+        self.n_layers = int(c.require("num_hidden_layers"))
+        self.n_embd = int(c.require("hidden_size"))
+        self.n_head = int(c.require("num_attention_heads"))
+        self.n_head_kv = int(c.get("num_key_value_heads", default=self.n_head))
+        self.head_dim = int(c.get("head_dim", default=self.n_embd // self.n_head))
+        self.tied = bool(c.get("tie_word_embeddings", default=False))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF name of an HF tensor, None to leave it out, UnknownTensor if unexpected."""
+        if hf_name == "lm_head.weight" and self.tied:
+            return None  # llama.cpp reuses token_embd for a tied output layer
+        if hf_name in self.top_names:
+            return self.top_names[hf_name]
+        m = self._layer.match(hf_name)
+        if m and m.group(2) in self.layer_names:
+            if int(m.group(1)) >= self.n_layers:
+                raise UnknownTensor(f"tensor {hf_name!r} is for layer {m.group(1)}, but the config has "
+                                    f"{self.n_layers} layers")
+            return f"blk.{m.group(1)}.{self.layer_names[m.group(2)]}"
+        raise UnknownTensor(f"tensor {hf_name!r} is not part of a {self.config.architecture} model")
+
+    def transform(self, gguf_name: str, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors llama.cpp needs that the checkpoint does not hold (e.g. rope factors)."""
+        return {}
+
+    def add_metadata(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(int(c.get("max_position_embeddings", default=2048)))
+        w.add_embedding_length(self.n_embd)
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(int(c.require("intermediate_size")))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", default=1e-6)))
+        w.add_key_length(self.head_dim)
+        w.add_value_length(self.head_dim)
+        w.add_vocab_size(int(c.require("vocab_size")))
+        w.add_rope_dimension_count(self.head_dim)
+        scaling = c.rope_scaling
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))  # type: ignore[index]
+        elif kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(scaling["factor"]))  # type: ignore[index]
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))  # type: ignore[index]
+        elif kind not in (None, "llama3"):
+            raise CheckpointError(f"{c.path}: rope scaling {kind!r} is not supported yet")

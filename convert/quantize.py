@@ -1,0 +1,54 @@
+"""GGUF quantization with llama.cpp's own quantizer (`llama_model_quantize`)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from localchat.fsutil import atomic_path, check_disk
+from localchat.gguf_file import read_gguf
+
+# Quant name -> (llama_ftype, approximate bits per weight, for the disk check).
+QUANT_TYPES: dict[str, tuple[str, float]] = {
+    "F16": ("LLAMA_FTYPE_MOSTLY_F16", 16.0),
+    "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", 8.5),
+    "Q6_K": ("LLAMA_FTYPE_MOSTLY_Q6_K", 6.6),
+    "Q5_K_M": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7),
+    "Q5_0": ("LLAMA_FTYPE_MOSTLY_Q5_0", 5.5),
+    "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9),
+    "Q4_K_S": ("LLAMA_FTYPE_MOSTLY_Q4_K_S", 4.6),
+    "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", 4.5),
+}
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+def quant_name(q: str) -> str:
+    name = q.upper()
+    if name not in QUANT_TYPES:
+        raise QuantizeError(f"unknown quant type {q!r}; valid: {', '.join(QUANT_TYPES)}")
+    return name
+
+
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str,
+             threads: int | None = None) -> Path:
+    """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete."""
+    import llama_cpp
+
+    q = quant_name(quant)
+    src, dst = Path(src), Path(dst)
+    header = read_gguf(src)  # a bad input never reaches the quantizer
+    need = int(header.n_params * QUANT_TYPES[q][1] / 8) + (64 << 20)
+    check_disk(dst.parent, need, f"quantizing to {q}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[q][0])
+    params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = False
+    with atomic_path(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise QuantizeError(f"llama.cpp could not quantize {src} to {q} (code {rc})")
+    return dst

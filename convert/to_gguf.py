@@ -1,0 +1,101 @@
+"""A checkpoint to an F16 (or F32) GGUF file, streamed tensor by tensor.
+
+Tensor infos are planned from the safetensors headers first, so the writer knows every
+offset before it reads a weight; then each tensor is read, laid out for llama.cpp and
+written, and dropped. Peak memory is about one tensor, not the model. The file is
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from localchat.fsutil import atomic_path, check_disk
+from localchat.templates import get_format
+
+from .checkpoint import Checkpoint
+from .gguf import converter_for
+from .tokenizer import load_vocab, write_vocab
+
+OUTTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+STOP_KEY = "localchat.stop"  # extra stop strings that travel with an embedded template
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    tensors: int
+    report: list[str]
+
+
+def _out_dtype(name: str, t: torch.Tensor, outtype: str) -> type:
+    # Norms, biases and rope factors stay F32, as llama.cpp expects; matrices take the outtype.
+    return OUTTYPES[outtype][0] if t.ndim >= 2 else np.float32
+
+
+def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",
+                    template: str | None = None, name: str | None = None, quiet: bool = False) -> ConvertResult:
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)} (quantize from f16)")
+    out = Path(out)
+    conv = converter_for(ckpt.config)
+    vocab = load_vocab(ckpt.tokenizer_dir or ckpt.folder, ckpt.config.data)
+    report = list(ckpt.report)
+    stops: tuple[str, ...] = ()
+    if template:
+        fmt = get_format(template)
+        vocab.chat_template, stops = fmt.template, fmt.stop
+        report.append(f"embedded the {fmt.name!r} chat template with stop strings {list(fmt.stop)}")
+    elif not vocab.chat_template:
+        report.append("the checkpoint has no chat template; pass --template NAME to embed one")
+
+    plan: list[tuple[str, str | None, list[int]]] = []  # (gguf name, hf name or None for extra, shape)
+    for hf_name in ckpt.names():
+        g = conv.gguf_name(hf_name)
+        if g is None:
+            report.append(f"left out {hf_name} (tied to the embeddings)")
+            continue
+        plan.append((g, hf_name, ckpt.shape(hf_name)))
+    extras = conv.extra_tensors()
+    plan += [(g, None, list(t.shape)) for g, t in extras.items()]
+
+    w = gguf.GGUFWriter(None, conv.gguf_arch)
+    w.add_name(name or ckpt.folder.name)
+    w.add_file_type(OUTTYPES[outtype][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    conv.add_metadata(w)
+    write_vocab(w, vocab)
+    if stops:
+        w.add_array(STOP_KEY, list(stops))
+    total = 0
+    for g, hf_name, shape in plan:
+        dtype = OUTTYPES[outtype][0] if len(shape) >= 2 else np.float32
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        total += nbytes
+        w.add_tensor_info(g, shape, np.dtype(dtype), nbytes)
+    check_disk(out.parent if out.parent.exists() else Path.cwd(), total + (64 << 20), f"writing {out.name}")
+
+    with atomic_path(out) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
+        for g, hf_name, shape in plan:
+            t = extras[g] if hf_name is None else conv.transform(g, ckpt.get(hf_name))
+            dtype = _out_dtype(g, t, outtype)
+            arr = t.to(torch.float32).numpy().astype(dtype, copy=False)
+            if list(arr.shape) != list(shape):
+                raise ValueError(f"tensor {hf_name or g}: shape {list(arr.shape)} differs from its header {shape}")
+            w.write_tensor_data(arr)
+            bar.update(arr.nbytes)
+            del t, arr
+        bar.close()
+        w.close()
+    return ConvertResult(out, len(plan), report)
