@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def quant_name(q: str) -> str:
 
 
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str,
-             threads: int | None = None) -> Path:
+             threads: int | None = None, verbose: bool = False) -> Path:
     """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete."""
     import llama_cpp
 
@@ -47,8 +48,14 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     params.ftype = getattr(llama_cpp, QUANT_TYPES[q][0])
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = False
-    with atomic_path(dst) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise QuantizeError(f"llama.cpp could not quantize {src} to {q} (code {rc})")
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log: errors only, unless asked
+    level = log.level
+    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    try:
+        with atomic_path(dst) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise QuantizeError(f"llama.cpp could not quantize {src} to {q} (code {rc})")
+    finally:
+        log.setLevel(level)
     return dst

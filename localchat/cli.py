@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("localchat.commands.info", "show a GGUF file's metadata without loading it"),
     "setup": ("localchat.commands.setup", "install the starter model"),
     "serve": ("localchat.commands.serve", "serve the store over an OpenAI-compatible API"),
+    "convert": ("localchat.convert.command", "turn a Hugging Face checkpoint into a GGUF in the store"),
+    "eval": ("localchat.commands.eval", "perplexity and KL divergence of a model on a text"),
 }
 
 

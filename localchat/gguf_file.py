@@ -138,6 +138,12 @@ class GGUFHeader:
         value = self.metadata.get("tokenizer.chat_template")
         return value if isinstance(value, str) and value.strip() else None
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Stop strings written by `localchat convert --template` (key `localchat.stop`)."""
+        value = self.metadata.get("localchat.stop")
+        return tuple(v for v in value if isinstance(v, str) and v) if isinstance(value, list) else ()
+
     def token(self, key: str) -> str | None:
         """The text of a special token (``bos``, ``eos``) named by its id key."""
         tokens = self.metadata.get("tokenizer.ggml.tokens")

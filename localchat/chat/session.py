@@ -34,7 +34,7 @@ def resolve_template(backend: Backend, chat_format: str | None) -> ResolvedTempl
         return ResolvedTemplate(fmt.template, fmt.stop, f"chat format {fmt.name!r}")
     t = backend.template
     if t.source:
-        stop = (t.eos_token,) if t.eos_token else ()
+        stop = tuple(dict.fromkeys(t.stop + ((t.eos_token,) if t.eos_token else ())))
         return ResolvedTemplate(t.source, stop, t.origin)
     fmt = get_format(DEFAULT_FORMAT)
     return ResolvedTemplate(fmt.template, fmt.stop, f"chat format {fmt.name!r}",

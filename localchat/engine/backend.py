@@ -22,6 +22,7 @@ class ModelTemplate:
     bos_token: str
     eos_token: str
     origin: str  # names the model in errors
+    stop: tuple[str, ...] = ()  # stop strings the file carries with its template
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class LlamaCppBackend(Backend):
             bos_token=self.header.token("bos") or "",
             eos_token=self.header.token("eos") or "",
             origin=f"chat template of {path}",
+            stop=self.header.stop_strings,
         )
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time

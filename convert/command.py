@@ -1,0 +1,124 @@
+"""`localchat convert PATH --to gguf --quant q4_k_m`: a Hugging Face checkpoint (or an RLHF
+output, or a PEFT adapter folder) into a quantized GGUF in the model store.
+
+Every export ends with a check: perplexity and KL divergence against the F16 conversion on
+chat text rendered with the model's template, and a one-line smoke chat. The figures go
+into the manifest, where `localchat list` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from localchat.fsutil import human, sha256_file
+from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
+
+from .checkpoint import load_checkpoint
+from .quantize import QUANT_TYPES, quant_name, quantize
+from .to_gguf import convert_to_gguf
+
+DEFAULT_QUANT = "Q4_K_M"
+SMOKE_PROMPT = "What is the capital of France?"
+
+
+@dataclass
+class ExportResult:
+    entry: ModelEntry
+    report: list[str]
+    smoke: str
+
+
+def _name_from(path: Path) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name).strip("-.").lower()
+    return base or "model"
+
+
+def smoke_chat(gguf: Path, system: str | None = None) -> str:
+    from localchat.chat import ChatSession
+    from localchat.engine import SamplingSettings
+    from localchat.planner import Overrides
+    from localchat.runtime import open_model
+
+    loaded = open_model(str(gguf), Overrides(context=1024))
+    try:
+        session = ChatSession(loaded.backend, system=system)
+        return session.ask(SMOKE_PROMPT, SamplingSettings(temperature=0.0, max_tokens=48))
+    finally:
+        loaded.backend.close()
+
+
+def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None = None,
+                template: str | None = None, base: str | Path | None = None, store: Store | None = None,
+                keep_f16: bool = False, check: bool = True, quiet: bool = False) -> ExportResult:
+    """Convert, quantize, check and register; returns the store entry."""
+    from localchat.evaluation import chat_eval_text, evaluate
+
+    store = store or default_store()
+    q = quant_name(quant)
+    ckpt = load_checkpoint(source, base)
+    name = check_name(name or _name_from(Path(source)))
+    folder = store.model_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / f"{name}-F16.gguf"
+    result = convert_to_gguf(ckpt, f16, "f16", template=template, name=name, quiet=quiet)
+    report = result.report
+    final = f16
+    if q != "F16":
+        final = quantize(f16, folder / f"{name}-{q}.gguf", q)
+    figures: dict = {}
+    smoke = ""
+    if check:
+        text = chat_eval_text(f16)
+        ev = evaluate(final, text, base=f16 if final != f16 else None)
+        figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
+        report.append(f"check: {ev.summary()}")
+        smoke = smoke_chat(final)
+        report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
+    files = [final] + ([f16] if keep_f16 and final != f16 else [])
+    if final != f16 and not keep_f16:
+        f16.unlink()
+    entry = ModelEntry(name=name, format="gguf", quant=q,
+                       files=[ModelFile(str(f.relative_to(store.root)), f.stat().st_size, sha256_file(f))
+                              for f in files],
+                       source=f"convert:{Path(source).resolve().name}", sha256="", eval=figures)
+    entry.sha256 = entry.files[0].sha256
+    if template:
+        entry.defaults["chat_format"] = template
+    store.add(entry)
+    return ExportResult(entry, report, smoke)
+
+
+def convert(args: argparse.Namespace) -> int:
+    if args.to == "gptq":
+        print("localchat convert --to gptq is not available yet (see the GPTQ issue)", file=sys.stderr)
+        return 2
+    r = export_gguf(args.path, args.quant, args.name, args.template, args.base, keep_f16=args.keep_f16,
+                    check=not args.no_check, quiet=args.quiet)
+    for line in r.report:
+        print(f"- {line}")
+    e = r.entry
+    print(f"{e.name}: {e.quant}, {human(e.size)} -> `localchat chat --model {e.name}`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localchat convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="a Hugging Face checkpoint folder, RLHF output or PEFT adapter folder")
+    parser.add_argument("--to", choices=("gguf", "gptq"), default="gguf")
+    parser.add_argument("--quant", default=DEFAULT_QUANT, type=str.upper, choices=list(QUANT_TYPES),
+                        help=f"quant type (default: {DEFAULT_QUANT})")
+    parser.add_argument("--name", help="name in the store (default: the folder's name)")
+    parser.add_argument("--template", help="embed this chat format (for models without a template)")
+    parser.add_argument("--base", help="base model folder for a PEFT adapter")
+    parser.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF in the store too")
+    parser.add_argument("--no-check", action="store_true", help="skip the perplexity/KL check and smoke chat")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return convert(build_parser().parse_args(argv))

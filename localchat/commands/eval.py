@@ -1,0 +1,44 @@
+"""`localchat eval MODEL --text FILE`: perplexity, and KL divergence against a reference
+(`--base`, e.g. the F16 conversion), so a user sees what a quant type costs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..evaluation import DEFAULT_CHUNK, chat_eval_text, evaluate
+from ..store import default_store, resolve_model
+
+
+def _gguf_of(spec: str) -> Path:
+    model = resolve_model(spec, default_store())
+    ggufs = [a for a in model.artifacts if a.format == "gguf"]
+    if not ggufs:
+        raise ValueError(f"{spec}: no GGUF artifact to evaluate")
+    return Path(min(ggufs, key=lambda a: a.size_bytes).path)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    model = _gguf_of(args.model)
+    base = _gguf_of(args.base) if args.base else None
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else chat_eval_text(base or model)
+    result = evaluate(model, text, base=base, chunk=args.chunk, threads=args.threads)
+    print(result.summary())
+    if args.save:
+        default_store().update_eval(args.model, result.figures())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localchat eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a model in the store or a GGUF file")
+    parser.add_argument("--text", help="a UTF-8 text file (default: the shipped chat conversations)")
+    parser.add_argument("--base", help="reference model for KL divergence (e.g. the F16 GGUF)")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per evaluation window")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--save", action="store_true", help="store the figures in the manifest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return eval_command(build_parser().parse_args(argv))

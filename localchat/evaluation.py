@@ -1,0 +1,128 @@
+"""What a quant type costs: perplexity on a text, and KL divergence from a reference model.
+
+Both run through llama.cpp on GGUF files. The text is cut into chunks of `chunk` tokens;
+as llama.cpp's own perplexity tool does, only the second half of each chunk is scored, so
+every scored token has at least chunk/2 tokens of context. KL divergence compares the
+token distributions of the model and its reference (the F16 source) at the same
+positions; "top-1 agreement" is how often both would pick the same next token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .gguf_file import read_gguf
+from .templates import DEFAULT_FORMAT, get_format, render_chat
+
+DEFAULT_CHUNK = 512
+MAX_TOKENS = 16_384
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    ppl: float
+    tokens_scored: int
+    ppl_base: float | None = None
+    kld: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None  # fraction of positions where both models agree on the next token
+
+    def figures(self) -> dict[str, float | int]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def summary(self) -> str:
+        s = f"perplexity {self.ppl:.4f} over {self.tokens_scored} tokens"
+        if self.kld is not None:
+            s += (f"; reference perplexity {self.ppl_base:.4f} ({(self.ppl / self.ppl_base - 1) * 100:+.2f}%); "
+                  f"KL divergence mean {self.kld:.5f}, p99 {self.kld_p99:.5f}; same top token "
+                  f"{self.top1 * 100:.1f}%")
+        return s
+
+
+def chat_eval_text(gguf_path: str | Path) -> str:
+    """The shipped evaluation conversations, rendered with this model's own chat template."""
+    h = read_gguf(gguf_path)
+    source = h.chat_template or get_format(DEFAULT_FORMAT).template
+    lines = resources.files("localchat").joinpath("data/eval_chats.jsonl").read_text(encoding="utf-8")
+    parts = []
+    for line in lines.splitlines():
+        msgs = json.loads(line)["messages"]
+        parts.append(render_chat(source, msgs, bos_token=h.token("bos") or "", eos_token=h.token("eos") or "",
+                                 add_generation_prompt=False, origin=f"chat template of {gguf_path}"))
+    return "".join(parts)
+
+
+def _chunks(tokens: list[int], chunk: int) -> Iterator[list[int]]:
+    if len(tokens) < 2 * 16:
+        raise ValueError(f"the text has {len(tokens)} tokens; perplexity needs at least 32")
+    if len(tokens) <= chunk:
+        yield tokens
+        return
+    for start in range(0, len(tokens) - chunk + 1, chunk):
+        yield tokens[start:start + chunk]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits - logits.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
+                    ) -> tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]:
+    import llama_cpp
+
+    read_gguf(path)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=chunk, n_batch=chunk, n_ubatch=chunk, logits_all=True,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)[:MAX_TOKENS]
+
+    def run() -> Iterator[tuple[list[int], np.ndarray]]:
+        try:
+            for seq in _chunks(tokens, chunk):
+                llm.reset()
+                llm.eval(seq)
+                first = len(seq) // 2
+                logits = np.asarray(llm.scores[first:len(seq) - 1], dtype=np.float32)
+                yield seq[first + 1:], _log_softmax(logits)
+        finally:
+            llm.close()
+
+    return tokens, run()
+
+
+def evaluate(model: str | Path, text: str, base: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
+             threads: int | None = None) -> EvalResult:
+    """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement."""
+    nll: list[float] = []
+    base_nll: list[float] = []
+    kls: list[np.ndarray] = []
+    agree = total = 0
+    ref_chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    if base is not None:
+        _, ref = _token_logprobs(base, text, chunk, threads)
+        for targets, lp in ref:  # kept compactly: float16 log-probs of the scored positions
+            idx = np.arange(len(targets))
+            base_nll += list(-lp[idx, targets])
+            ref_chunks.append((lp.astype(np.float16), lp.argmax(axis=-1)))
+    tokens, run = _token_logprobs(model, text, chunk, threads)
+    for i, (targets, lp) in enumerate(run):
+        idx = np.arange(len(targets))
+        nll += list(-lp[idx, targets])
+        if base is not None:
+            ref_lp, ref_top = ref_chunks[i]
+            p = np.exp(ref_lp.astype(np.float32))
+            kls.append((p * (ref_lp.astype(np.float32) - lp)).sum(axis=-1))
+            agree += int((lp.argmax(axis=-1) == ref_top).sum())
+            total += len(targets)
+    ppl = float(np.exp(np.mean(nll)))
+    if base is None:
+        return EvalResult(ppl=ppl, tokens_scored=len(nll))
+    kl = np.concatenate(kls)
+    return EvalResult(ppl=ppl, tokens_scored=len(nll), ppl_base=float(np.exp(np.mean(base_nll))),
+                      kld=float(kl.mean()), kld_p99=float(np.percentile(kl, 99)), top1=agree / total)
