@@ -4,9 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev
-comma  := ,
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+CORE   := $(VENV)/.installed-core
+DEV    := $(VENV)/.installed-dev
 
 # llama.cpp's AMX kernels crash on CPUs that advertise AMX inside some VMs (this one):
 # build without them there. pip caches the built wheel, so this costs ~9 min once.
@@ -17,14 +16,19 @@ endif
 
 .PHONY: setup chat ui test bench doctor clean
 
-$(STAMP): pyproject.toml
+# The core (llama.cpp, no torch) is all `make chat` needs; `make test` adds the dev extras.
+$(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
-	rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install -e .
+	rm -f $(DEV)
 	touch $@
 
-setup: $(STAMP)
+$(DEV): $(CORE)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(CORE)
 	$(BIN)/localchat setup
 
 chat: setup
@@ -36,10 +40,10 @@ ui: setup
 doctor: setup
 	$(BIN)/localchat doctor
 
-test: setup
+test: $(DEV) setup
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
+bench: $(DEV) setup
 	$(BIN)/python bench/bench_runtime.py
 	$(BIN)/python bench/bench_serve.py
 

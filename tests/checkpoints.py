@@ -55,3 +55,35 @@ def starter_hf(gguf_path: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **overrides: object) -> Path:
+    """A 2-layer random model of `arch` (GQA: 4 heads, 2 KV heads) with a borrowed tokenizer."""
+    import torch
+    import transformers
+
+    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
+               "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
+    vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
+    kw = {**TINY, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+          **overrides}
+    if arch == "MistralForCausalLM":
+        kw.setdefault("sliding_window", None)
+    config = cfg_cls(**kw)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # random init is tiny; widen it so logits differ clearly between tokens
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        if (tokenizer_from / f).is_file():
+            shutil.copy(tokenizer_from / f, out / f)
+    return out
