@@ -18,7 +18,7 @@ from localchat.fsutil import human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
 from .checkpoint import load_checkpoint
-from .quantize import QUANT_TYPES, quant_name, quantize
+from .quantize import QUANT_TYPES, fallback_note, quant_name, quantize
 from .to_gguf import convert_to_gguf
 
 DEFAULT_QUANT = "Q4_K_M"
@@ -69,6 +69,9 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     final = f16
     if q != "F16":
         final = quantize(f16, folder / f"{name}-{q}.gguf", q)
+        note = fallback_note(f16, q)
+        if note:
+            report.append(note)
     figures: dict = {}
     smoke = ""
     if check:

@@ -38,6 +38,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
              threads: int | None = None, verbose: bool = False) -> Path:
     """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete."""
     import llama_cpp
+    import llama_cpp.llama  # noqa: F401 - routes llama.cpp's log through the "llama-cpp-python" logger
 
     q = quant_name(quant)
     src, dst = Path(src), Path(dst)
@@ -59,3 +60,16 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     finally:
         log.setLevel(level)
     return dst
+
+
+def fallback_note(src: str | os.PathLike[str], quant: str) -> str | None:
+    """Say how many tensors a K-quant cannot use (rows not a multiple of 256) and so fall back."""
+    q = quant_name(quant)
+    if "_K" not in q:
+        return None
+    h = read_gguf(src)
+    n = sum(1 for t in h.tensors if len(t.shape) >= 2 and t.shape[0] % 256)
+    if not n:
+        return None
+    return (f"{n} of {len(h.tensors)} tensors have rows that are not a multiple of 256, so llama.cpp "
+            f"stored them in a fallback type (Q5_0/Q8_0) instead of {q}'s K-quants")

@@ -69,7 +69,7 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
 
     cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
                "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
-    vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
+    vocab = overrides.pop("vocab_size", None) or json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
     kw = {**TINY, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
           **overrides}
     if arch == "MistralForCausalLM":
@@ -86,4 +86,26 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     for f in TOKENIZER_FILES:
         if (tokenizer_from / f).is_file():
             shutil.copy(tokenizer_from / f, out / f)
+    return out
+
+
+def spm_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
+    """A LLaMA-1/2-style SentencePiece tokenizer (BPE, byte fallback), trained in seconds."""
+    import sentencepiece as spm
+    from importlib import resources
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.txt"
+    lines = resources.files("localchat").joinpath("data/eval_chats.jsonl").read_text(encoding="utf-8")
+    corpus.write_text("\n".join(m["content"] for line in lines.splitlines()
+                                for m in json.loads(line)["messages"]) * 4, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    corpus.unlink()
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
     return out

@@ -249,3 +249,31 @@ def test_killed_conversion_leaves_nothing_at_the_final_path(real_hf: Path, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not final.exists()
+
+
+def test_sentencepiece_llama2_style_model(tmp_path: Path) -> None:
+    import llama_cpp
+    import sentencepiece as spm
+
+    from tests.checkpoints import spm_tokenizer
+
+    tok_dir = spm_tokenizer(tmp_path / "spm")
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    folder = tiny_model("LlamaForCausalLM", tmp_path / "llama2ish", tok_dir, vocab_size=sp.vocab_size())
+    shutil.copy(tok_dir / "tokenizer.model", folder / "tokenizer.model")
+    shutil.copy(tok_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    out = convert_to_gguf(load_checkpoint(folder), tmp_path / "l2.gguf", "f32", quiet=True).path
+    h = read_gguf(out)
+    assert h.metadata["tokenizer.ggml.model"] == "llama"
+    assert len(h.metadata["tokenizer.ggml.scores"]) == sp.vocab_size()
+    assert h.metadata["tokenizer.ggml.add_bos_token"] is True
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, logits_all=True, n_threads=2, verbose=False,
+                          vocab_only=False)
+    for text in ("Hello world", "The sea rolls in with silver light, 1969!", "  two  spaces", "émigré café"):
+        assert llm.tokenize(text.encode(), add_bos=True) == [sp.bos_id()] + sp.encode(text), text
+    ids = [sp.bos_id()] + sp.encode("Bring a pot of water to a gentle boil, then lower the egg in.")
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    ref = hf_logits(folder, ids)
+    assert np.abs(got - ref).max() < F32_ATOL and (got.argmax(-1) == ref.argmax(-1)).all()
