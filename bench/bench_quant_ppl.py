@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f16 = convert_to_gguf(load_checkpoint(hf), Path(tmp) / "f16.gguf", "f16", quiet=True).path
+        f16_size = f16.stat().st_size
         for q in args.types:
             t0 = time.perf_counter()
             out = quantize(f16, Path(tmp) / f"{q}.gguf", q)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl = rows[0][3].ppl_base
     print(f"\n{STARTER.name} as an F16 checkpoint; text: {args.text.name} ({rows[0][3].tokens_scored} tokens scored)")
     print(f"{'type':8s} {'size MB':>8s} {'ppl':>8s} {'vs F16':>8s} {'KLD':>8s} {'top-1':>6s}  goal")
-    print(f"{'F16':8s} {f16.stat().st_size / 1e6 if f16.exists() else 0:8.1f} {base_ppl:8.3f} {1:8.4f}")
+    print(f"{'F16':8s} {f16_size / 1e6:8.1f} {base_ppl:8.3f} {1:8.4f}")
     failed = False
     for q, size, _, r in rows:
         delta = (r.ppl / r.ppl_base - 1) * 100
