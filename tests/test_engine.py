@@ -71,7 +71,7 @@ def test_stop_string_ends_the_answer(starter_backend: LlamaCppBackend) -> None:
     s = session(starter_backend)
     stopped = s.ask("What is the capital of France?", SamplingSettings(temperature=0.0, repeat_penalty=1.0,
                                                                       max_tokens=48, stop=("Paris",)))
-    assert stopped == free[: free.index("Paris")].strip() or free.startswith(stopped)
+    assert stopped.rstrip() == free[: free.index("Paris")].rstrip()
     assert "Paris" not in stopped
     assert s.last_stats is not None and s.last_stats.finish_reason == "stop"
 
@@ -103,8 +103,6 @@ def test_conversation_longer_than_context_keeps_working(starter_gguf: Path) -> N
                            f"Please repeat fact number {i} back to me in your own words.", settings)
             assert answer.strip(), f"turn {i} got an empty answer"
             dropped.append(s.last_dropped)
-            prompt, _ = s.fit(s.messages, 0)
-            assert backend.count_tokens(prompt) <= 512 or s.last_dropped
         assert max(dropped) > 0, "the context overflowed, so old turns must have been dropped"
         assert s.messages[0] == {"role": "system", "content": STARTER.system}
         # what the model saw still starts with the system prompt

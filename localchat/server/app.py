@@ -15,6 +15,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import datetime
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
@@ -213,7 +214,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         entries = store.models()
         return {"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "localchat",
-             "created": int(time.mktime(time.strptime(entries[n].added[:19], "%Y-%m-%dT%H:%M:%S")))}
+             "created": int(datetime.fromisoformat(entries[n].added).timestamp())}
             for n in mgr().names()]}
 
     async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
