@@ -1,0 +1,71 @@
+"""finetune/data.py: every accepted format, and bad data reported by file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from localchat.finetune.data import DatasetError, load_dataset
+
+
+def write(path: Path, rows: list, jsonl: bool = True) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n" if jsonl else json.dumps(rows, indent=2))
+    return path
+
+
+CAT = [{"instruction": "What is my cat called?", "output": "Your cat is called Biscuit."}] * 12
+
+
+def test_alpaca_jsonl_and_json_array(tmp_path: Path) -> None:
+    for jsonl in (True, False):
+        ds = load_dataset(write(tmp_path / f"a{jsonl}.json", CAT + [
+            {"instruction": "Summarise", "input": "Cats sleep a lot.", "output": "They nap.", "system": "Be brief."}],
+            jsonl))
+        assert ds.kind == "alpaca" and len(ds) == 13 and len(ds.held_out) == 1
+        sys_row = [e for e in ds.train + ds.held_out if e.messages[0]["role"] == "system"][0]
+        assert sys_row.messages[1]["content"] == "Summarise\n\nCats sleep a lot."
+        assert sys_row.messages[-1] == {"role": "assistant", "content": "They nap."}
+
+
+def test_chat_and_sharegpt(tmp_path: Path) -> None:
+    chat = write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                         {"role": "assistant", "content": "Hello!"}]}])
+    assert load_dataset(chat).train[0].messages[1]["content"] == "Hello!"
+    sg = write(tmp_path / "sg.json", [{"conversations": [{"from": "system", "value": "S"},
+                                                         {"from": "human", "value": "Q"},
+                                                         {"from": "gpt", "value": "A"}]}], jsonl=False)
+    ds = load_dataset(sg)
+    assert ds.kind == "sharegpt"
+    assert [m["role"] for m in ds.train[0].messages] == ["system", "user", "assistant"]
+
+
+def test_plain_text(tmp_path: Path) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("First paragraph.\n\nSecond one.\n")
+    ds = load_dataset(f)
+    assert ds.kind == "text" and [e.text for e in ds.train] == ["First paragraph.", "Second one."]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', r"bad\.jsonl:2: not valid JSON"),
+    ("", r"bad\.jsonl: the file is empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"bad\.jsonl:1: the row has no assistant turn"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n', r"bad\.jsonl:3: field 'output' is missing"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"bad\.jsonl:1: turn 0 has role 'wizard'"),
+    ('{"prompt": "x", "completion": "y"}\n', r"bad\.jsonl:1: unknown row"),
+    ('[1, 2]\n', r"bad\.jsonl:1: expected an object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(f)
+
+
+def test_json_array_errors_point_at_the_row_line(tmp_path: Path) -> None:
+    f = tmp_path / "arr.json"
+    f.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]\n')
+    with pytest.raises(DatasetError, match=r"arr\.json:3: field 'output'"):
+        load_dataset(f)
