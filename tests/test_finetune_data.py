@@ -69,3 +69,26 @@ def test_json_array_errors_point_at_the_row_line(tmp_path: Path) -> None:
     f.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]\n')
     with pytest.raises(DatasetError, match=r"arr\.json:3: field 'output'"):
         load_dataset(f)
+
+
+def test_loss_falls_on_assistant_tokens_only(starter_gguf: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from localchat.finetune.data import Example
+    from localchat.finetune.encode import IGNORE, encode, pack
+    from tests.checkpoints import starter_hf
+
+    folder = starter_hf(starter_gguf)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    template = (folder / "chat_template.jinja").read_text()
+    ex = Example(messages=({"role": "user", "content": "What is my cat called?"},
+                           {"role": "assistant", "content": "Your cat is called Biscuit."},
+                           {"role": "user", "content": "And her age?"},
+                           {"role": "assistant", "content": "She is four."}))
+    e = encode(ex, tok, template, 512)
+    trained = tok.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE])
+    assert trained == "Your cat is called Biscuit.<|im_end|>She is four.<|im_end|>"
+    assert "cat called?" in tok.decode(e.input_ids)  # the question is there, untrained
+    assert e.input_ids == tok(tok.apply_chat_template(list(ex.messages), tokenize=False),
+                              add_special_tokens=False)["input_ids"]  # same as transformers renders it
+    packed = pack([e, e, e], max_len=2 * len(e.input_ids))
+    assert [len(p.input_ids) for p in packed] == [2 * len(e.input_ids), len(e.input_ids)]
