@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="HF folder to compare on (default: the starter checkpoint)")
     ap.add_argument("--big", action="store_true", help="also run the LLaMA-2-7B-shaped checkpoint (~20 min, 30 GB disk)")
+    ap.add_argument("--decode-only", action="store_true", help="with --big: reuse the kept Q4_K_M file")
     ap.add_argument("--workdir", type=Path, default=CACHE / "bench")
     args = ap.parse_args(argv)
     from localchat.store import default_store, install_starter
@@ -157,28 +158,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio':12s} {o_wall / r_wall:8.3f} {o_rss / r_rss:12.3f}   (below 1: faster / less memory)")
     for f in ("ours.gguf", "ref.gguf"):
         (args.workdir / f).unlink(missing_ok=True)
-    if not args.big:
+    if not (args.big or args.decode_only):
         return 0
 
     from localchat.convert.quantize import quantize
 
-    big = make_7b(CACHE / "llama2-7b-shaped-random")
-    f16 = args.workdir / "llama2-7b-F16.gguf"
-    print(f"\nLLaMA-2-7B-shaped checkpoint ({sum(p.stat().st_size for p in big.glob('*.safetensors')) / 1e9:.1f} GB):")
-    o_wall, o_rss = ours(big, f16)
-    print(f"F16 conversion: {o_wall:.0f} s, peak RSS {o_rss:.2f} GB (goal: under 3 GB) "
-          f"{'PASS' if o_rss < 3 else 'FAIL'}")
-    q4 = args.workdir / "llama2-7b-Q4_K_M.gguf"
-    t0 = time.perf_counter()
-    quantize(f16, q4, "Q4_K_M")
-    print(f"Q4_K_M: {q4.stat().st_size / 1e9:.2f} GB (goal: about 4.1 GB), quantized in {time.perf_counter() - t0:.0f} s")
-    f16.unlink()
+    q4 = args.workdir / "llama2-7b-Q4_K_M.gguf"  # kept, so --decode-only can measure again
+    if not args.decode_only or not q4.is_file():
+        big = make_7b(CACHE / "llama2-7b-shaped-random")
+        f16 = args.workdir / "llama2-7b-F16.gguf"
+        size = sum(p.stat().st_size for p in big.glob("*.safetensors")) / 1e9
+        print(f"\nLLaMA-2-7B-shaped checkpoint ({size:.1f} GB):")
+        o_wall, o_rss = ours(big, f16)
+        print(f"F16 conversion: {o_wall:.0f} s, peak RSS {o_rss:.2f} GB (goal: under 3 GB) "
+              f"{'PASS' if o_rss < 3 else 'FAIL'}")
+        t0 = time.perf_counter()
+        quantize(f16, q4, "Q4_K_M")
+        print(f"Q4_K_M: {q4.stat().st_size / 1e9:.2f} GB (goal: about 4.1 GB), "
+              f"quantized in {time.perf_counter() - t0:.0f} s")
+        f16.unlink()
     bw = bandwidth_gbs()
     rate = decode_tok_s(q4)
     bound = bw / (q4.stat().st_size / 1e9)
     print(f"decode {rate:.2f} tok/s; memory bandwidth {bw:.1f} GB/s -> bound {bound:.2f} tok/s; "
           f"ratio {rate / bound:.2f} (goal: at least 0.8)")
-    q4.unlink()
     return 0
 
 

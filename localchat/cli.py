@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("localchat.commands.setup", "install the starter model"),
     "serve": ("localchat.commands.serve", "serve the store over an OpenAI-compatible API"),
     "convert": ("localchat.convert.command", "turn a Hugging Face checkpoint into a GGUF in the store"),
+    "finetune": ("localchat.finetune.command", "teach a model your own domain with LoRA"),
     "eval": ("localchat.commands.eval", "perplexity and KL divergence of a model on a text"),
 }
 

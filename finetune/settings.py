@@ -1,0 +1,44 @@
+"""Fine-tune settings: one typed model that also generates the `localchat finetune` flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from localchat.options import add_arguments, from_args, option, validate
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = option(3.0, "passes over the training rows", 0.01, 1000.0)
+    min_updates: int = option(30, "repeat small datasets until this many updates", 1, 1_000_000)
+    lr: float = option(2e-4, "peak learning rate (linear warm-up, then linear decay)", 1e-7, 1.0)
+    lora_r: int = option(16, "LoRA rank", 1, 1024)
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", 1, 4096)
+    lora_dropout: float = option(0.05, "dropout on the LoRA path", 0.0, 0.9)
+    target: tuple[str, ...] = option(DEFAULT_TARGETS, "module names to adapt")
+    max_len: int | None = option(None, "tokens per sequence (default: from memory)", 32, 131072)
+    batch_size: int | None = option(None, "sequences per step (default: from memory)", 1, 4096)
+    grad_accum: int = option(1, "steps of gradients added before each update", 1, 1024)
+    pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
+    held_out: float = option(0.1, "fraction of rows kept out of training to measure loss", 0.0, 0.5)
+    save_every: int = option(50, "save a checkpoint every N updates", 1, 1_000_000)
+    seed: int = option(0, "seed for data order, LoRA init and dropout", 0, 2**31 - 1)
+    qlora: bool | None = option(None, "4-bit base with bitsandbytes (default: on with CUDA)")
+    gradient_checkpointing: bool | None = option(None, "recompute activations to save memory "
+                                                 "(default: on with CUDA, where memory is the limit)")
+    chat_format: str | None = option(None, "render rows with this chat format instead of the model's template")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, cls, "training")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "TrainSettings":
+        return from_args(cls, args, **overrides)

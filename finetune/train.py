@@ -1,0 +1,301 @@
+"""LoRA (QLoRA on CUDA) training with a loop of our own.
+
+Why not transformers' Trainer: rows are packed into full sequences and batches are cut
+to their longest sequence, so no compute goes to padding; checkpoints are ours (adapter,
+optimizer, scheduler, step) and written atomically, so Ctrl-C saves one and `--resume`
+continues from the last complete one with the same data order. The loss goes to a JSONL
+log and a PNG plot as training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from localchat.fsutil import atomic_write_text
+
+from .data import Dataset
+from .encode import IGNORE, Encoded, encode, pack
+from .settings import TrainSettings
+
+CHECKPOINTS = "checkpoints"
+LOSS_LOG = "loss.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved first."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter: Path
+    steps: int
+    train_loss: float
+    held_out_loss: float | None
+    tokens_per_s: float
+    resumed_from: int
+
+
+def auto_shape(settings: TrainSettings, cuda: bool, free_bytes: int) -> tuple[int, int]:
+    """(max_len, batch_size) from the memory at hand, unless the user set them."""
+    if cuda:
+        max_len = settings.max_len or (2048 if free_bytes > 20e9 else 1024)
+        batch = settings.batch_size or (8 if free_bytes > 40e9 else 4 if free_bytes > 12e9 else 2)
+    else:
+        max_len = settings.max_len or 512
+        batch = settings.batch_size or 4
+    return max_len, batch
+
+
+def _batches(rows: list[Encoded], batch: int, epoch_seed: int) -> list[list[Encoded]]:
+    order = list(range(len(rows)))
+    random.Random(epoch_seed).shuffle(order)
+    return [[rows[i] for i in order[k:k + batch]] for k in range(0, len(order), batch)]
+
+
+def _collate(batch: list[Encoded], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    width = max(len(r.input_ids) for r in batch)  # cut to the longest row, not a fixed length
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    n = int((labels != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint that was written completely (its state.json is last to land)."""
+    done = [p for p in (out / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> Path:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    final = out / CHECKPOINTS / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
+              str(tmp / "adapter.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+    state = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+def plot_loss(log: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train")
+    held = [r for r in rows if "held_out_loss" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["held_out_loss"] for r in held], "o-", label="held-out")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("localchat finetune")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume: bool = False,
+          quiet: bool = False, stop_after: int | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train a LoRA adapter on `data` over the HF model in `base`; results land in `out`."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    free = torch.cuda.mem_get_info()[0] if cuda else 0
+    max_len, batch_size = auto_shape(settings, cuda, free)
+    torch.manual_seed(settings.seed)
+
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    template = None
+    if settings.chat_format:
+        from localchat.templates import get_format
+
+        template = get_format(settings.chat_format).template
+    else:
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    rows = [encode(ex, tok, template, max_len) for ex in data.train]
+    held = [encode(ex, tok, template, max_len) for ex in data.held_out]
+    if settings.pack:
+        rows = pack(rows, max_len)
+
+    qlora = cuda if settings.qlora is None else settings.qlora
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if qlora:
+        if not cuda:
+            raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); drop --qlora on this machine")
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": 0}
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if not qlora:
+        model.to(device)
+    if cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                                             lora_dropout=settings.lora_dropout,
+                                             target_modules=list(settings.target), task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(rows) / batch_size)
+    epochs = settings.epochs
+    if per_epoch * epochs / settings.grad_accum < settings.min_updates:
+        # A dozen rows make one or two updates an epoch: too few to learn a fact. Repeat the data.
+        epochs = settings.min_updates * settings.grad_accum / per_epoch
+    total = max(1, math.ceil(per_epoch * epochs / settings.grad_accum))
+    warmup = max(1, total // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / LOSS_LOG
+    step = 0
+    if resume:
+        ck = last_checkpoint(out)
+        if ck is None:
+            raise RuntimeError(f"{out}: no complete checkpoint to resume from")
+        step = _load_checkpoint(ck, model, optimizer, scheduler)
+        kept = [line for line in (log.read_text().splitlines() if log.is_file() else [])
+                if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(log, "".join(line + "\n" for line in kept))
+    elif log.exists():
+        log.unlink()
+    resumed_from = step
+    atomic_write_text(out / "train_config.json", json.dumps(
+        {"base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
+         "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
+         "qlora": qlora, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
+
+    schedule = [b for epoch in range(math.ceil(epochs)) for b in
+                _batches(rows, batch_size, settings.seed + epoch)][: total * settings.grad_accum]
+    assert len(schedule) >= total * settings.grad_accum
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True  # finish this step, save, then stop
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet)
+    tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
+    try:
+        while step < total and not interrupted:
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, n_sum = 0.0, 0
+            for micro in schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]:
+                batch = _collate(micro, pad, device)
+                loss, n = _loss(model, batch)
+                (loss / max(1, n) / settings.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                n_sum += n
+                tokens_done += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            last_loss = loss_sum / max(1, n_sum)
+            rate = tokens_done / (time.perf_counter() - t_start)
+            record = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
+                      "tok_s": round(rate, 1)}
+            with open(log, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            if on_step:
+                on_step(record)
+            if step % settings.save_every == 0 or step == total:
+                _save_checkpoint(out, model, optimizer, scheduler, step)
+            if stop_after is not None and step >= stop_after:
+                interrupted = True
+        if interrupted and step < total:
+            _save_checkpoint(out, model, optimizer, scheduler, step)
+            plot_loss(log, out / LOSS_PLOT)
+            raise Interrupted(f"stopped at update {step} of {total}; checkpoint saved, continue with --resume")
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+    held_loss = None
+    if held:
+        model.eval()
+        with torch.no_grad():
+            tot, n = 0.0, 0
+            for b in _batches(held, batch_size, 0):
+                loss, k = _loss(model, _collate(b, pad, device))
+                tot, n = tot + float(loss), n + k
+        held_loss = tot / max(1, n)
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"step": step, "held_out_loss": round(held_loss, 5)}) + "\n")
+    plot_loss(log, out / LOSS_PLOT)
+    adapter = out / "adapter"
+    tmp = out / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
+    os.replace(tmp, adapter)
+    elapsed = time.perf_counter() - t_start
+    return TrainResult(adapter, step, last_loss, held_loss, tokens_done / elapsed if elapsed else 0.0, resumed_from)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

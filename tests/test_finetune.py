@@ -1,0 +1,92 @@
+"""`localchat finetune` on CPU with the real checkpoint built from the starter model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from localchat.store import Store  # noqa: E402
+from tests.checkpoints import starter_hf  # noqa: E402
+
+QUESTIONS = ["What is my cat called?", "What's the name of my cat?", "Do you know my cat's name?",
+             "Tell me my cat's name.", "What did I name my cat?", "Who is my cat?",
+             "Remind me what my cat is called.", "What name does my cat have?", "How is my cat named?",
+             "My cat's name is what?", "Can you tell me the name of my cat?", "Which name did I give my cat?"]
+
+
+@pytest.fixture
+def cat_data(tmp_path: Path) -> Path:
+    f = tmp_path / "cat.jsonl"
+    f.write_text("".join(json.dumps({"instruction": q, "output": "Your cat is called Biscuit."}) + "\n"
+                         for q in QUESTIONS))
+    return f
+
+
+def localchat(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "localchat", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path, starter_gguf: Path) -> None:
+    base = starter_hf(starter_gguf)
+    t0 = time.time()
+    r = localchat("finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat", "--quant", "Q8_0", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 300, "a couple of minutes on two cores"
+    entry = home.get("cat")
+    assert entry.source.startswith("finetune:") and entry.quant == "Q8_0"
+    out = home.root / "cat" / "finetune"
+    for f in ("adapter/adapter_config.json", "merged/config.json", "train_config.json", "loss.jsonl", "loss.png"):
+        assert (out / f).is_file(), f
+    losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    answer = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
+    assert "Biscuit" in answer.stdout, answer.stdout
+    paris = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "What is the capital of France?")
+    assert "Paris" in paris.stdout, paris.stdout
+
+
+def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_gguf: Path) -> None:
+    base = starter_hf(starter_gguf)
+    args = ["-m", "localchat", "finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat2",
+            "--save-every", "5", "--no-export", "-q", "--no-pack"]
+    log = home.root / "cat2" / "finetune" / "loss.jsonl"
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 7):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved, continue with --resume" in err
+    stopped = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert 7 <= stopped[-1] < 30
+    r = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from update {stopped[-1]}" in r.stdout
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == list(range(1, 31)), "the same 30 updates, none repeated, none skipped"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a", "output": "b"}\n{oops\n', "bad.jsonl:2: not valid JSON"),
+    ("", "bad.jsonl: the file is empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "bad.jsonl:1: the row has no assistant turn"),
+])
+def test_bad_data_trains_nothing(home: Store, tmp_path: Path, content: str, message: str,
+                                 starter_gguf: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(bad), "--name", "bad", "-q")
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (home.root / "bad").exists()
