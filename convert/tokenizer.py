@@ -69,6 +69,21 @@ def _pre_of(pre: dict[str, Any] | None, path: Path) -> str:
                          f"supported: {', '.join(SUPPORTED_PRE)}")
 
 
+def pre_tokenizer_config(pre: str) -> dict[str, Any]:
+    """The tokenizer.json pre_tokenizer that behaves like llama.cpp's `pre` (the inverse of _pre_of)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "gpt-2":
+        return byte_level
+    if pre == "smollm":
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    regex = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if regex is None:
+        raise TokenizerError(f"pre-tokenizer {pre!r} is not one we can rebuild; supported: {', '.join(SUPPORTED_PRE)}")
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {**byte_level, "use_regex": False}]}
+
+
 def _looks_special(token: str) -> bool:
     return token.startswith("<|") and token.endswith("|>")
 

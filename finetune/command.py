@@ -36,7 +36,7 @@ class FinetuneResult:
 
 
 def base_folder(spec: str, store: Store) -> Path:
-    """The Hugging Face checkpoint to train: a folder, or a store model pulled as safetensors."""
+    """The Hugging Face checkpoint to train: a folder, or a model in the store."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -47,9 +47,14 @@ def base_folder(spec: str, store: Store) -> Path:
         raise FinetuneError(f"{spec!r} is neither a folder nor a model in the store "
                             f"(have: {', '.join(entries) or 'none'})")
     entry = entries[spec]
+    if entry.format == "gguf":
+        # Only a GGUF here: dequantize it once into <store>/<name>/hf (float32 safetensors).
+        from localchat.convert.from_gguf import gguf_to_hf
+
+        return gguf_to_hf(store.path_of(entry.files[0].path), store.model_dir(spec) / "hf")
     if entry.format != "hf":
-        raise FinetuneError(f"{spec} has only {entry.format.upper()} weights; training needs its Hugging Face "
-                            "checkpoint (`localchat pull OWNER/REPO` fetches the safetensors)")
+        raise FinetuneError(f"{spec} has only {entry.format.upper()} weights; training needs a Hugging Face "
+                            "checkpoint or a GGUF (`localchat pull OWNER/REPO` fetches one)")
     return store.path_of(entry.files[0].path).parent
 
 
@@ -123,7 +128,8 @@ def command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localchat finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="an HF checkpoint folder, or a store model pulled as safetensors")
+    parser.add_argument("--base", required=True, help="an HF checkpoint folder or a model in the store "
+                                                      "(a GGUF-only one is dequantized once)")
     parser.add_argument("--data", required=True, help="Alpaca JSON/JSONL, chat JSONL, ShareGPT, or .txt")
     parser.add_argument("--name", help="name of the new model in the store")
     parser.add_argument("--quant", default="Q4_K_M", type=str.upper, help="GGUF quant type of the export")

@@ -1,7 +1,7 @@
 """Real Hugging Face checkpoints for tests, built from local files only (no hub at test time).
 
-`starter_hf()` turns the starter GGUF into a float32 safetensors checkpoint with
-transformers (~30 s, once per machine, cached). `tiny_model()` makes 2-layer random
+`starter_hf()` turns the starter GGUF into a float32 safetensors checkpoint
+(`localchat.convert.from_gguf`, ~30 s, once per machine, cached). `tiny_model()` makes 2-layer random
 models of any supported architecture that borrow its tokenizer.
 """
 
@@ -13,48 +13,14 @@ import shutil
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LOCALCHAT_TEST_CACHE", Path.home() / ".cache" / "localchat-tests"))
-STARTER_HF_VERSION = "1"  # bump to rebuild cached checkpoints after changing how they are made
-
-# SmolLM2's published tokenizer splits digits one by one before byte-level BPE; the
-# tokenizer transformers rebuilds from GGUF metadata drops that step, so put it back.
-SMOLLM_PRE_TOKENIZER = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ],
-}
+STARTER_HF_VERSION = "2"  # bump to rebuild cached checkpoints after changing how they are made
 
 
 def starter_hf(gguf_path: Path) -> Path:
     """The starter model as an HF checkpoint folder (config, safetensors, tokenizer)."""
-    out = CACHE / f"smollm2-135m-instruct-hf-v{STARTER_HF_VERSION}"
-    if (out / "model.safetensors").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from localchat.convert.from_gguf import gguf_to_hf
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    config = src.config
-    config.quantization_config = None
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(src.state_dict())
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tok.save_pretrained(tmp)
-    tj = tmp / "tokenizer.json"
-    data = json.loads(tj.read_text())
-    data["pre_tokenizer"] = SMOLLM_PRE_TOKENIZER
-    tj.write_text(json.dumps(data, ensure_ascii=False))
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return gguf_to_hf(gguf_path, CACHE / f"smollm2-135m-instruct-hf-v{STARTER_HF_VERSION}")
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
