@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,7 +73,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Store
     root = tmp_path_factory.mktemp("serve-home")
     target = root / STARTER.name / starter_gguf.name
     target.parent.mkdir(parents=True)
-    os.link(starter_gguf, target)
+    try:
+        os.link(starter_gguf, target)
+    except OSError:  # another filesystem: copy instead
+        shutil.copyfile(starter_gguf, target)
     s = Store(root)
     install_starter(s)
     return s
