@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from typing import Any
 
-from localchat.options import add_arguments, from_args, option, validate
+from localchat.options import Options, option
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Options):
+    option_group = "training"
     epochs: float = option(3.0, "passes over the training rows", 0.01, 1000.0)
     min_updates: int = option(30, "repeat small datasets until this many updates", 1, 1_000_000)
     lr: float = option(2e-4, "peak learning rate (linear warm-up, then linear decay)", 1e-7, 1.0)
@@ -32,13 +31,4 @@ class TrainSettings:
                                                  "(default: on with CUDA, where memory is the limit)")
     chat_format: str | None = option(None, "render rows with this chat format instead of the model's template")
 
-    def __post_init__(self) -> None:
-        validate(self)
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, cls, "training")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "TrainSettings":
-        return from_args(cls, args, **overrides)

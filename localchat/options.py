@@ -83,3 +83,20 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
             values[f.name] = tuple(v) if isinstance(v, list) else v
     values.update(overrides)
     return cls(**values)
+
+
+class Options:
+    """Base for settings dataclasses: bounds checked on creation, CLI flags generated."""
+
+    option_group = "options"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, cls, cls.option_group)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Any:
+        return from_args(cls, args, **overrides)

@@ -3,17 +3,16 @@ and the server cannot drift apart on names, defaults or bounds."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
-from typing import Any
 
-from ..options import add_arguments, from_args, option, validate
+from ..options import Options, option
 
 DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
+class SamplingSettings(Options):
+    option_group = "sampling"
     temperature: float = option(0.7, "sampling temperature; 0 is greedy", 0.0, 5.0, "--temp")
     top_p: float = option(0.95, "nucleus sampling: keep the smallest set of tokens with this mass", 0.0, 1.0)
     top_k: int = option(40, "sample from the k most likely tokens (0: all)", 0, 100_000)
@@ -25,16 +24,7 @@ class SamplingSettings:
     seed: int | None = option(None, "random seed, for answers you can reproduce", 0, 2**32 - 1)
     stop: tuple[str, ...] = option((), "extra stop string")
 
-    def __post_init__(self) -> None:
-        validate(self)
-
     def with_stops(self, extra: tuple[str, ...]) -> "SamplingSettings":
         return replace(self, stop=tuple(dict.fromkeys(self.stop + extra)))
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, cls, "sampling")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "SamplingSettings":
-        return from_args(cls, args, **overrides)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from typing import Any
 
-from ..options import add_arguments, from_args, option, validate
+from ..options import Options, option
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 8000
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(Options):
+    option_group = "server"
     host: str = option("127.0.0.1", "address to bind; anything but loopback needs --api-key")
     port: int = option(DEFAULT_PORT, "port to listen on", 0, 65535)
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health")
@@ -26,7 +25,7 @@ class ServerSettings:
     allowed_origin: tuple[str, ...] = option((), "extra browser Origin to accept, e.g. http://myapp.local")
 
     def __post_init__(self) -> None:
-        validate(self)
+        super().__post_init__()
         if self.host not in LOOPBACK_HOSTS and not self.api_key:
             raise ValueError(f"binding to {self.host} exposes the models to the network: "
                              "pass --api-key KEY (or bind 127.0.0.1)")
@@ -35,10 +34,4 @@ class ServerSettings:
     def loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, cls, "server")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "ServerSettings":
-        return from_args(cls, args, **overrides)
