@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from localchat.fsutil import atomic_path, check_disk
+from localchat.gguf_file import STOP_KEY
 from localchat.templates import get_format
 
 from .checkpoint import Checkpoint
@@ -25,7 +26,6 @@ from .gguf import converter_for
 from .tokenizer import load_vocab, write_vocab
 
 OUTTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
-STOP_KEY = "localchat.stop"  # extra stop strings that travel with an embedded template
 
 
 @dataclass
@@ -35,9 +35,9 @@ class ConvertResult:
     report: list[str]
 
 
-def _out_dtype(name: str, t: torch.Tensor, outtype: str) -> type:
+def _out_dtype(ndim: int, outtype: str) -> type:
     # Norms, biases and rope factors stay F32, as llama.cpp expects; matrices take the outtype.
-    return OUTTYPES[outtype][0] if t.ndim >= 2 else np.float32
+    return OUTTYPES[outtype][0] if ndim >= 2 else np.float32
 
 
 def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",
@@ -76,7 +76,7 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
         w.add_array(STOP_KEY, list(stops))
     total = 0
     for g, hf_name, shape in plan:
-        dtype = OUTTYPES[outtype][0] if len(shape) >= 2 else np.float32
+        dtype = _out_dtype(len(shape), outtype)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         total += nbytes
         w.add_tensor_info(g, shape, np.dtype(dtype), nbytes)
@@ -89,8 +89,7 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
         for g, hf_name, shape in plan:
             t = extras[g] if hf_name is None else conv.transform(g, ckpt.get(hf_name))
-            dtype = _out_dtype(g, t, outtype)
-            arr = t.to(torch.float32).numpy().astype(dtype, copy=False)
+            arr = t.to(torch.float32).numpy().astype(_out_dtype(len(shape), outtype), copy=False)
             if list(arr.shape) != list(shape):
                 raise ValueError(f"tensor {hf_name or g}: shape {list(arr.shape)} differs from its header {shape}")
             w.write_tensor_data(arr)

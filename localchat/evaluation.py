@@ -22,6 +22,7 @@ from .templates import DEFAULT_FORMAT, get_format, render_chat
 
 DEFAULT_CHUNK = 512
 MAX_TOKENS = 16_384
+MIN_TOKENS = 32  # below this a perplexity says nothing
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def chat_eval_text(gguf_path: str | Path) -> str:
 
 
 def _chunks(tokens: list[int], chunk: int) -> Iterator[list[int]]:
-    if len(tokens) < 2 * 16:
-        raise ValueError(f"the text has {len(tokens)} tokens; perplexity needs at least 32")
+    if len(tokens) < MIN_TOKENS:
+        raise ValueError(f"the text has {len(tokens)} tokens; perplexity needs at least {MIN_TOKENS}")
     if len(tokens) <= chunk:
         yield tokens
         return

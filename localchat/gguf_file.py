@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 GGUF_MAGIC = b"GGUF"
+STOP_KEY = "localchat.stop"  # stop strings that `localchat convert --template` writes with the template
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4
@@ -140,8 +141,8 @@ class GGUFHeader:
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        """Stop strings written by `localchat convert --template` (key `localchat.stop`)."""
-        value = self.metadata.get("localchat.stop")
+        """Stop strings written by `localchat convert --template` (STOP_KEY)."""
+        value = self.metadata.get(STOP_KEY)
         return tuple(v for v in value if isinstance(v, str) and v) if isinstance(value, list) else ()
 
     def token(self, key: str) -> str | None:

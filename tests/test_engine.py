@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import llama_cpp
 import pytest
 
 from localchat.artifacts import artifact_from_gguf
@@ -137,6 +136,3 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="max_tokens=0"):
         SamplingSettings(max_tokens=0)
 
-
-def test_llama_cpp_is_the_real_library() -> None:
-    assert llama_cpp.__version__ == "0.3.36"

@@ -67,9 +67,8 @@ class ChatSession:
         """Tokens kept free for the answer."""
         return min(settings.max_tokens, self.backend.n_ctx // 2)
 
-    def fit(self, messages: list[Message], reserve: int, drop_old: bool = True) -> tuple[str, int]:
-        """Render `messages`, dropping the oldest turns until the prompt and `reserve` fit
-        (or, with drop_old=False, raising ContextOverflow as an API must)."""
+    def fit(self, messages: list[Message], reserve: int) -> tuple[str, int]:
+        """Render `messages`, dropping the oldest turns until the prompt and `reserve` fit."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
         dropped = 0
@@ -78,22 +77,20 @@ class ChatSession:
             used = self.backend.count_tokens(prompt)
             if used + reserve <= self.backend.n_ctx:
                 return prompt, dropped
-            if len(turns) <= 1 or not drop_old:
-                what = "the message takes" if drop_old else "the conversation takes"
+            if len(turns) <= 1:
                 raise ContextOverflow(
-                    f"{what} {used} tokens with the system prompt; the context holds "
+                    f"the message takes {used} tokens with the system prompt; the context holds "
                     f"{self.backend.n_ctx}, with {reserve} kept for the answer")
             # Drop the oldest turn: a user message and the assistant reply that followed it.
             cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
             turns, dropped = turns[cut:], dropped + cut
 
     def stream_reply(self, messages: list[Message], settings: SamplingSettings | None = None,
-                     cancel: threading.Event | None = None, drop_old: bool = True) -> Iterator[Chunk]:
+                     cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Answer the conversation `messages` (not stored); sets last_stats and last_dropped."""
         validate_messages(messages)
         s = (settings or self.settings).with_stops(self.template.stop)
-        reserve = self.reserve_for(s) if drop_old else 1
-        prompt, self.last_dropped = self.fit(messages, reserve, drop_old)
+        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s))
         for chunk in self.backend.stream(prompt, s, cancel):
             if chunk.stats:
                 self.last_stats = chunk.stats

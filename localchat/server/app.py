@@ -28,7 +28,7 @@ from ..chat.session import ChatSession
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats
 from ..engine.settings import SamplingSettings
 from ..store import Store, default_store
-from .models import ModelManager, ServerError, Ticket
+from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket
 from .schemas import ChatRequest, CompletionRequest
 from .settings import LOOPBACK_HOSTS, ServerSettings
 
@@ -211,11 +211,10 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        entries = store.models()
         return {"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "localchat",
-             "created": int(datetime.fromisoformat(entries[n].added).timestamp())}
-            for n in mgr().names()]}
+             "created": int(datetime.fromisoformat(e.added).timestamp())}
+            for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
     async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
                       ) -> tuple[Ticket, str, SamplingSettings]:

@@ -23,6 +23,9 @@ from ..store.resolve import resolve_model
 from .settings import ServerSettings
 
 
+RUNNABLE_FORMATS = ("gguf", "gptq")  # store formats a backend can serve ("hf" needs converting first)
+
+
 class ServerError(Exception):
     """An error with an HTTP status and OpenAI's error fields."""
 
@@ -74,7 +77,7 @@ class ModelManager:
         self.budget = host_budget(report())  # RAM for models, measured before any is loaded
 
     def names(self) -> list[str]:
-        return [n for n, e in self.store.models().items() if e.format in ("gguf", "gptq")]
+        return [n for n, e in self.store.models().items() if e.format in RUNNABLE_FORMATS]
 
     async def ticket(self, name: str) -> Ticket:
         """Load `name` if needed and take a place in its queue, or raise ServerError."""
