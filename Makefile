@@ -14,7 +14,10 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 endif
 
-.PHONY: setup chat ui test bench doctor clean
+# Browser tests drive Debian's chromium with Playwright (never Playwright's own download).
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup chat ui test bench doctor screenshots clean
 
 # The core (llama.cpp, no torch) is all `make chat` needs; `make test` adds the dev extras.
 $(CORE): pyproject.toml
@@ -28,6 +31,12 @@ $(DEV): $(CORE)
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
+# Installed as root where apt exists (CI, this machine); elsewhere the browser tests skip and say why.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); \
+	else echo "note: no $(CHROMIUM) and no root apt-get: the browser tests will be skipped"; fi
+
 setup: $(CORE)
 	$(BIN)/localchat setup
 
@@ -40,8 +49,12 @@ ui: setup
 doctor: setup
 	$(BIN)/localchat doctor
 
-test: $(DEV) setup
+test: $(DEV) $(CHROMIUM) setup
 	$(BIN)/python -m pytest -q tests
+
+# Re-take the screenshots of each tab in docs/ (the README links them).
+screenshots: $(DEV) $(CHROMIUM) setup
+	LOCALCHAT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py
 
 bench: $(DEV) setup
 	$(BIN)/python bench/bench_runtime.py

@@ -34,3 +34,25 @@ def test_planner_is_pure_code() -> None:
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert imported <= {"__future__", "dataclasses", "artifacts", "hardware.report"}, imported
+
+
+def test_ui_builds_without_torch(home: Store) -> None:
+    """The app (all three tabs) starts without torch: a Mac user chatting on GGUF needs none."""
+    code = (
+        "import sys\n"
+        "from localchat.store import default_store\n"
+        "from localchat.ui.app import build_app\n"
+        "from localchat.ui.context import AppContext\n"
+        "from localchat.ui.finetune_tab import check_dataset\n"
+        "build_app(AppContext(default_store()))\n"
+        "check_dataset(sys.argv[1])\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers', "
+        "'localchat.convert'))]\n"
+        "assert not bad, bad\n"
+        "print('clean')\n"
+    )
+    data = home.root / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    r = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("clean")

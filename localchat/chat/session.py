@@ -86,12 +86,22 @@ class ChatSession:
             turns, dropped = turns[cut:], dropped + cut
 
     def stream_reply(self, messages: list[Message], settings: SamplingSettings | None = None,
-                     cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Answer the conversation `messages` (not stored); sets last_stats and last_dropped."""
+                     cancel: threading.Event | None = None, continue_last: bool = False) -> Iterator[Chunk]:
+        """Answer the conversation `messages` (not stored); sets last_stats and last_dropped.
+
+        With `continue_last`, the last message is an unfinished assistant answer and the
+        model carries on from its last word instead of starting a new turn.
+        """
         validate_messages(messages)
         s = (settings or self.settings).with_stops(self.template.stop)
-        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s))
-        for chunk in self.backend.stream(prompt, s, cancel):
+        partial = ""
+        if continue_last:
+            if not messages or messages[-1]["role"] != "assistant":
+                raise ValueError("there is no answer to continue: the last message is not the assistant's")
+            messages, partial = messages[:-1], messages[-1]["content"]
+        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s) + self.backend.count_tokens(partial))
+        prompt += partial
+        for chunk in self.backend.stream(prompt, s, cancel, lstrip=not continue_last):
             if chunk.stats:
                 self.last_stats = chunk.stats
             yield chunk

@@ -9,7 +9,7 @@ from ..fsutil import human
 from ..store import ModelEntry, default_store
 
 
-def _eval_text(e: ModelEntry) -> str:
+def eval_text(e: ModelEntry) -> str:
     parts = []
     if "ppl" in e.eval:
         parts.append(f"ppl {e.eval['ppl']:.2f}")
@@ -20,7 +20,7 @@ def _eval_text(e: ModelEntry) -> str:
 
 def format_table(entries: list[ModelEntry]) -> str:
     rows = [("NAME", "FORMAT", "QUANT", "SIZE", "EVAL", "SOURCE")]
-    rows += [(e.name, e.format, e.quant, human(e.size), _eval_text(e), e.source) for e in entries]
+    rows += [(e.name, e.format, e.quant, human(e.size), eval_text(e), e.source) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -69,9 +69,13 @@ class Backend(ABC):
         """Tokens `text` takes as a prompt (special tokens parsed)."""
 
     @abstractmethod
-    def stream(self, prompt: str, settings: SamplingSettings,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Generate from `prompt`, yielding text as it comes; the last chunk carries stats."""
+    def stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None = None,
+               lstrip: bool = True) -> Iterator[Chunk]:
+        """Generate from `prompt`, yielding text as it comes; the last chunk carries stats.
+
+        `lstrip` drops the whitespace a new answer starts with; continuing a cut-off answer
+        keeps it, or "sails" + " of" would print as "sailsof".
+        """
 
     def complete(self, prompt: str, settings: SamplingSettings) -> tuple[str, GenerationStats]:
         parts, stats = [], None

@@ -66,13 +66,13 @@ class LlamaCppBackend(Backend):
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
 
-    def stream(self, prompt: str, settings: SamplingSettings,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+    def stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None = None,
+               lstrip: bool = True) -> Iterator[Chunk]:
         with self._busy:
-            yield from self._stream(prompt, settings, cancel)
+            yield from self._stream(prompt, settings, cancel, lstrip)
 
-    def _stream(self, prompt: str, settings: SamplingSettings,
-                cancel: threading.Event | None) -> Iterator[Chunk]:
+    def _stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None,
+                lstrip: bool = True) -> Iterator[Chunk]:
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
@@ -107,7 +107,7 @@ class LlamaCppBackend(Backend):
                     break
                 n += 1
                 text = stops.feed(decoder.decode(self._piece(token)))
-                if not started:  # answers start at their first visible character
+                if not started and lstrip:  # answers start at their first visible character
                     text = text.lstrip()
                     started = bool(text)
                 if text:
@@ -126,7 +126,7 @@ class LlamaCppBackend(Backend):
         stats = GenerationStats(prompt_tokens=len(tokens), cached_tokens=min(cached, len(tokens) - 1),
                                 completion_tokens=n, ttft_s=t_first - t0, decode_s=t_last - t_first,
                                 finish_reason=finish)
-        yield Chunk(tail.lstrip() if not started else tail, stats)
+        yield Chunk(tail.lstrip() if not started and lstrip else tail, stats)
 
     def close(self) -> None:
         self.llm.close()

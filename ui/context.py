@@ -1,0 +1,58 @@
+"""What every tab of the app shares: the store, saved chats, the loaded model, the job runner."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from localchat.hardware import HardwareReport, probe
+from localchat.planner import Overrides
+from localchat.runtime import plan_model
+from localchat.store import Store
+from localchat.store.chats import ChatHistory
+
+from .jobs import JobRunner
+from .model_slot import ModelSlot
+
+RUNNABLE = ("gguf", "gptq")
+
+
+@dataclass
+class AppContext:
+    store: Store
+    overrides: Overrides = field(default_factory=Overrides)
+
+    def __post_init__(self) -> None:
+        self.history = ChatHistory(self.store.root / "chats")
+        self.slot = ModelSlot(self.store, self.overrides)
+        self.jobs = JobRunner({"LOCALCHAT_HOME": str(self.store.root)})
+        self.cancels: dict[str, threading.Event] = {}  # per browser session: what Stop sets
+
+    @cached_property
+    def report(self) -> HardwareReport:
+        return probe()  # probed once; the Models tab's refresh probes again
+
+    def reprobe(self) -> None:
+        self.__dict__.pop("report", None)
+
+    def chat_models(self) -> list[str]:
+        return [n for n, e in self.store.models().items() if e.format in RUNNABLE]
+
+    def plan_text(self, name: str) -> str:
+        """The plan in words, or why the model cannot run here."""
+        try:
+            _, p = plan_model(name, self.overrides, self.store, self.report)
+        except Exception as exc:  # shown to the user, not raised
+            return f"cannot run {name} here: {exc}"
+        return f"store:   {name}\n{p.describe()}"
+
+    def backend_for(self, name: str) -> str:
+        try:
+            _, p = plan_model(name, self.overrides, self.store, self.report)
+        except Exception as exc:
+            return f"cannot run: {str(exc)[:80]}"
+        return p.backend
+
+    def close(self) -> None:
+        self.slot.close()

@@ -1,0 +1,131 @@
+"""The Fine-tune tab: a dataset (uploaded and checked line by line, or made from saved
+chats), a base model, then `localchat finetune` as a job with live progress and loss plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from localchat.store import UnsafeNameError, check_name
+from localchat.store.chats import ChatError, write_dataset
+
+from . import job_panel
+from .context import AppContext
+
+DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
+
+
+def _dataset_dir(ctx: AppContext) -> Path:
+    return ctx.store.root / DATASETS
+
+
+def check_dataset(path: str | Path) -> str:
+    """'N rows OK' or the first bad line, as `localchat finetune` would report it."""
+    from localchat.finetune.data import DatasetError, load_dataset
+
+    try:
+        ds = load_dataset(path)
+    except DatasetError as exc:
+        return f"Error: {exc}"
+    return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
+
+
+def loss_frame(ctx: AppContext, name: str) -> pd.DataFrame:
+    log = ctx.store.root / name / "finetune" / "loss.jsonl" if name else None
+    rows = []
+    if log is not None and log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line being written right now
+            if "loss" in r:
+                rows.append({"update": r["step"], "loss": r["loss"], "series": "train"})
+            elif "held_out_loss" in r:
+                rows.append({"update": r["step"], "loss": r["held_out_loss"], "series": "held out"})
+    return pd.DataFrame(rows, columns=["update", "loss", "series"])
+
+
+def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox, gr.Dropdown, gr.CheckboxGroup]:
+    gr.Markdown("Teach a model your own domain with LoRA (`localchat finetune`). The result is a new "
+                "model in the store, ready in the Chat tab.")
+    dataset_path = gr.State("")
+    with gr.Row():
+        with gr.Column():
+            upload = gr.File(label="Dataset: Alpaca JSON/JSONL, chat JSONL, ShareGPT or .txt",
+                             file_types=[".json", ".jsonl", ".txt", ".md"], elem_id="dataset-file")
+            gr.Markdown("…or make one from saved chats:")
+            chats = gr.CheckboxGroup(choices=[], label="Saved chats", elem_id="dataset-chats")
+            from_chats = gr.Button("Use the picked chats", size="sm", elem_id="dataset-from-chats")
+            check = gr.Markdown(elem_id="dataset-check")
+        with gr.Column():
+            base = gr.Dropdown(choices=list(ctx.store.models()), label="Base model",
+                               value=next(iter(ctx.chat_models()), None), elem_id="finetune-base")
+            name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
+            epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs")
+            lr = gr.Number(value=2e-4, label="Learning rate")
+            rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
+            start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
+    panel = job_panel.build("finetune")
+    plot = gr.LinePlot(loss_frame(ctx, ""), x="update", y="loss", color="series", title="Loss",
+                       elem_id="loss-plot", height=260)
+
+    def on_upload(path: str | None) -> tuple:
+        if not path:
+            return "", ""
+        src = Path(path)
+        safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.name).lstrip(".-")
+        target = _dataset_dir(ctx) / check_name(safe, "dataset file name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        verdict = check_dataset(target)
+        return (str(target) if verdict.startswith("OK") else ""), verdict
+
+    def on_upload_safe(path: str | None) -> tuple:
+        try:
+            return on_upload(path)
+        except (UnsafeNameError, OSError) as exc:
+            return "", f"Error: {exc}"
+
+    upload.upload(on_upload_safe, [upload], [dataset_path, check])
+
+    def use_chats(ids: list[str]) -> tuple:
+        if not ids:
+            return "", "Error: pick at least one saved chat"
+        out = _dataset_dir(ctx) / f"chats-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+        try:
+            write_dataset(ctx.history, ids, out)
+        except ChatError as exc:
+            return "", f"Error: {exc}"
+        verdict = check_dataset(out)
+        return (str(out) if verdict.startswith("OK") else ""), verdict
+
+    from_chats.click(use_chats, [chats], [dataset_path, check])
+
+    def do_start(data: str, b: str | None, n: str, ep: float, rate: float, r: float) -> tuple:
+        if not data:
+            return "Error: choose a dataset that passes the check first", gr.skip()
+        if not b:
+            return "Error: pick a base model", gr.skip()
+        try:
+            n = check_name(n.strip() or f"{b}-{Path(data).stem}"[:100])
+        except UnsafeNameError as exc:
+            return f"Error: {exc}", gr.skip()
+        if n in ctx.store.models():
+            return f"Error: the store already has a model named {n!r}; choose another name", gr.skip()
+        args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
+                "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)]
+        try:
+            ctx.jobs.start(f"fine-tune {n}", args)
+        except RuntimeError as exc:
+            return f"Error: {exc}", gr.skip()
+        return f"started fine-tune of {b} into {n}", n
+
+    start.click(do_start, [dataset_path, base, name, epochs, lr, rank], [check, name])
+    panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
+    return panel, plot, name, base, chats

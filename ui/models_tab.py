@@ -1,0 +1,129 @@
+"""The Models tab: the store as a table (with the backend each model would use here), and
+pull, import, convert/quantize and delete, each run as a job with a progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from localchat.commands.list import eval_text
+from localchat.fsutil import human
+from localchat.store import UnsafeNameError, check_name, check_relative
+from localchat.store.names import check_repo_id
+from localchat.store.importer import default_import_name
+
+from . import job_panel
+from .context import AppContext
+
+HEADERS = ["name", "format", "quant", "size", "backend here", "eval", "source"]
+QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "F16"]
+
+
+def table(ctx: AppContext) -> list[list[str]]:
+    rows = []
+    for e in ctx.store.models().values():
+        backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq") else "convert it first"
+        rows.append([e.name, e.format, e.quant, human(e.size), backend, eval_text(e), e.source])
+    return rows
+
+
+def hf_models(ctx: AppContext) -> list[str]:
+    return [n for n, e in ctx.store.models().items() if e.format == "hf"]
+
+
+def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dropdown]]:
+    gr.Markdown("Models in the store (`localchat list`). *backend here* is what the planner would "
+                "choose on this machine.")
+    models_df = gr.Dataframe(value=table(ctx), headers=HEADERS, interactive=False, elem_id="models-table",
+                             wrap=True)
+    refresh = gr.Button("Refresh (probes the hardware again)", size="sm", elem_id="models-refresh")
+    panel = job_panel.build("models")
+    with gr.Tabs():
+        with gr.Tab("Pull"):
+            repo = gr.Textbox(label="Hugging Face repo (OWNER/NAME)", elem_id="pull-repo")
+            pfile = gr.Textbox(label="File in the repo (optional: its GGUF, preferring Q4_K_M)")
+            pname = gr.Textbox(label="Name in the store (optional)")
+            pull_btn = gr.Button("Pull", variant="primary", elem_id="pull")
+        with gr.Tab("Import GGUF"):
+            upload = gr.File(label="A .gguf file", file_types=[".gguf"], elem_id="import-file")
+            iname = gr.Textbox(label="Name in the store (optional)", elem_id="import-name")
+            import_btn = gr.Button("Import", variant="primary", elem_id="import")
+        with gr.Tab("Convert / quantize"):
+            src = gr.Dropdown(choices=hf_models(ctx), label="Hugging Face checkpoint in the store",
+                              elem_id="convert-source")
+            to = gr.Radio(["gguf", "gptq"], value="gguf", label="Output format")
+            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type")
+            cname = gr.Textbox(label="Name of the result (optional)")
+            convert_btn = gr.Button("Convert", variant="primary", elem_id="convert")
+        with gr.Tab("Delete"):
+            victim = gr.Dropdown(choices=list(ctx.store.models()), label="Model", elem_id="delete-model")
+            sure = gr.Checkbox(label="Yes, delete its files")
+            delete_btn = gr.Button("Delete", variant="stop", elem_id="delete-model-btn")
+    note = gr.Markdown(elem_id="models-note")
+
+    def start(title: str, args: list[str]) -> str:
+        try:
+            ctx.jobs.start(title, args)
+        except RuntimeError as exc:
+            return f"Error: {exc}"
+        return f"started: {title}"
+
+    def do_pull(r: str, f: str, n: str) -> str:
+        try:
+            args = ["pull", check_repo_id(r.strip()), "-q"]
+            if f.strip():
+                args.insert(2, check_relative(f.strip()))
+            if n.strip():
+                args += ["--name", check_name(n.strip())]
+        except UnsafeNameError as exc:
+            return f"Error: {exc}"
+        return start(f"pull {r.strip()}", args)
+
+    def do_import(path: str | None, n: str) -> str:
+        if not path:
+            return "Error: choose a .gguf file first"
+        try:
+            name = check_name(n.strip() or default_import_name(Path(path).name))
+        except UnsafeNameError as exc:
+            return f"Error: {exc}"
+        return start(f"import {Path(path).name}", ["import", path, "--name", name])
+
+    def do_convert(source: str | None, fmt: str, q: str, n: str) -> str:
+        if not source:
+            return "Error: pick a checkpoint (pull one, or fine-tune one, first)"
+        try:
+            args = ["convert", str(ctx.store.model_dir(source)), "--to", fmt, "-q"]
+            if fmt == "gguf":
+                args += ["--quant", q]
+            if n.strip():
+                args += ["--name", check_name(n.strip())]
+        except UnsafeNameError as exc:
+            return f"Error: {exc}"
+        return start(f"convert {source} to {fmt if fmt == 'gptq' else q}", args)
+
+    def do_delete(name: str | None, ok: bool) -> tuple:
+        if not name:
+            return "Error: pick a model", gr.skip(), gr.skip()
+        if not ok:
+            return "tick “Yes, delete its files” first", gr.skip(), gr.skip()
+        try:
+            ctx.store.remove(check_name(name))
+            if ctx.slot.name == name:
+                ctx.slot.close_model()
+        except Exception as exc:
+            return f"Error: {exc}", gr.skip(), gr.skip()
+        return f"deleted {name}", table(ctx), gr.update(choices=list(ctx.store.models()), value=None)
+
+    pull_btn.click(do_pull, [repo, pfile, pname], [note])
+    import_btn.click(do_import, [upload, iname], [note])
+    convert_btn.click(do_convert, [src, to, quant, cname], [note])
+    delete_btn.click(do_delete, [victim, sure], [note, models_df, victim])
+    panel.stop.click(lambda: ctx.jobs.stop(), None, [note])
+
+    def do_refresh() -> tuple:
+        ctx.reprobe()
+        return table(ctx), gr.update(choices=hf_models(ctx)), gr.update(choices=list(ctx.store.models()))
+
+    refresh.click(do_refresh, None, [models_df, src, victim])
+    return panel, models_df, [src, victim]
