@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +94,63 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     return ExportResult(entry, report, smoke)
 
 
+def smoke_chat_model(spec: str, system: str | None = None) -> str:
+    """One greedy answer through the runtime, as `localchat chat` would give it."""
+    from localchat.chat import ChatSession
+    from localchat.engine import SamplingSettings
+    from localchat.planner import Overrides
+    from localchat.runtime import open_model
+
+    loaded = open_model(spec, Overrides(context=1024))
+    try:
+        return ChatSession(loaded.backend, system=system).ask(SMOKE_PROMPT,
+                                                              SamplingSettings(temperature=0.0, max_tokens=48))
+    finally:
+        loaded.backend.close()
+
+
+def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, group_size: int = 128,
+                calibration: str | Path | None = None, base: str | Path | None = None,
+                store: Store | None = None, check: bool = True, quiet: bool = False) -> ExportResult:
+    """Quantize to GPTQ into `<store>/<name>/`, check it against the source, register it."""
+    from localchat.evaluation import chat_eval_text, evaluate
+
+    from .gptq import quantize_gptq
+
+    store = store or default_store()
+    name = check_name(name or f"{_name_from(Path(source))}-gptq")
+    folder = store.model_dir(name)
+    r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet)
+    report, figures, smoke = r.report, {}, ""
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    entry = ModelEntry(name=name, format="gptq", quant=r.quant,
+                       files=[ModelFile(str(folder.relative_to(store.root)), size, "")],
+                       source=f"convert:{Path(source).resolve().name}",
+                       sha256=sha256_file(folder / "model.safetensors") if (folder / "model.safetensors").is_file()
+                       else "")
+    store.add(entry)
+    if check:
+        text = chat_eval_text(folder)
+        # KL divergence needs the source as transformers reads it: a plain HF folder.
+        ev = evaluate(folder, text, base=Path(source) if r.plain_source else None)
+        figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
+        report.append(f"check: {ev.summary()}")
+        smoke = smoke_chat_model(name)
+        report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
+        store.update_eval(name, figures)
+    return ExportResult(store.get(name), report, smoke)
+
+
 def convert(args: argparse.Namespace) -> int:
     if args.to == "gptq":
-        print("localchat convert --to gptq is not available yet (see the GPTQ issue)", file=sys.stderr)
-        return 2
+        r = export_gptq(args.path, args.name, args.bits, args.group_size, args.calibration, args.base,
+                        check=not args.no_check, quiet=args.quiet)
+        for line in r.report:
+            print(f"- {line}")
+        e = r.entry
+        print(f"{e.name}: {e.quant}, {human(e.size)} -> `localchat chat --model {e.name}` "
+              "(fast on a CUDA GPU; slow on the CPU, where a GGUF of the same model is the better choice)")
+        return 0
     r = export_gguf(args.path, args.quant, args.name, args.template, args.base, keep_f16=args.keep_f16,
                     check=not args.no_check, quiet=args.quiet)
     for line in r.report:
@@ -118,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", help="embed this chat format (for models without a template)")
     parser.add_argument("--base", help="base model folder for a PEFT adapter")
     parser.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF in the store too")
+    gptq = parser.add_argument_group("gptq (--to gptq)")
+    gptq.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
+    gptq.add_argument("--group-size", type=int, default=128, choices=(128, 64, 32, 16),
+                      help="weights sharing one scale (default: 128; smaller if it does not divide the layers)")
+    gptq.add_argument("--calibration", help="calibration data: chat JSONL, Alpaca, ShareGPT or .txt "
+                                            "(default: conversations and prose shipped with localchat)")
     parser.add_argument("--no-check", action="store_true", help="skip the perplexity/KL check and smoke chat")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -46,16 +46,24 @@ class EvalResult:
         return s
 
 
-def chat_eval_text(gguf_path: str | Path) -> str:
-    """The shipped evaluation conversations, rendered with this model's own chat template."""
-    h = read_gguf(gguf_path)
-    source = h.chat_template or get_format(DEFAULT_FORMAT).template
+def chat_eval_text(model_path: str | Path) -> str:
+    """The shipped evaluation conversations, rendered with this model's own chat template
+    (a GGUF file's, or an HF / GPTQ folder's tokenizer's)."""
+    if Path(model_path).is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
+        template, bos, eos = tok.chat_template, tok.bos_token or "", tok.eos_token or ""
+    else:
+        h = read_gguf(model_path)
+        template, bos, eos = h.chat_template, h.token("bos") or "", h.token("eos") or ""
+    source = template or get_format(DEFAULT_FORMAT).template
     lines = resources.files("localchat").joinpath("data/eval_chats.jsonl").read_text(encoding="utf-8")
     parts = []
     for line in lines.splitlines():
         msgs = json.loads(line)["messages"]
-        parts.append(render_chat(source, msgs, bos_token=h.token("bos") or "", eos_token=h.token("eos") or "",
-                                 add_generation_prompt=False, origin=f"chat template of {gguf_path}"))
+        parts.append(render_chat(source, msgs, bos_token=bos, eos_token=eos,
+                                 add_generation_prompt=False, origin=f"chat template of {model_path}"))
     return "".join(parts)
 
 
@@ -74,8 +82,42 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def torch_token_logprobs(model: Any, tok: Any, text: str, chunk: int
+                         ) -> tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]:
+    """As `_token_logprobs`, for a transformers model in memory (HF, GPTQ, or a baseline)."""
+    import torch
+
+    tokens = tok(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+    device = next(model.parameters()).device
+
+    def run() -> Iterator[tuple[list[int], np.ndarray]]:
+        for seq in _chunks(tokens, chunk):
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([seq], device=device)).logits[0].float()
+            first = len(seq) // 2
+            lp = torch.log_softmax(logits[first:len(seq) - 1], dim=-1).cpu().numpy()
+            yield seq[first + 1:], lp
+
+    return tokens, run()
+
+
+def _folder_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
+                     ) -> tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]:
+    """A GPTQ or HF folder through torch (the only way to score GPTQ; HF is its reference)."""
+    import torch
+
+    from .engine.gptq import load_model
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    model, tok = load_model(path, "cuda" if torch.cuda.is_available() else "cpu")
+    return torch_token_logprobs(model, tok, text, chunk)
+
+
 def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
                     ) -> tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]:
+    if Path(path).is_dir():
+        return _folder_logprobs(path, text, chunk, threads)
     import llama_cpp
 
     read_gguf(path)
@@ -99,19 +141,32 @@ def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
 
 def evaluate(model: str | Path, text: str, base: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
              threads: int | None = None) -> EvalResult:
-    """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement."""
+    """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement.
+
+    Each is a GGUF file (scored by llama.cpp) or an HF / GPTQ folder (scored by torch); for
+    KL divergence both must share a tokenizer.
+    """
+    return evaluate_runs(lambda: _token_logprobs(model, text, chunk, threads),
+                         (lambda: _token_logprobs(base, text, chunk, threads)) if base is not None else None)
+
+
+def evaluate_runs(model_run: Callable[[], tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]],
+                  base_run: Callable[[], tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]] | None = None
+                  ) -> EvalResult:
+    """`evaluate` over any two scorers (the benchmark passes in-memory baselines)."""
+    base = base_run
     nll: list[float] = []
     base_nll: list[float] = []
     kls: list[np.ndarray] = []
     agree = total = 0
     ref_chunks: list[tuple[np.ndarray, np.ndarray]] = []
     if base is not None:
-        _, ref = _token_logprobs(base, text, chunk, threads)
+        _, ref = base_run()
         for targets, lp in ref:  # kept compactly: float16 log-probs of the scored positions
             idx = np.arange(len(targets))
             base_nll += list(-lp[idx, targets])
             ref_chunks.append((lp.astype(np.float16), lp.argmax(axis=-1)))
-    tokens, run = _token_logprobs(model, text, chunk, threads)
+    tokens, run = model_run()
     for i, (targets, lp) in enumerate(run):
         idx = np.arange(len(targets))
         nll += list(-lp[idx, targets])

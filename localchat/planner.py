@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from .artifacts import Artifact
 from .hardware.report import GIB, HardwareReport, NvidiaGpu
 
-BACKENDS = ("gptq-cuda", "llamacpp-cuda", "llamacpp-metal", "llamacpp-cpu")
+BACKENDS = ("gptq-cuda", "llamacpp-cuda", "llamacpp-metal", "llamacpp-cpu", "gptq-cpu")
+ON_CPU = ("llamacpp-cpu", "gptq-cpu")
 DEFAULT_CONTEXT = 4096
 MIN_CONTEXT = 512
 DEFAULT_BATCH = 512
@@ -29,6 +30,8 @@ COMPUTE_BASE_BYTES = 128 * 1024**2
 METAL_SMALL_FRACTION, METAL_LARGE_FRACTION, METAL_LARGE_FROM = 0.66, 0.75, 36 * GIB
 # torch's own CUDA context and allocator slack for the GPTQ backend.
 GPTQ_OVERHEAD_BYTES = 700 * 1024**2
+# torch, transformers and GPTQModel loaded in the process, for GPTQ on the CPU.
+GPTQ_CPU_OVERHEAD_BYTES = 1024**3
 
 
 class PlanError(RuntimeError):
@@ -147,6 +150,12 @@ def _fit_gptq(a: Artifact, context: int, device: int) -> _Fit | None:
     return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, kv, compute, 512 * 1024**2, need))
 
 
+def _fit_gptq_cpu(a: Artifact, context: int, host: int) -> _Fit | None:
+    kv, compute = a.dims.kv_bytes(context), _compute_bytes(a, context) + GPTQ_CPU_OVERHEAD_BYTES
+    need = a.size_bytes + kv + compute
+    return _Fit(0, MemoryEstimate(a.size_bytes, kv, compute, need, 0)) if need <= host else None
+
+
 def _best_gpu(report: HardwareReport) -> NvidiaGpu | None:
     return max(report.nvidia, key=lambda g: g.vram_free_bytes, default=None)
 
@@ -178,6 +187,12 @@ def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
             reasons.append("Apple Silicon found, but llama-cpp-python was built without Metal")
     if has_gguf:
         order.append("llamacpp-cpu")
+    if has_gptq and rt.gptq and (not order or o.backend == "gptq-cpu"):
+        # Slow, but the same checkpoint runs everywhere; a GGUF of the model is much faster here.
+        order.append("gptq-cpu")
+        if gpu is None:
+            reasons.append("no CUDA GPU for the GPTQ checkpoint: it runs on the CPU through torch, "
+                           "slowly (convert the source to GGUF for speed)")
     if o.backend:
         if o.backend not in BACKENDS:
             raise PlanError(f"unknown backend {o.backend!r}; valid: {', '.join(BACKENDS)}")
@@ -186,7 +201,7 @@ def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
                             + ("; ".join(reasons) or f"possible: {', '.join(order) or 'none'}"))
         reasons.append(f"backend {o.backend} chosen by the user")
         return [o.backend]
-    if gpu is None and report.apple is None:
+    if gpu is None and report.apple is None and has_gguf:
         reasons.append("no NVIDIA GPU and not Apple Silicon: llama.cpp on the CPU")
     return order
 
@@ -210,6 +225,8 @@ def _explain(backend: str, a: Artifact, fit: _Fit, where: str, device: int) -> s
         return f"{part} layers offloaded to {where}"
     if backend == "llamacpp-metal":
         return f"Apple Silicon: {part} layers on Metal, within its {gb(device)} working-set limit"
+    if backend == "gptq-cpu":
+        return "GPTQ weights dequantized by torch on the CPU, KV cache in RAM"
     return "weights and KV cache in RAM"
 
 
@@ -243,11 +260,11 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
 
     for shrink, full_offload in _PASSES:
         for backend in order:
-            on_gpu = backend != "llamacpp-cpu"
+            on_gpu = backend not in ON_CPU
             if (full_offload and not on_gpu) or (not full_offload and backend == "gptq-cuda" and not shrink):
                 continue
             device, where = _device(report, backend)
-            fmt = "gptq" if backend == "gptq-cuda" else "gguf"
+            fmt = "gptq" if backend.startswith("gptq") else "gguf"
             # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
             # CPU memory bandwidth, so the smallest file is the fastest.
             options = sorted((a for a in artifacts if a.format == fmt), key=lambda a: a.size_bytes,
@@ -257,6 +274,8 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                 for ctx in (_contexts(want)[1:] if shrink else [want]):
                     if backend == "gptq-cuda":
                         fit = _fit_gptq(a, ctx, device)
+                    elif backend == "gptq-cpu":
+                        fit = _fit_gptq_cpu(a, ctx, host)
                     else:
                         layers = 0 if not on_gpu else o.gpu_layers
                         fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal", layers)

@@ -143,3 +143,23 @@ def test_report_round_trips_through_json() -> None:
         again = HardwareReport.from_dict(json.loads(report.to_json()))
         assert again == report
         assert plan(again, [Q4, F16, GPTQ]) == plan(report, [Q4, F16, GPTQ])
+
+
+CPU_GPTQ = pc(32, 24.0, runtimes=Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", gptq=True))
+
+
+def test_gptq_only_model_runs_on_the_cpu_through_torch_and_says_so() -> None:
+    p = plan(CPU_GPTQ, [GPTQ])
+    assert p.backend == "gptq-cpu" and p.gpu_layers == 0 and p.memory.device_bytes == 0
+    assert any("no CUDA GPU for the GPTQ checkpoint" in r and "convert the source to GGUF" in r for r in p.reasons)
+
+
+def test_cpu_prefers_gguf_over_gptq_when_it_has_both() -> None:
+    assert plan(CPU_GPTQ, [Q4, GPTQ]).backend == "llamacpp-cpu"
+    assert plan(CPU_GPTQ, [Q4, GPTQ], Overrides(backend="gptq-cpu")).backend == "gptq-cpu"
+
+
+def test_gptq_on_cuda_when_it_fits_and_cpu_without_gptqmodel() -> None:
+    assert plan(H100, [GPTQ]).backend == "gptq-cuda"
+    with pytest.raises(PlanError, match="torch \\+ GPTQModel are not installed"):
+        plan(pc(32, 24.0, (NvidiaGpu(0, "RTX 4090", 24 * GIB, 23 * GIB, "8.9"),), runtimes=CPU_LLAMA), [GPTQ])

@@ -10,17 +10,20 @@ from ..evaluation import DEFAULT_CHUNK, chat_eval_text, evaluate
 from ..store import default_store, resolve_model
 
 
-def _gguf_of(spec: str) -> Path:
+def _scored(spec: str) -> Path:
+    """A GGUF file (llama.cpp scores it) or an HF / GPTQ folder (torch scores it)."""
+    if Path(spec).is_dir():
+        return Path(spec)
     model = resolve_model(spec, default_store())
+    if not model.artifacts:
+        raise ValueError(f"{spec}: nothing to evaluate")
     ggufs = [a for a in model.artifacts if a.format == "gguf"]
-    if not ggufs:
-        raise ValueError(f"{spec}: no GGUF artifact to evaluate")
-    return Path(min(ggufs, key=lambda a: a.size_bytes).path)
+    return Path(min(ggufs or model.artifacts, key=lambda a: a.size_bytes).path)
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    model = _gguf_of(args.model)
-    base = _gguf_of(args.base) if args.base else None
+    model = _scored(args.model)
+    base = _scored(args.base) if args.base else None
     text = Path(args.text).read_text(encoding="utf-8") if args.text else chat_eval_text(base or model)
     result = evaluate(model, text, base=base, chunk=args.chunk, threads=args.threads)
     print(result.summary())
@@ -31,9 +34,10 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localchat eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a model in the store or a GGUF file")
+    parser.add_argument("model", help="a model in the store, a GGUF file, or a GPTQ / HF folder")
     parser.add_argument("--text", help="a UTF-8 text file (default: the shipped chat conversations)")
-    parser.add_argument("--base", help="reference model for KL divergence (e.g. the F16 GGUF)")
+    parser.add_argument("--base", help="reference model for KL divergence (e.g. the F16 GGUF, or the HF "
+                                       "folder a GPTQ model came from)")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per evaluation window")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--save", action="store_true", help="store the figures in the manifest")

@@ -13,6 +13,7 @@ BACKEND_CLASSES: dict[str, str] = {
     "llamacpp-metal": "localchat.engine.llamacpp:LlamaCppBackend",
     "llamacpp-cuda": "localchat.engine.llamacpp:LlamaCppBackend",
     "gptq-cuda": "localchat.engine.gptq:GptqBackend",
+    "gptq-cpu": "localchat.engine.gptq:GptqBackend",
 }
 
 

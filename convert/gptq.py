@@ -1,0 +1,211 @@
+"""HF checkpoints (RLHF and PEFT outputs included) into 4-bit GPTQ folders with GPTQModel.
+
+The output is the standard GPTQ layout (`quantize_config.json` plus `quantization_config`
+in `config.json`) that transformers, vLLM and auto-gptq read. These are chat models, so
+the default calibration is conversations rendered with the model's own chat template,
+mixed with plain prose; a calibration set of prose alone tunes the model for text it
+will rarely see in a chat.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from localchat.engine.gptq import gptq_environment
+from localchat.fsutil import check_disk, check_memory, human
+
+from .checkpoint import Checkpoint, load_checkpoint
+
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 128
+GROUP_SIZES = (128, 64, 32, 16)
+DEFAULT_SEQ_LEN = 256
+DEFAULT_SAMPLES = 128
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class GptqError(RuntimeError):
+    pass
+
+
+@dataclass
+class GptqResult:
+    folder: Path
+    bits: int
+    group_size: int
+    samples: int
+    report: list[str] = field(default_factory=list)
+    plain_source: bool = True  # the source loads as it is (no wrapper, value head or adapter)
+
+    @property
+    def quant(self) -> str:
+        return f"GPTQ-{self.bits}bit-g{self.group_size}"
+
+
+def layer_input_widths(ckpt: Checkpoint) -> dict[str, int]:
+    """In-features of every 2-D weight GPTQ quantizes (the decoder layers' linear layers)."""
+    return {name: ckpt.shape(name)[1] for name in ckpt.names()
+            if ".layers." in name and name.endswith(".weight") and len(ckpt.shape(name)) == 2}
+
+
+def choose_group_size(widths: dict[str, int], wanted: int) -> tuple[int, str]:
+    """`wanted` if it divides every layer's input width, else the largest smaller one that does."""
+    bad = sorted({w for w in widths.values() if w % wanted})
+    if not bad:
+        return wanted, ""
+    for g in (s for s in GROUP_SIZES if s < wanted):
+        if all(w % g == 0 for w in widths.values()):
+            return g, (f"group size {wanted} does not divide the layer widths {', '.join(map(str, bad))}; "
+                       f"using {g}, the largest that divides them all")
+    raise GptqError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(set(widths.values()))}")
+
+
+def _template_of(tok: Any) -> str:
+    if not tok.chat_template:
+        from localchat.templates import DEFAULT_FORMAT, get_format
+
+        return get_format(DEFAULT_FORMAT).template
+    return tok.chat_template
+
+
+def calibration_texts(tok: Any, dataset: str | Path | None = None) -> list[str]:
+    """Calibration samples as text: conversations through the model's template, plus prose."""
+    from localchat.templates import render_chat
+
+    template = _template_of(tok)
+
+    def render(msgs: list[dict[str, str]]) -> str:
+        return render_chat(template, msgs, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                           add_generation_prompt=False, origin="the model's chat template")
+
+    if dataset is not None:
+        from localchat.finetune.data import load_dataset
+
+        ds = load_dataset(dataset, held_out=0.0)  # every row checked, errors name file:line
+        return [render(list(ex.messages)) if ex.messages else ex.text for ex in ds.train]
+    data = resources.files("localchat.convert").joinpath("data")
+    chats = [json.loads(line)["messages"] for line in
+             data.joinpath("calibration_chats.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    prose = [p.strip() for p in data.joinpath("calibration_prose.txt").read_text(encoding="utf-8").split("\n\n")
+             if p.strip()]
+    return [render(m) for m in chats] + prose
+
+
+def calibration_batches(tok: Any, texts: list[str], seq_len: int, samples: int) -> list[dict[str, list[int]]]:
+    """Token rows of at most `seq_len`: long texts are cut, short ones joined, so each row is
+    a full window of real text, as GPTQ's Hessian estimate wants."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"]
+    rows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    rows = [r for r in rows if len(r) >= min(64, seq_len)][:samples]
+    if not rows:
+        raise GptqError(f"the calibration text has {len(ids)} tokens; GPTQ needs at least {min(64, seq_len)}")
+    return [{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows]
+
+
+def _clean_copy(ckpt: Checkpoint, out: Path) -> Path:
+    """The checkpoint as plain safetensors + config + tokenizer, for inputs GPTQModel cannot read
+    as they are (RLHF wrappers, value heads, PEFT adapters, pickled .bin weights)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    tensors = {name: t.contiguous() for name, t in ckpt.tensors()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(ckpt.folder / "config.json" if (ckpt.folder / "config.json").is_file()
+                    else ckpt.tokenizer_dir / "config.json", out / "config.json")
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        for folder in (ckpt.folder, ckpt.tokenizer_dir):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+                break
+    return out
+
+
+def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
+    """Drop local paths from a saved config: they say where the quantizer ran, nothing more."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or any(s and s in value for s in secrets)):
+        return None
+    return value
+
+
+CONFIG_FILES = ("config.json", "quantize_config.json", "generation_config.json")
+
+
+def scrub_configs(folder: Path, secrets: tuple[str, ...]) -> None:
+    """Only the configs: tokenizer files hold tokens such as "/" that look like paths."""
+    for p in (folder / n for n in CONFIG_FILES):
+        if not p.is_file():
+            continue
+        data = json.loads(p.read_text(encoding="utf-8"))
+        p.write_text(json.dumps(_scrub(data, secrets), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
+                  group_size: int = DEFAULT_GROUP_SIZE, calibration: str | Path | None = None,
+                  base: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+                  samples: int = DEFAULT_SAMPLES, quiet: bool = False) -> GptqResult:
+    """Quantize `source` into the folder `out`, which appears only when complete."""
+    gptq_environment()
+    out = Path(out)
+    ckpt = load_checkpoint(source, base)
+    report = list(ckpt.report)
+    widths = layer_input_widths(ckpt)
+    if not widths:
+        raise GptqError(f"{source}: no decoder-layer weights found to quantize")
+    group, note = choose_group_size(widths, group_size)
+    if note:
+        report.append(note)
+    fp32_bytes = sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names())
+    # GPTQModel holds the fp32 model, one layer's Hessians and activations of the calibration rows.
+    check_memory(int(fp32_bytes * 1.6) + 512 * 1024**2, "GPTQ quantization")
+    check_disk(out.parent, int(fp32_bytes / 8 * bits * 1.2) + fp32_bytes // 4, "the GPTQ checkpoint")
+
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
+        tmp = Path(tmp_dir)
+        plain = all(s.file.suffix == ".safetensors" for s in ckpt.sources.values()) and not ckpt.report
+        folder = Path(source) if plain else _clean_copy(ckpt, tmp / "clean")
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        rows = calibration_batches(tok, calibration_texts(tok, calibration), seq_len, samples)
+        report.append(f"calibration: {len(rows)} rows of up to {seq_len} tokens from "
+                      + (str(calibration) if calibration else
+                         "localchat's conversations (rendered with the model's chat template) and prose"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        extra = json.loads(os.environ.get("LC_GPTQ_EXPERIMENT", "{}"))
+        qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True,
+                              offload_to_disk_path=str(tmp / "offload"), **extra)
+        model = GPTQModel.load(str(folder), qcfg, device=device, trust_remote_code=False)
+        model.quantize(rows, batch_size=1)
+        staged = tmp / "out"
+        model.save(str(staged))
+        del model
+        for name in TOKENIZER_FILES:  # the tokenizer travels with the weights
+            if not (staged / name).exists() and (folder / name).is_file():
+                shutil.copyfile(folder / name, staged / name)
+        (staged / "quant_log.csv").unlink(missing_ok=True)
+        scrub_configs(staged, (str(tmp), str(Path(source).resolve()), str(Path.home())))
+        if out.exists():  # replace an older result only once the new one is complete
+            old = tmp / "old"
+            os.replace(out, old)
+        os.replace(staged, out)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    report.append(f"wrote {out.name}: {bits}-bit, group size {group}, {human(size)} on {device}")
+    return GptqResult(out, bits, group, len(rows), report, plain)

@@ -1,0 +1,195 @@
+"""`localchat convert --to gptq` and the GPTQ backend, on the real starter checkpoint (CPU).
+
+One quantization (about a minute on 2 cores) serves every test in the module: the
+standard folder layout, transformers' own GPTQ loader, the runtime backend, `localchat
+eval`, and GPTQ against plain round-to-nearest on text the calibration never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gptqmodel")
+
+from localchat.convert.gptq import (GptqError, _scrub, calibration_batches, choose_group_size,  # noqa: E402
+                                    quantize_gptq)
+from localchat.store import Store  # noqa: E402
+
+from .checkpoints import starter_hf, tiny_model  # noqa: E402
+
+GREEDY = dict(temperature=0.0, max_tokens=24)
+
+
+def test_group_size_falls_back_to_one_that_divides_the_layers() -> None:
+    assert choose_group_size({"a": 4096, "b": 11008}, 128) == (128, "")
+    g, note = choose_group_size({"q": 576, "down": 1536}, 128)
+    assert g == 64 and "does not divide the layer widths 576" in note and "using 64" in note
+    with pytest.raises(GptqError, match="no group size"):
+        choose_group_size({"x": 100}, 128)
+
+
+def test_local_paths_are_scrubbed_from_configs() -> None:
+    cfg = {"quantization_config": {"bits": 4, "meta": {"offload_to_disk_path": "/tmp/gptqmodel_x",
+                                                       "uri": "https://github.com/modelcloud/gptqmodel"}},
+           "_name_or_path": "/home/me/models/secret", "note": "built in /srv/build-7/x"}
+    out = _scrub(cfg, ("/srv/build-7",))
+    assert out["quantization_config"]["meta"] == {"offload_to_disk_path": None,
+                                                  "uri": "https://github.com/modelcloud/gptqmodel"}
+    assert out["_name_or_path"] is None and out["note"] is None and out["quantization_config"]["bits"] == 4
+
+
+@pytest.fixture(scope="module")
+def source(starter_gguf: Path) -> Path:
+    return starter_hf(starter_gguf)
+
+
+@pytest.fixture(scope="module")
+def gptq_home(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Store:
+    """The starter checkpoint through `localchat convert --to gptq` into a fresh store."""
+    from localchat.convert.command import main as convert_main
+
+    root = tmp_path_factory.mktemp("gptq") / "home"
+    old = os.environ.get("LOCALCHAT_HOME")
+    os.environ["LOCALCHAT_HOME"] = str(root)
+    try:
+        assert convert_main([str(source), "--to", "gptq", "--name", "smol-gptq", "-q"]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("LOCALCHAT_HOME")
+        else:
+            os.environ["LOCALCHAT_HOME"] = old
+    return Store(root)
+
+
+@pytest.mark.slow
+def test_output_is_a_standard_gptq_folder(gptq_home: Store, source: Path) -> None:
+    e = gptq_home.get("smol-gptq")
+    assert e.format == "gptq" and e.quant == "GPTQ-4bit-g64"  # 576-wide layers: 128 falls back to 64
+    folder = gptq_home.path_of(e.files[0].path)
+    qfile = json.loads((folder / "quantize_config.json").read_text())
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    for q in (qfile, qcfg):
+        assert (q["bits"], q["group_size"], q["quant_method"], q["sym"], q["desc_act"]) == (4, 64, "gptq", True, False)
+    for name in ("config.json", "quantize_config.json", "generation_config.json"):
+        text = (folder / name).read_text()
+        for local in ("/tmp", str(Path.home()), str(source), str(gptq_home.root)):
+            assert local not in text, f"{name} leaks {local}"
+    assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()
+    assert not list(gptq_home.root.glob(".smol-gptq.*")), "temp folder left behind"
+    assert {"ppl", "kld", "top1"} <= set(e.eval)
+
+
+@pytest.mark.slow
+def test_transformers_loads_it_back_and_answers(gptq_home: Store) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = gptq_home.path_of(gptq_home.get("smol-gptq").files[0].path)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")  # transformers' GPTQ path
+    assert "quantization_config" in model.config.to_dict()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert hasattr(q_proj, "qweight") and not isinstance(q_proj, torch.nn.Linear)
+    tok = AutoTokenizer.from_pretrained(folder)
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_runtime_runs_gptq_on_the_cpu_and_says_why(gptq_home: Store) -> None:
+    from localchat.chat import ChatSession
+    from localchat.engine import SamplingSettings
+    from localchat.planner import Overrides
+    from localchat.runtime import open_model
+
+    loaded = open_model("smol-gptq", Overrides(context=1024), gptq_home)
+    try:
+        assert loaded.plan.backend == "gptq-cpu"
+        assert any("runs on the CPU through torch" in r for r in loaded.plan.reasons)
+        session = ChatSession(loaded.backend, system="You are a helpful assistant.")
+        chunks = list(session.send("What is the capital of France?", SamplingSettings(**GREEDY)))
+        answer = "".join(c.text for c in chunks)
+        assert "Paris" in answer and len(chunks) > 3 and "<|im_end|>" not in answer
+        stats = chunks[-1].stats
+        assert stats.finish_reason == "stop" and stats.completion_tokens > 3 and stats.decode_tok_s > 0
+        stopped = "".join(c.text for c in session.stream_reply(
+            [{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+            SamplingSettings(temperature=0.0, max_tokens=40, stop=("5",))))
+        assert "4" in stopped and "5" not in stopped and session.last_stats.finish_reason == "stop"
+    finally:
+        loaded.backend.close()
+
+
+@pytest.mark.slow
+def test_eval_command_scores_gptq_against_its_source(gptq_home: Store, source: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from localchat.commands.eval import main as eval_main
+
+    folder = gptq_home.path_of(gptq_home.get("smol-gptq").files[0].path)
+    text = Path(__file__).with_name("data_eval_prose.txt")
+    assert eval_main([str(folder), "--base", str(source), "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "KL divergence" in out
+
+
+@pytest.mark.slow
+def test_gptq_beats_round_to_nearest_on_unseen_text(gptq_home: Store, source: Path) -> None:
+    """The point of GPTQ: at the same bits and group size, lower perplexity than plain rounding."""
+    from localchat.convert.rtn import rtn_quantize_
+    from localchat.engine.gptq import load_model
+    from localchat.evaluation import evaluate_runs, torch_token_logprobs
+
+    folder = gptq_home.path_of(gptq_home.get("smol-gptq").files[0].path)
+    text = Path(__file__).with_name("data_eval_prose.txt").read_text(encoding="utf-8")
+    fp, tok = load_model(source, "cpu")
+    rtn, _ = load_model(source, "cpu")
+    rtn_quantize_(rtn, 4, 64)
+    gq, _ = load_model(folder, "cpu")
+
+    def run(m):  # noqa: ANN001
+        return lambda: torch_token_logprobs(m, tok, text, 256)
+
+    ev_rtn, ev_gq = evaluate_runs(run(rtn), run(fp)), evaluate_runs(run(gq), run(fp))
+    print(f"\nppl fp {ev_rtn.ppl_base:.3f}, RTN {ev_rtn.ppl:.3f}, GPTQ {ev_gq.ppl:.3f}; "
+          f"KLD RTN {ev_rtn.kld:.4f}, GPTQ {ev_gq.kld:.4f}")
+    assert ev_gq.ppl < ev_rtn.ppl
+    assert ev_gq.kld < ev_rtn.kld
+
+
+@pytest.mark.slow
+def test_rlhf_value_head_checkpoint_quantizes(tmp_path: Path, source: Path) -> None:
+    """TRL PPO layout (v_head tensors beside the model's): the shared loader drops the head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model("LlamaForCausalLM", tmp_path / "trl", source)
+    state = load_file(str(src / "model.safetensors"))
+    save_file({**state, "v_head.summary.weight": torch.randn(1, 64), "v_head.summary.bias": torch.zeros(1)},
+              str(src / "model.safetensors"), metadata={"format": "pt"})
+    r = quantize_gptq(src, tmp_path / "out", group_size=32, samples=8, quiet=True)
+    assert any("value head" in line for line in r.report) and not r.plain_source
+    assert r.group_size == 32 and (tmp_path / "out" / "quantize_config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith("v_head") for k in keys) and any(k.endswith("qweight") for k in keys)
+
+
+def test_calibration_rows_are_full_windows(source: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from localchat.convert.gptq import calibration_texts
+
+    tok = AutoTokenizer.from_pretrained(source)
+    texts = calibration_texts(tok)
+    assert any("<|im_start|>assistant" in t for t in texts), "chats are rendered with the model's template"
+    assert any("<|im_start|>" not in t for t in texts), "plain prose is mixed in"
+    rows = calibration_batches(tok, texts, 256, 1000)
+    assert len(rows) >= 8 and all(len(r["input_ids"]) == 256 for r in rows[:-1])
