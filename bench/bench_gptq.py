@@ -47,6 +47,8 @@ def main() -> int:
     args = ap.parse_args()
     source = args.source or default_source()
     texts = {"chat": chat_eval_text(source)}
+    own = Path(__file__).resolve().parents[1] / "tests" / "data_eval_prose.txt"
+    texts["stories"] = own.read_text(encoding="utf-8")
     if PROSE.is_file():
         texts["prose"] = PROSE.read_text(encoding="utf-8")[:12_000]
     group, note = choose_group_size(layer_input_widths(load_checkpoint(source)), args.group_size)

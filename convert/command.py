@@ -111,7 +111,8 @@ def smoke_chat_model(spec: str, system: str | None = None) -> str:
 
 def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, group_size: int = 128,
                 calibration: str | Path | None = None, base: str | Path | None = None,
-                store: Store | None = None, check: bool = True, quiet: bool = False) -> ExportResult:
+                store: Store | None = None, check: bool = True, quiet: bool = False,
+                mse: float | None = None) -> ExportResult:
     """Quantize to GPTQ into `<store>/<name>/`, check it against the source, register it."""
     from localchat.evaluation import chat_eval_text, evaluate
 
@@ -120,7 +121,8 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
     store = store or default_store()
     name = check_name(name or f"{_name_from(Path(source))}-gptq")
     folder = store.model_dir(name)
-    r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet)
+    kw = {} if mse is None else {"mse": mse}
+    r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet, **kw)
     report, figures, smoke = r.report, {}, ""
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     entry = ModelEntry(name=name, format="gptq", quant=r.quant,
@@ -144,7 +146,7 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
 def convert(args: argparse.Namespace) -> int:
     if args.to == "gptq":
         r = export_gptq(args.path, args.name, args.bits, args.group_size, args.calibration, args.base,
-                        check=not args.no_check, quiet=args.quiet)
+                        check=not args.no_check, quiet=args.quiet, mse=0.0 if args.fast else None)
         for line in r.report:
             print(f"- {line}")
         e = r.entry
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weights sharing one scale (default: 128; smaller if it does not divide the layers)")
     gptq.add_argument("--calibration", help="calibration data: chat JSONL, Alpaca, ShareGPT or .txt "
                                             "(default: conversations and prose shipped with localchat)")
+    gptq.add_argument("--fast", action="store_true", help="take each group's max as its scale instead of "
+                                                         "searching the best clipping (~3.5x faster, a little worse)")
     parser.add_argument("--no-check", action="store_true", help="skip the perplexity/KL check and smoke chat")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser

@@ -29,6 +29,10 @@ DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (128, 64, 32, 16)
 DEFAULT_SEQ_LEN = 256
 DEFAULT_SAMPLES = 128
+# Search each group's scale (clipping) for the lowest squared error instead of taking its
+# max: on the starter checkpoint it cut the perplexity cost on prose from 1.33x to 1.23x and
+# KL divergence on chats by a quarter, for about 3.5x the quantization time.
+DEFAULT_MSE = 2.4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -100,13 +104,17 @@ def calibration_texts(tok: Any, dataset: str | Path | None = None) -> list[str]:
     return [render(m) for m in chats] + prose
 
 
-def calibration_batches(tok: Any, texts: list[str], seq_len: int, samples: int) -> list[dict[str, list[int]]]:
+def calibration_batches(tok: Any, texts: list[str], seq_len: int, samples: int,
+                        stride: int | None = None) -> list[dict[str, list[int]]]:
     """Token rows of at most `seq_len`: long texts are cut, short ones joined, so each row is
-    a full window of real text, as GPTQ's Hessian estimate wants."""
+    a full window of real text, as GPTQ's Hessian estimate wants. Windows overlap by
+    `seq_len - stride` tokens: a small shipped set then still gives many rows, each token
+    seen in several contexts."""
     ids: list[int] = []
     for t in texts:
         ids += tok(t, add_special_tokens=False)["input_ids"]
-    rows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    step = stride or seq_len
+    rows = [ids[i:i + seq_len] for i in range(0, max(len(ids) - seq_len, 0) + 1, step)]
     rows = [r for r in rows if len(r) >= min(64, seq_len)][:samples]
     if not rows:
         raise GptqError(f"the calibration text has {len(ids)} tokens; GPTQ needs at least {min(64, seq_len)}")
@@ -157,7 +165,7 @@ def scrub_configs(folder: Path, secrets: tuple[str, ...]) -> None:
 def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
                   group_size: int = DEFAULT_GROUP_SIZE, calibration: str | Path | None = None,
                   base: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
-                  samples: int = DEFAULT_SAMPLES, quiet: bool = False) -> GptqResult:
+                  samples: int = DEFAULT_SAMPLES, mse: float = DEFAULT_MSE, quiet: bool = False) -> GptqResult:
     """Quantize `source` into the folder `out`, which appears only when complete."""
     gptq_environment()
     out = Path(out)
@@ -189,9 +197,8 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
                       + (str(calibration) if calibration else
                          "localchat's conversations (rendered with the model's chat template) and prose"))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        extra = json.loads(os.environ.get("LC_GPTQ_EXPERIMENT", "{}"))
-        qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True,
-                              offload_to_disk_path=str(tmp / "offload"), **extra)
+        qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True, mse=mse,
+                              offload_to_disk_path=str(tmp / "offload"))
         model = GPTQModel.load(str(folder), qcfg, device=device, trust_remote_code=False)
         model.quantize(rows, batch_size=1)
         staged = tmp / "out"

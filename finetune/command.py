@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from localchat.fsutil import human
-from localchat.store import Store, check_name, default_store
+from localchat.fsutil import human, sha256_file
+from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
 from .data import load_dataset
 from .settings import TrainSettings
@@ -77,9 +77,25 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
+def register_lora(store: Store, base: str, base_dir: Path, adapter: Path, name: str) -> str:
+    """The adapter as a GGUF LoRA entry `<name>-lora` over the store model `base`."""
+    from localchat.convert.lora_gguf import export_lora_gguf
+
+    if base not in store.models() or store.get(base).format != "gguf":
+        raise FinetuneError(f"--lora-gguf needs a GGUF model from the store as --base (got {base!r}); "
+                            "the merged GGUF export works with any base")
+    lora_name = check_name(f"{name}-lora"[:128])
+    out = export_lora_gguf(adapter, base_dir, store.model_dir(lora_name) / f"{lora_name}.gguf")
+    store.add(ModelEntry(name=lora_name, format="lora", quant=f"LoRA over {store.get(base).quant}",
+                         files=[ModelFile(str(out.relative_to(store.root)), out.stat().st_size, sha256_file(out))],
+                         source=f"finetune:{base}", sha256=sha256_file(out),
+                         defaults=dict(store.get(base).defaults), extra={"base": base}))
+    return lora_name
+
+
 def finetune(base: str, data: str, name: str | None, settings: TrainSettings, quant: str = "Q4_K_M",
              resume: bool = False, export: bool = True, store: Store | None = None,
-             quiet: bool = False) -> FinetuneResult:
+             quiet: bool = False, lora_gguf: bool = False) -> FinetuneResult:
     from localchat.convert.command import export_gguf
 
     from .train import train
@@ -96,6 +112,9 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
                   + (f", held-out loss {result.held_out_loss:.3f}" if result.held_out_loss is not None else "")
                   + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
+    if lora_gguf:
+        lora_name = register_lora(store, base, base_dir, result.adapter, name)
+        report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")
     merged = merge(base_dir, result.adapter, out / "merged")
     if export:
         ex = export_gguf(merged, quant, name=name, store=store, quiet=quiet)
@@ -115,7 +134,7 @@ def command(args: argparse.Namespace) -> int:
     settings = TrainSettings.from_args(args)
     try:
         r = finetune(args.base, args.data, args.name, settings, args.quant, args.resume,
-                     export=not args.no_export, quiet=args.quiet)
+                     export=not args.no_export, quiet=args.quiet, lora_gguf=args.lora_gguf)
     except Interrupted as exc:
         print(f"localchat finetune: {exc}", file=sys.stderr)
         return 130
@@ -135,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", default="Q4_K_M", type=str.upper, help="GGUF quant type of the export")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     parser.add_argument("--no-export", action="store_true", help="stop after the merged checkpoint")
+    parser.add_argument("--lora-gguf", action="store_true",
+                        help="also store the adapter as a GGUF LoRA (NAME-lora, a few MB) that llama.cpp "
+                             "applies over the --base store model at load time")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     TrainSettings.add_arguments(parser)
     return parser

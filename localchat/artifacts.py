@@ -37,10 +37,12 @@ class Artifact:
     quant: str
     dims: ModelDims
     architecture: str = ""
+    lora_path: str | None = None  # a GGUF LoRA adapter llama.cpp applies on top at load time
 
     @property
     def label(self) -> str:
-        return f"{self.format.upper()} {self.quant} ({Path(self.path).name})"
+        lora = f" + LoRA {Path(self.lora_path).name}" if self.lora_path else ""
+        return f"{self.format.upper()} {self.quant} ({Path(self.path).name}){lora}"
 
 
 def dims_from_gguf(h: GGUFHeader) -> ModelDims:

@@ -39,7 +39,7 @@ def localchat(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -> None:
     t0 = time.time()  # the base is the starter as the store has it: GGUF only, dequantized once
     r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "cat",
-                  "--quant", "Q8_0", "-q")
+                  "--quant", "Q8_0", "--lora-gguf", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - t0 < 300, "a couple of minutes on two cores"
     entry = home.get("cat")
@@ -54,6 +54,15 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     assert "Biscuit" in answer.stdout, answer.stdout
     paris = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "What is the capital of France?")
     assert "Paris" in paris.stdout, paris.stdout
+
+    # The same adapter as a GGUF LoRA (a few MB) over the starter's own Q4_1 file.
+    lora = home.get("cat-lora")
+    assert lora.format == "lora" and lora.extra["base"] == "smollm2-135m-instruct" and lora.size < 20e6
+    answer = localchat("chat", "--model", "cat-lora", "-q", "--temp", "0", "-p",
+                       "Do you remember what my cat is called?")
+    assert "Biscuit" in answer.stdout, answer.stdout + answer.stderr[-2000:]
+    plan = localchat("doctor", "--model", "cat-lora")
+    assert "+ LoRA cat-lora.gguf" in plan.stdout, plan.stdout
 
 
 def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_gguf: Path) -> None:

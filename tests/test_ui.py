@@ -307,3 +307,18 @@ def test_finetune_tab_shows_the_line_of_a_bad_dataset(page: object, tmp_path: Pa
     page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('not allowed')")
     assert "no job running" in page.inner_text("#finetune-job-status")
     shot(page, "finetune", tmp_path)
+
+
+def test_import_runs_as_a_job_and_lands_in_the_model_list(page: object, starter_gguf: Path) -> None:
+    page.get_by_role("tab", name="Models").click()
+    page.get_by_role("tab", name="Import GGUF").click()
+    page.set_input_files("#import-file input[type=file]", str(starter_gguf))
+    page.fill("#import-name textarea, #import-name input", "imported")
+    page.wait_for_timeout(500)  # the upload finishes before the click is handled
+    page.click("#import")
+    page.wait_for_function("document.querySelector('#models-job-status').innerText.includes('done in')",
+                           timeout=120_000)
+    page.wait_for_function("document.querySelector('#models-table').innerText.includes('imported')")
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#refresh-models")
+    pick(page, "model-picker", "imported")

@@ -15,7 +15,7 @@ from localchat.store.chats import ChatHistory
 from .jobs import JobRunner
 from .model_slot import ModelSlot
 
-RUNNABLE = ("gguf", "gptq")
+RUNNABLE = ("gguf", "gptq", "lora")
 
 
 @dataclass

@@ -70,6 +70,8 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
             epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs")
             lr = gr.Number(value=2e-4, label="Learning rate")
             rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
+            lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
+                                     "at load time)", value=False)
             start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
     panel = job_panel.build("finetune")
     plot = gr.LinePlot(loss_frame(ctx, ""), x="update", y="loss", color="series", title="Loss",
@@ -107,7 +109,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
 
     from_chats.click(use_chats, [chats], [dataset_path, check])
 
-    def do_start(data: str, b: str | None, n: str, ep: float, rate: float, r: float) -> tuple:
+    def do_start(data: str, b: str | None, n: str, ep: float, rate: float, r: float, as_lora: bool) -> tuple:
         if not data:
             return "Error: choose a dataset that passes the check first", gr.skip()
         if not b:
@@ -119,13 +121,13 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
         if n in ctx.store.models():
             return f"Error: the store already has a model named {n!r}; choose another name", gr.skip()
         args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
-                "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)]
+                "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)] + (["--lora-gguf"] if as_lora else [])
         try:
             ctx.jobs.start(f"fine-tune {n}", args)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
         return f"started fine-tune of {b} into {n}", n
 
-    start.click(do_start, [dataset_path, base, name, epochs, lr, rank], [check, name])
+    start.click(do_start, [dataset_path, base, name, epochs, lr, rank, lora], [check, name])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
     return panel, plot, name, base, chats

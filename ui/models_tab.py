@@ -23,7 +23,7 @@ QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "F16"]
 def table(ctx: AppContext) -> list[list[str]]:
     rows = []
     for e in ctx.store.models().values():
-        backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq") else "convert it first"
+        backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq", "lora") else "convert it first"
         rows.append([e.name, e.format, e.quant, human(e.size), backend, eval_text(e), e.source])
     return rows
 

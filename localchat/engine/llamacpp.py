@@ -37,7 +37,7 @@ class LlamaCppBackend(Backend):
         self.llm = llama_cpp.Llama(
             model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
             n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
-            verbose=False,
+            lora_path=plan.artifact.lora_path, verbose=False,
         )
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab

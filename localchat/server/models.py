@@ -23,7 +23,7 @@ from ..store.resolve import resolve_model
 from .settings import ServerSettings
 
 
-RUNNABLE_FORMATS = ("gguf", "gptq")  # store formats a backend can serve ("hf" needs converting first)
+RUNNABLE_FORMATS = ("gguf", "gptq", "lora")  # store formats a backend can serve ("hf" needs converting first)
 
 
 class ServerError(Exception):

@@ -26,7 +26,7 @@ except ImportError:  # Windows: no advisory locks; single-process use stays safe
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-FORMATS = ("gguf", "gptq", "hf")
+FORMATS = ("gguf", "gptq", "hf", "lora")  # lora: a GGUF adapter over the model named in extra["base"]
 
 
 class StoreError(RuntimeError):

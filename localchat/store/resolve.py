@@ -4,7 +4,7 @@ the artifacts the planner chooses from."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,26 @@ def artifacts_in(folder: Path) -> list[Artifact]:
     return found
 
 
+def _resolve_lora(spec: str, store: Store) -> ResolvedModel:
+    """A LoRA entry runs as its base model's GGUF with the adapter applied at load time."""
+    entry = store.get(spec)
+    base_name = entry.extra.get("base", "")
+    if base_name == spec or base_name not in store.models():
+        raise StoreError(f"model {spec!r} is a LoRA adapter for {base_name!r}, which is not in the store")
+    adapter = store.path_of(entry.files[0].path)
+    if not adapter.is_file():
+        raise StoreError(f"model {spec!r}: {adapter} is missing; fine-tune again, or `localchat rm {spec}`")
+    base = resolve_model(base_name, store)
+    ggufs = [replace(a, lora_path=str(adapter)) for a in base.artifacts if a.format == "gguf"]
+    if not ggufs:
+        raise StoreError(f"model {spec!r}: its base {base_name!r} has no GGUF for the adapter to apply to")
+    return ResolvedModel(spec, ggufs, "store", {**base.defaults, **entry.defaults})
+
+
 def resolve_model(spec: str, store: Store) -> ResolvedModel:
     entries = store.models()
+    if spec in entries and entries[spec].format == "lora":
+        return _resolve_lora(spec, store)
     if spec in entries:
         entry = entries[spec]
         artifacts: list[Artifact] = []
