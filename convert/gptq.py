@@ -162,6 +162,17 @@ def scrub_configs(folder: Path, secrets: tuple[str, ...]) -> None:
         p.write_text(json.dumps(_scrub(data, secrets), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _logs_into(folder: Path) -> None:
+    """GPTQModel writes a log file per layer pass into ./logs of whatever folder the user ran
+    localchat from; point it at our temp folder instead (it goes away with the rest)."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:
+        return
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = folder
+
+
 def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
                   group_size: int = DEFAULT_GROUP_SIZE, calibration: str | Path | None = None,
                   base: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
@@ -199,6 +210,7 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
         device = "cuda" if torch.cuda.is_available() else "cpu"
         qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True, mse=mse,
                               offload_to_disk_path=str(tmp / "offload"))
+        _logs_into(tmp / "logs")
         model = GPTQModel.load(str(folder), qcfg, device=device, trust_remote_code=False)
         model.quantize(rows, batch_size=1)
         staged = tmp / "out"

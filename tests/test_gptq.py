@@ -80,6 +80,7 @@ def test_output_is_a_standard_gptq_folder(gptq_home: Store, source: Path) -> Non
             assert local not in text, f"{name} leaks {local}"
     assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()
     assert not list(gptq_home.root.glob(".smol-gptq.*")), "temp folder left behind"
+    assert not (Path.cwd() / "logs").exists(), "GPTQModel's log files must not land in the user's folder"
     assert {"ppl", "kld", "top1"} <= set(e.eval)
 
 
