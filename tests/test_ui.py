@@ -179,7 +179,7 @@ def test_ui_binds_loopback_only() -> None:
 def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     open_settings(page)
     set_number(page, "temperature", "0")
-    answer, seen = ask(page, "What is the capital of France?", watch=True)
+    answer, seen = ask(page, "What is the capital of France? Tell me about the city.", watch=True)
     assert "Paris" in answer
     assert len(seen) >= 3 and len(seen[0]) < len(answer), f"not streamed: {seen}"
     assert re.search(r"smollm2-135m-instruct on llamacpp-cpu: \d+ tokens, [\d.]+ tok/s", status(page))

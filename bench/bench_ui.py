@@ -1,0 +1,98 @@
+"""Decode speed inside the desktop app against the same generation without it, in one run.
+
+The app (its own process) answers in headless Chromium, so the browser's rendering and
+Gradio's streaming share the cores with the decode, as on a user's laptop. The baseline
+is the same greedy answer through `ChatSession` in a plain process. Runs alternate.
+
+    python bench/bench_ui.py [--rounds 3] [--tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a long story about a lighthouse keeper and his cat."
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def baseline(tokens: int) -> float:
+    code = (
+        "from localchat.runtime import open_model\n"
+        "from localchat.planner import Overrides\n"
+        "from localchat.chat import ChatSession\n"
+        "from localchat.engine import SamplingSettings\n"
+        "m = open_model('smollm2-135m-instruct', Overrides(context=2048))\n"
+        "s = ChatSession(m.backend, system='You are a helpful assistant.')\n"
+        f"s.ask({PROMPT!r}, SamplingSettings(temperature=0, max_tokens={tokens}, seed=1))\n"
+        "print(s.last_stats.decode_tok_s)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def in_app(page, tokens: int) -> float:  # noqa: ANN001
+    page.reload()
+    page.wait_for_selector("#message textarea")
+    page.get_by_text("System prompt and sampling").click()
+    for elem, value in (("temperature", "0"), ("max-tokens", str(tokens))):
+        box = page.locator(f"#{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.fill("#message textarea", PROMPT)
+    page.click("#send")
+    page.wait_for_function("/tokens, [\\d.]+ tok\\/s.*(stop|length)/.test(document.querySelector('#chat-status').innerText)",
+                           timeout=300_000)
+    status = page.inner_text("#chat-status")
+    return float(re.search(r"tokens, ([\d.]+) tok/s", status).group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    from localchat.store import Store, default_store, install_starter
+    from localchat.store.starter import copy_starter
+
+    install_starter(default_store(), quiet=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        copy_starter(default_store(), Store(home))
+        env = {**os.environ, "LOCALCHAT_HOME": str(home)}
+        app = subprocess.Popen([sys.executable, "-m", "localchat", "ui", "--port", "0", "--no-browser",
+                                "--context", "2048"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            url = re.search(r"(http://\S+)", app.stderr.readline()).group(1)
+            ui_rates, raw_rates = [], []
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+                page = browser.new_page()
+                page.goto(url)
+                for _ in range(args.rounds):
+                    raw_rates.append(baseline(args.tokens))
+                    ui_rates.append(in_app(page, args.tokens))
+                browser.close()
+        finally:
+            app.terminate()
+            app.wait()
+    raw, ui = statistics.median(raw_rates), statistics.median(ui_rates)
+    print(f"decode tok/s, median of {args.rounds}: plain {raw:.1f}, in the app with Chromium {ui:.1f} "
+          f"-> {ui / raw:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
