@@ -59,7 +59,7 @@ def worker_trainer(base: str, data: str, batch: int, bf16: bool = False) -> dict
     return {"tokens": sum(len(r.input_ids) for r in rows), "wall": wall}
 
 
-def worker_localchat(base: str, data: str, batch: int) -> dict:
+def worker_localchat(base: str, data: str, batch: int, bf16: bool | None = None) -> dict:
     from localchat.finetune.data import load_dataset
     from localchat.finetune.settings import TrainSettings
     from localchat.finetune.train import train
@@ -67,7 +67,7 @@ def worker_localchat(base: str, data: str, batch: int) -> dict:
     ds = load_dataset(data, held_out=0.0)
     settings = TrainSettings(epochs=1.0, min_updates=1, batch_size=None, max_len=MAX_LEN, held_out=0.0,
                              lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], save_every=10**6,
-                             gradient_checkpointing=False)
+                             gradient_checkpointing=False, bf16=bf16)
     result = train(Path(base), ds, Path(data).parent / "ours-out", settings, quiet=True)
     wall = result.tokens_seen / result.tokens_per_s  # the training loop alone, as for the Trainer
     return {"tokens": result.tokens_seen, "wall": wall, "steps": result.steps}
@@ -76,10 +76,11 @@ def worker_localchat(base: str, data: str, batch: int) -> dict:
 WORKERS = {
     "trainer": worker_trainer,
     "trainer-bf16": lambda b, d, n: worker_trainer(b, d, n, bf16=True),
-    "localchat": worker_localchat,
+    "localchat-fp32": lambda b, d, n: worker_localchat(b, d, n, bf16=False),
+    "localchat": worker_localchat,  # as users run it: bf16 autocast where the hardware has bf16 units
 }
 LABELS = {"trainer": "Trainer+PEFT (padded)", "trainer-bf16": "Trainer+PEFT bf16=True",
-          "localchat": "localchat (packed, 1x512)"}
+          "localchat-fp32": "localchat fp32 (packed)", "localchat": "localchat default (packed)"}
 
 
 def main(argv: list[str] | None = None) -> int:

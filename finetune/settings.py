@@ -30,5 +30,7 @@ class TrainSettings(Options):
     gradient_checkpointing: bool | None = option(None, "recompute activations to save memory "
                                                  "(default: on with CUDA, where memory is the limit)")
     chat_format: str | None = option(None, "render rows with this chat format instead of the model's template")
+    bf16: bool | None = option(None, "bfloat16 autocast for the matmuls (default: on where the hardware "
+                                     "runs bf16 natively: CPUs with AMX or AVX512-BF16, CUDA cards with bf16)")
 
 

@@ -157,6 +157,14 @@ def plot_loss(log: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 matmuls are native here; on CPUs without bf16 units autocast only adds casts."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume: bool = False,
           quiet: bool = False, stop_after: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -184,6 +192,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         rows = pack(rows, max_len)
 
     qlora = cuda if settings.qlora is None else settings.qlora
+    bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if qlora:
         if not cuda:
@@ -230,7 +239,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     atomic_write_text(out / "train_config.json", json.dumps(
         {"base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
          "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
-         "qlora": qlora, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
+         "qlora": qlora, "bf16_autocast": bf16, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * settings.grad_accum]
@@ -252,7 +261,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             loss_sum, n_sum = 0.0, 0
             for micro in schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]:
                 batch = _collate(micro, pad, device)
-                loss, n = _loss(model, batch)
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                    loss, n = _loss(model, batch)
                 (loss / max(1, n) / settings.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 n_sum += n
