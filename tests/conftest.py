@@ -28,10 +28,8 @@ def starter_gguf(starter_entry: ModelEntry) -> Path:
     return Store(store_root()).path_of(starter_entry.files[0].path)
 
 
-@pytest.fixture
-def home(tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    """An empty-but-for-the-starter store in LOCALCHAT_HOME (hard-linked, not copied)."""
-    root = tmp_path / "home"
+def starter_home(root: Path, starter_gguf: Path) -> Store:
+    """A store at `root` holding only the starter (hard-linked, not copied, where possible)."""
     target = root / STARTER.name / starter_gguf.name
     target.parent.mkdir(parents=True)
     try:
@@ -42,7 +40,22 @@ def home(tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) ->
         shutil.copyfile(starter_gguf, target)
     store = Store(root)
     install_starter(store)  # finds the verified file and writes the manifest entry
-    monkeypatch.setenv("LOCALCHAT_HOME", str(root))
+    return store
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """An empty-but-for-the-starter store in LOCALCHAT_HOME."""
+    store = starter_home(tmp_path / "home", starter_gguf)
+    monkeypatch.setenv("LOCALCHAT_HOME", str(store.root))
     return store
 
 

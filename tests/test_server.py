@@ -22,14 +22,10 @@ from localchat.server.app import create_app
 from localchat.server.settings import ServerSettings
 from localchat.store import STARTER, Store, install_starter
 
+from .conftest import free_port
+
 MODEL = STARTER.name
 QUESTION = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

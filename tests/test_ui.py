@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,9 +23,10 @@ import pytest
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from localchat.store import STARTER, Store, install_starter  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui.settings import UISettings  # noqa: E402
+
+from .conftest import free_port, starter_home  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow,
@@ -37,12 +37,6 @@ FINAL = re.compile(r"\d+ tokens, .*(stop|length|cancelled)")
 SECOND = "second-model"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class App:
     """`localchat ui` as a child process on a free loopback port."""
 
@@ -50,7 +44,7 @@ class App:
         self.home, self.proc, self.port = home, None, 0
 
     def start(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "LOCALCHAT_HOME": str(self.home)}
         self.proc = subprocess.Popen([sys.executable, "-m", "localchat", "ui", "--port", str(self.port),
                                       "--no-browser", "--context", "2048"], env=env,
@@ -73,17 +67,9 @@ class App:
 
 @pytest.fixture(scope="module")
 def ui_home(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> Path:
-    root = tmp_path_factory.mktemp("ui") / "home"
-    target = root / STARTER.name / starter_gguf.name
-    target.parent.mkdir(parents=True)
-    try:
-        os.link(starter_gguf, target)
-    except OSError:
-        shutil.copyfile(starter_gguf, target)
-    store = Store(root)
-    install_starter(store)
+    store = starter_home(tmp_path_factory.mktemp("ui") / "home", starter_gguf)
     import_gguf(store, starter_gguf, name=SECOND)
-    return root
+    return store.root
 
 
 @pytest.fixture(scope="module")

@@ -69,13 +69,13 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             return f"Error: {exc}"
         return f"started: {title}"
 
+    def named(args: list[str], n: str) -> list[str]:
+        return args + (["--name", check_name(n.strip())] if n.strip() else [])
+
     def do_pull(r: str, f: str, n: str) -> str:
         try:
-            args = ["pull", check_repo_id(r.strip()), "-q"]
-            if f.strip():
-                args.insert(2, check_relative(f.strip()))
-            if n.strip():
-                args += ["--name", check_name(n.strip())]
+            file = [check_relative(f.strip())] if f.strip() else []
+            args = named(["pull", check_repo_id(r.strip()), *file, "-q"], n)
         except UnsafeNameError as exc:
             return f"Error: {exc}"
         return start(f"pull {r.strip()}", args)
@@ -92,12 +92,9 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
     def do_convert(source: str | None, fmt: str, q: str, n: str) -> str:
         if not source:
             return "Error: pick a checkpoint (pull one, or fine-tune one, first)"
+        quant = ["--quant", q] if fmt == "gguf" else []
         try:
-            args = ["convert", str(ctx.store.model_dir(source)), "--to", fmt, "-q"]
-            if fmt == "gguf":
-                args += ["--quant", q]
-            if n.strip():
-                args += ["--name", check_name(n.strip())]
+            args = named(["convert", str(ctx.store.model_dir(source)), "--to", fmt, *quant, "-q"], n)
         except UnsafeNameError as exc:
             return f"Error: {exc}"
         return start(f"convert {source} to {fmt if fmt == 'gptq' else q}", args)
