@@ -24,7 +24,7 @@ $(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -e .
-	rm -f $(DEV)
+	rm -f $(DEV) $(UI)
 	touch $@
 
 $(DEV): $(CORE)
@@ -43,7 +43,13 @@ setup: $(CORE)
 chat: setup
 	$(BIN)/localchat chat
 
-ui: setup
+UI := $(VENV)/.installed-ui
+
+$(UI): $(CORE)
+	$(BIN)/python -m pip install -e '.[ui]'
+	touch $@
+
+ui: $(UI) setup
 	$(BIN)/localchat ui --host 127.0.0.1
 
 doctor: setup
