@@ -36,20 +36,6 @@ def _name_from(path: Path) -> str:
     return base or "model"
 
 
-def smoke_chat(gguf: Path, system: str | None = None) -> str:
-    from localchat.chat import ChatSession
-    from localchat.engine import SamplingSettings
-    from localchat.planner import Overrides
-    from localchat.runtime import open_model
-
-    loaded = open_model(str(gguf), Overrides(context=1024))
-    try:
-        session = ChatSession(loaded.backend, system=system)
-        return session.ask(SMOKE_PROMPT, SamplingSettings(temperature=0.0, max_tokens=48))
-    finally:
-        loaded.backend.close()
-
-
 def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None = None,
                 template: str | None = None, base: str | Path | None = None, store: Store | None = None,
                 keep_f16: bool = False, check: bool = True, quiet: bool = False) -> ExportResult:
@@ -78,7 +64,7 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
         ev = evaluate(final, text, base=f16 if final != f16 else None)
         figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
         report.append(f"check: {ev.summary()}")
-        smoke = smoke_chat(final)
+        smoke = smoke_chat(str(final))
         report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
     files = [final] + ([f16] if keep_f16 and final != f16 else [])
     if final != f16 and not keep_f16:
@@ -94,8 +80,8 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     return ExportResult(entry, report, smoke)
 
 
-def smoke_chat_model(spec: str, system: str | None = None) -> str:
-    """One greedy answer through the runtime, as `localchat chat` would give it."""
+def smoke_chat(spec: str, system: str | None = None) -> str:
+    """One greedy answer through the runtime (a GGUF path or a store name), as `localchat chat` gives it."""
     from localchat.chat import ChatSession
     from localchat.engine import SamplingSettings
     from localchat.planner import Overrides
@@ -137,7 +123,7 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
         ev = evaluate(folder, text, base=Path(source) if r.plain_source else None)
         figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
         report.append(f"check: {ev.summary()}")
-        smoke = smoke_chat_model(name)
+        smoke = smoke_chat(name)
         report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
         store.update_eval(name, figures)
     return ExportResult(store.get(name), report, smoke)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from localchat.hardware import HardwareReport, probe
-from localchat.planner import Overrides
+from localchat.planner import Overrides, Plan
 from localchat.runtime import plan_model
 from localchat.store import Store
 from localchat.store.chats import ChatHistory
@@ -39,20 +39,20 @@ class AppContext:
     def chat_models(self) -> list[str]:
         return [n for n, e in self.store.models().items() if e.format in RUNNABLE]
 
-    def plan_text(self, name: str) -> str:
-        """The plan in words, or why the model cannot run here."""
+    def _plan(self, name: str) -> tuple[Plan | None, str]:
+        """The plan, or why the model cannot run here (shown to the user, not raised)."""
         try:
-            _, p = plan_model(name, self.overrides, self.store, self.report)
-        except Exception as exc:  # shown to the user, not raised
-            return f"cannot run {name} here: {exc}"
-        return f"store:   {name}\n{p.describe()}"
+            return plan_model(name, self.overrides, self.store, self.report)[1], ""
+        except Exception as exc:
+            return None, str(exc)
+
+    def plan_text(self, name: str) -> str:
+        p, why = self._plan(name)
+        return f"store:   {name}\n{p.describe()}" if p else f"cannot run {name} here: {why}"
 
     def backend_for(self, name: str) -> str:
-        try:
-            _, p = plan_model(name, self.overrides, self.store, self.report)
-        except Exception as exc:
-            return f"cannot run: {str(exc)[:80]}"
-        return p.backend
+        p, why = self._plan(name)
+        return p.backend if p else f"cannot run: {why[:80]}"
 
     def close(self) -> None:
         self.slot.close()

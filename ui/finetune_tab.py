@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from localchat.store import UnsafeNameError, check_name
+from localchat.store.names import safe_file_name
 from localchat.store.chats import ChatError, write_dataset
 
 from . import job_panel
@@ -81,8 +82,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
         if not path:
             return "", ""
         src = Path(path)
-        safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.name).lstrip(".-")
-        target = _dataset_dir(ctx) / check_name(safe, "dataset file name")
+        target = _dataset_dir(ctx) / check_name(safe_file_name(src.name), "dataset file name")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
         verdict = check_dataset(target)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from localchat.options import Options, option
+from localchat.server.settings import LOOPBACK_HOSTS
 
 DEFAULT_PORT = 7860
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)

@@ -159,14 +159,6 @@ class GptqBackend(Backend):
                                 ttft_s=t_first - t0, decode_s=t_last - t_first, finish_reason=finish)
         yield Chunk(tail.lstrip() if not started and lstrip else tail, stats)
 
-    def token_logprobs(self, tokens: list[int]) -> Any:
-        """Log-probabilities of every next token after each position (for `localchat eval`)."""
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([tokens], device=self.device)).logits[0]
-            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
-
     def close(self) -> None:
         import gc
 

@@ -8,13 +8,12 @@ from pathlib import Path
 from ..fsutil import atomic_path, check_disk, sha256_file
 from ..gguf_file import read_gguf
 from .manifest import ModelEntry, ModelFile, Store
-from .names import check_name
+from .names import check_name, safe_file_name
 
 
 def default_import_name(filename: str) -> str:
     stem = Path(filename).name.removesuffix(".gguf")
-    clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-.").lower()
-    return clean[:128] or "model"
+    return safe_file_name(stem).lower()
 
 
 def import_gguf(store: Store, source: str | Path, name: str | None = None,

@@ -21,6 +21,12 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
+def safe_file_name(name: str) -> str:
+    """A user's file name made into one safe path component (unsafe characters become '-')."""
+    clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-.")
+    return clean[:128] or "file"
+
+
 def check_repo_id(repo: str) -> str:
     if not _REPO.match(repo or "") or ".." in repo:
         raise UnsafeNameError(f"repository {repo!r} is not of the form OWNER/NAME")
