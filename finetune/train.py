@@ -27,6 +27,7 @@ from localchat.fsutil import atomic_write_text
 
 from .data import Dataset
 from .encode import IGNORE, Encoded, encode, pack
+from .lora_layers import speed_up_lora
 from .settings import TrainSettings
 
 CHECKPOINTS = "checkpoints"
@@ -89,7 +90,7 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     The output layer runs only where a label is trained: on chat data most positions are
     prompt, and the vocabulary-wide matmul and softmax are the costliest step of a small model.
     """
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -97,6 +98,21 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     n = int(keep.sum())
     loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
     return loss, n
+
+
+def evaluate_loss(model: Any, rows: list[Encoded], batch_size: int, pad: int, device: str,
+                  bf16: bool = False) -> float:
+    """Mean loss per trained token over `rows` (no dropout, no gradients)."""
+    was_training = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in _batches(rows, batch_size, 0):
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                loss, k = _loss(model, _collate(b, pad, device))
+            tot, n = tot + float(loss), n + k
+    model.train(was_training)
+    return tot / max(1, n)
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -193,7 +209,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
 
     qlora = cuda if settings.qlora is None else settings.qlora
     bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
+    # half the memory, and no per-step cast of every weight. LoRA weights stay float32.
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda or bf16 else torch.float32}
     if qlora:
         if not cuda:
             raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); drop --qlora on this machine")
@@ -210,6 +228,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
                                              lora_dropout=settings.lora_dropout,
                                              target_modules=list(settings.target), task_type="CAUSAL_LM"))
+    if not cuda:  # on CUDA PEFT's layers stay as they are (torch's dropout is cheap there)
+        speed_up_lora(model, fast_dropout=True, autocast=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(rows) / batch_size)
@@ -297,13 +317,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     train_time = time.perf_counter() - t_start
     held_loss = None
     if held:
-        model.eval()
-        with torch.no_grad():
-            tot, n = 0.0, 0
-            for b in _batches(held, batch_size, 0):
-                loss, k = _loss(model, _collate(b, pad, device))
-                tot, n = tot + float(loss), n + k
-        held_loss = tot / max(1, n)
+        held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
         with open(log, "a") as fh:
             fh.write(json.dumps({"step": step, "held_out_loss": round(held_loss, 5)}) + "\n")
     plot_loss(log, out / LOSS_PLOT)
