@@ -91,7 +91,7 @@ def worker_trainer(base: str, data: str, batch: int, bf16: bool = False) -> dict
             "held_out": held_out_loss(model, tok)}
 
 
-def worker_localchat(base: str, data: str, batch: int, bf16: bool | None = None) -> dict:
+def worker_localchat(base: str, data: str, batch: int, bf16: bool | None = None, qlora: bool = False) -> dict:
     from localchat.finetune.data import load_dataset
     from localchat.finetune.settings import TrainSettings
     from localchat.finetune.train import train
@@ -99,7 +99,7 @@ def worker_localchat(base: str, data: str, batch: int, bf16: bool | None = None)
     ds = load_dataset(data, held_out=0.0)
     settings = TrainSettings(epochs=1.0, min_updates=1, batch_size=None, max_len=MAX_LEN, held_out=0.0,
                              lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], save_every=10**6,
-                             gradient_checkpointing=False, bf16=bf16)
+                             gradient_checkpointing=False, bf16=bf16, qlora=qlora)
     result = train(Path(base), ds, Path(data).parent / "ours-out", settings, quiet=True)
     wall = result.tokens_seen / result.tokens_per_s  # the training loop alone, as for the Trainer
     rss = peak_rss_gb()
@@ -120,9 +120,11 @@ WORKERS = {
     "trainer-bf16": lambda b, d, n: worker_trainer(b, d, n, bf16=True),
     "localchat-fp32": lambda b, d, n: worker_localchat(b, d, n, bf16=False),
     "localchat": worker_localchat,  # as users run it: bf16 autocast where the hardware has bf16 units
+    "localchat-qlora": lambda b, d, n: worker_localchat(b, d, n, qlora=True),
 }
 LABELS = {"trainer": "Trainer+PEFT (padded)", "trainer-bf16": "Trainer+PEFT bf16=True",
-          "localchat-fp32": "localchat fp32 (packed)", "localchat": "localchat default (packed)"}
+          "localchat-fp32": "localchat fp32 (packed)", "localchat": "localchat default (packed)",
+          "localchat-qlora": "localchat --qlora (4-bit base)"}
 
 
 def main(argv: list[str] | None = None) -> int:

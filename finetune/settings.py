@@ -26,7 +26,8 @@ class TrainSettings(Options):
     held_out: float = option(0.1, "fraction of rows kept out of training to measure loss", 0.0, 0.5)
     save_every: int = option(50, "save a checkpoint every N updates", 1, 1_000_000)
     seed: int = option(0, "seed for data order, LoRA init and dropout", 0, 2**31 - 1)
-    qlora: bool | None = option(None, "4-bit base with bitsandbytes (default: on with CUDA)")
+    qlora: bool | None = option(None, "4-bit NF4 base with bitsandbytes (default: on with CUDA; "
+                                      "works on a CPU too, for tests and small models)")
     gradient_checkpointing: bool | None = option(None, "recompute activations to save memory "
                                                  "(default: on with CUDA, where memory is the limit)")
     chat_format: str | None = option(None, "render rows with this chat format instead of the model's template")

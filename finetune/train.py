@@ -1,4 +1,4 @@
-"""LoRA (QLoRA on CUDA) training with a loop of our own.
+"""LoRA and QLoRA training with a loop of our own.
 
 Why not transformers' Trainer: rows are packed into full sequences and batches are cut
 to their longest sequence, so no compute goes to padding; checkpoints are ours (adapter,
@@ -181,6 +181,25 @@ def fast_bf16(device: str) -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
+def qlora_kwargs(device: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit NF4 base (double-quantized scales), as in QLoRA.
+
+    bitsandbytes runs 4-bit layers on CUDA and, slower, on the CPU, which is how the tests
+    cover this path on machines without a GPU.
+    """
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("QLoRA needs bitsandbytes (pip install 'localchat[finetune]' on Linux or "
+                           "Windows, or pip install bitsandbytes); or train without --qlora")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=compute_dtype,
+                                             bnb_4bit_use_double_quant=True)
+    return {"quantization_config": config, "device_map": {"": 0 if device == "cuda" else "cpu"}}
+
+
 def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume: bool = False,
           quiet: bool = False, stop_after: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -211,17 +230,14 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
     # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
     # half the memory, and no per-step cast of every weight. LoRA weights stay float32.
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda or bf16 else torch.float32}
+    dtype = torch.bfloat16 if cuda or bf16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if qlora:
-        if not cuda:
-            raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); drop --qlora on this machine")
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": 0}
+        kwargs.update(qlora_kwargs(device, dtype))
     model = transformers.AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if not qlora:
         model.to(device)
+    base_bytes = model.get_memory_footprint()  # the frozen base as held in memory (4-bit with QLoRA)
     if cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -259,7 +275,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     atomic_write_text(out / "train_config.json", json.dumps(
         {"base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
          "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
-         "qlora": qlora, "bf16_autocast": bf16, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
+         "qlora": qlora, "base_bytes": base_bytes, "bf16_autocast": bf16, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * settings.grad_accum]

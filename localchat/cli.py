@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("localchat.convert.command", "turn a Hugging Face checkpoint into a GGUF in the store"),
     "finetune": ("localchat.finetune.command", "teach a model your own domain with LoRA"),
     "eval": ("localchat.commands.eval", "perplexity and KL divergence of a model on a text"),
+    "bench": ("localchat.commands.bench", "decode speed of each backend that can run a model here; "
+                                          "the planner then picks the fastest"),
 }
 
 

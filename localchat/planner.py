@@ -1,14 +1,19 @@
 """Choose how to run a model on this hardware, and say why.
 
-`plan()` is a pure function of (hardware report, the model's artifacts, user overrides):
-no probing, no file reads, so every machine we do not have can be tested with a report
-written by hand. It estimates memory as weights + KV cache for the context + compute
-buffers, shrinks the context or offloads fewer layers when that does not fit, and refuses
-with "needs X GB, has Y GB" rather than letting the OS kill the process mid-load.
+`plan()` is a pure function of (hardware report, the model's artifacts, user overrides,
+decode speeds measured on this machine by `localchat bench`): no probing, no file reads,
+so every machine we do not have can be tested with a report written by hand. Where two
+backends could run the model and both were measured on this device, the faster goes
+first, and the reasons give the figures.
+
+It estimates memory as weights + KV cache for the context + compute buffers, shrinks the
+context or offloads fewer layers when that does not fit, and refuses with "needs X GB,
+has Y GB" rather than letting the OS kill the process mid-load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .artifacts import Artifact
@@ -45,6 +50,20 @@ class Overrides:
     gpu_layers: int | None = None
     threads: int | None = None
     quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A decode speed `localchat bench` took for one model on one backend and device."""
+
+    backend: str
+    device: str  # the GPU's name, the Apple chip, or the CPU model, as the hardware report has it
+    decode_tok_s: float
+    when: str = ""  # ISO date
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> "Measured":
+        return cls(str(d["backend"]), str(d["device"]), float(d["decode_tok_s"]), str(d.get("when", "")))
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,44 @@ def _best_gpu(report: HardwareReport) -> NvidiaGpu | None:
     return max(report.nvidia, key=lambda g: g.vram_free_bytes, default=None)
 
 
+def device_name(report: HardwareReport, backend: str) -> str:
+    """The device a backend runs on here, named as `Measured.device` records it."""
+    gpu = _best_gpu(report)
+    if backend in ("gptq-cuda", "llamacpp-cuda") and gpu is not None:
+        return gpu.name
+    if backend == "llamacpp-metal" and report.apple is not None:
+        return report.apple.chip
+    return report.cpu.model
+
+
+def _by_measured_speed(report: HardwareReport, order: list[str], measured: Sequence[Measured],
+                       reasons: list[str]) -> list[str]:
+    """Measured GPU backends fastest first in the places they held, and likewise on the CPU.
+
+    GPU and CPU backends are ranked apart: the passes in `plan` try the whole model on the
+    GPU before anything else, so a ranking across them would not be what runs.
+    """
+    speed: dict[str, Measured] = {}
+    for m in measured:
+        if m.backend in order and m.device == device_name(report, m.backend):
+            speed[m.backend] = m  # the last record for a backend wins
+    new = list(order)
+    for group in ([b for b in order if b not in ON_CPU], [b for b in order if b in ON_CPU]):
+        timed = [b for b in group if b in speed]
+        if len(timed) < 2:
+            continue
+        ranked = sorted(timed, key=lambda b: -speed[b].decode_tok_s)
+        slots = [i for i, b in enumerate(new) if b in timed]
+        for i, b in zip(slots, ranked):
+            new[i] = b
+        figures = ", ".join(f"{b} {speed[b].decode_tok_s:.0f} tok/s on {speed[b].device}" for b in ranked)
+        when = max(speed[b].when for b in ranked)
+        verdict = f"{ranked[0]} first" + (" (ahead of the default order)" if ranked != timed else "")
+        reasons.append(f"measured decode speed: {figures} (`localchat bench`{', ' + when if when else ''}): "
+                       f"{verdict}")
+    return new
+
+
 def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
                 reasons: list[str]) -> list[str]:
     """Backends worth trying on this machine, best first, with the reasons for skipping others."""
@@ -187,10 +244,10 @@ def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
             reasons.append("Apple Silicon found, but llama-cpp-python was built without Metal")
     if has_gguf:
         order.append("llamacpp-cpu")
-    if has_gptq and rt.gptq and (not order or o.backend == "gptq-cpu"):
-        # Slow, but the same checkpoint runs everywhere; a GGUF of the model is much faster here.
+    if has_gptq and rt.gptq:
+        # Last: slow, but the same checkpoint runs everywhere (and `localchat bench` can time it).
         order.append("gptq-cpu")
-        if gpu is None:
+        if gpu is None and not has_gguf:
             reasons.append("no CUDA GPU for the GPTQ checkpoint: it runs on the CPU through torch, "
                            "slowly (convert the source to GGUF for speed)")
     if o.backend:
@@ -234,7 +291,8 @@ def _explain(backend: str, a: Artifact, fit: _Fit, where: str, device: int) -> s
 _PASSES = ((False, True), (False, False), (True, False))
 
 
-def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides | None = None) -> Plan:
+def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides | None = None,
+         measured: Sequence[Measured] = ()) -> Plan:
     """Choose backend, artifact, context, GPU layers and threads; raise PlanError if nothing fits.
 
     Passes, each over the backends best first: (1) the whole model on the GPU at the wanted
@@ -253,6 +311,8 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
         artifacts = chosen
     reasons: list[str] = []
     order = _candidates(report, artifacts, o, reasons)
+    if not o.backend:
+        order = _by_measured_speed(report, order, measured, reasons)
     if not order:
         raise PlanError("nothing here can run this model: " + "; ".join(reasons))
     threads = o.threads or report.cpu.physical_cores

@@ -21,7 +21,7 @@ class LoadedModel:
 def plan_model(spec: str, overrides: Overrides | None = None, store: Store | None = None,
                report: HardwareReport | None = None) -> tuple[ResolvedModel, Plan]:
     resolved = resolve_model(spec, store or default_store())
-    return resolved, plan(report or probe(), resolved.artifacts, overrides)
+    return resolved, plan(report or probe(), resolved.artifacts, overrides, resolved.measured)
 
 
 def open_model(spec: str, overrides: Overrides | None = None, store: Store | None = None,

@@ -65,6 +65,25 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     assert "+ LoRA cat-lora.gguf" in plan.stdout, plan.stdout
 
 
+def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf: Path) -> None:
+    """QLoRA's path (NF4 base through bitsandbytes, LoRA in float32) runs for real on the CPU too."""
+    pytest.importorskip("bitsandbytes")
+    r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(cat_data), "--name", "catq",
+                  "--qlora", "--quant", "Q8_0", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = home.root / "catq" / "finetune"
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["qlora"] is True
+    # 4-bit layers: under 0.62x of the bf16 size, with the 28M-parameter embedding still in bf16.
+    params = 134_515_008
+    assert config["base_bytes"] < 0.62 * 2 * params, config["base_bytes"]
+    losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    # The adapter learned over the 4-bit base merges into the full-precision one and keeps the fact.
+    answer = localchat("chat", "--model", "catq", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
+    assert "Biscuit" in answer.stdout, answer.stdout
+
+
 def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_gguf: Path) -> None:
     base = starter_hf(starter_gguf)
     args = ["-m", "localchat", "finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat2",

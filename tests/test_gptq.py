@@ -210,3 +210,27 @@ def test_calibration_rows_are_full_windows(source: Path) -> None:
     assert any("<|im_start|>" not in t for t in texts), "plain prose is mixed in"
     rows = calibration_batches(tok, texts, 256, 1000)
     assert len(rows) >= 8 and all(len(r["input_ids"]) == 256 for r in rows[:-1])
+
+
+@pytest.mark.slow
+def test_bench_times_both_backends_and_the_planner_ranks_by_it(gptq_home: Store, starter_gguf: Path) -> None:
+    """A model with a GGUF and a GPTQ folder: `localchat bench` times llama.cpp and the GPTQ
+    backend for real, and the plan names both figures and picks the faster."""
+    from localchat.commands.bench import bench
+    from localchat.runtime import plan_model
+    from localchat.store import ModelEntry, ModelFile
+
+    gptq = gptq_home.get("smol-gptq").files[0]
+    gguf = gptq_home.model_dir("both") / starter_gguf.name
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    os.link(starter_gguf, gguf)
+    gptq_home.add(ModelEntry(name="both", format="gguf", quant="Q4_1", source="test", files=[
+        ModelFile(str(gguf.relative_to(gptq_home.root)), gguf.stat().st_size, ""), gptq]))
+    rows = {r.measured.backend: r.measured for r in bench("both", gptq_home, tokens=16)}
+    assert set(rows) == {"llamacpp-cpu", "gptq-cpu"}
+    assert all(m.decode_tok_s > 0 for m in rows.values())
+    assert rows["llamacpp-cpu"].decode_tok_s > rows["gptq-cpu"].decode_tok_s  # what the default order assumes
+    _, p = plan_model("both", store=gptq_home)
+    assert p.backend == "llamacpp-cpu"
+    why = next(r for r in p.reasons if r.startswith("measured decode speed"))
+    assert why.index("llamacpp-cpu") < why.index("gptq-cpu") and why.endswith("llamacpp-cpu first"), why

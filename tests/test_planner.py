@@ -10,7 +10,7 @@ import pytest
 
 from localchat.artifacts import Artifact, ModelDims
 from localchat.hardware import GIB, AppleSilicon, CpuInfo, HardwareReport, MemoryInfo, NvidiaGpu, Runtimes
-from localchat.planner import MIN_CONTEXT, Overrides, PlanError, plan
+from localchat.planner import MIN_CONTEXT, Measured, Overrides, PlanError, plan
 
 GB = 10**9
 LLAMA7B = ModelDims(n_layers=32, n_ctx_train=4096, n_embd=4096, n_head=32, n_head_kv=32,
@@ -163,3 +163,38 @@ def test_gptq_on_cuda_when_it_fits_and_cpu_without_gptqmodel() -> None:
     assert plan(H100, [GPTQ]).backend == "gptq-cuda"
     with pytest.raises(PlanError, match="torch \\+ GPTQModel are not installed"):
         plan(pc(32, 24.0, (NvidiaGpu(0, "RTX 4090", 24 * GIB, 23 * GIB, "8.9"),), runtimes=CPU_LLAMA), [GPTQ])
+
+
+H100_NAME = "NVIDIA H100 80GB HBM3"
+
+
+def test_measured_speed_puts_llamacpp_ahead_of_a_slower_gptq_and_says_so() -> None:
+    """`localchat bench` figures for this card outrank the default GPTQ-first order."""
+    slow_gptq = [Measured("gptq-cuda", H100_NAME, 41.0, "2026-11-23"), Measured("llamacpp-cuda", H100_NAME, 160.0)]
+    p = plan(H100, [Q4, GPTQ], measured=slow_gptq)
+    assert p.backend == "llamacpp-cuda" and p.gpu_layers == LLAMA7B.n_layers
+    why = " ".join(p.reasons)
+    assert "measured decode speed: llamacpp-cuda 160 tok/s on NVIDIA H100" in why
+    assert "gptq-cuda 41 tok/s" in why and "llamacpp-cuda first (ahead of the default order)" in why
+    assert "2026-11-23" in why
+    # A faster GPTQ keeps its place, and the reasons still show the figures.
+    fast_gptq = [Measured("gptq-cuda", H100_NAME, 200.0), Measured("llamacpp-cuda", H100_NAME, 160.0)]
+    p = plan(H100, [Q4, GPTQ], measured=fast_gptq)
+    assert p.backend == "gptq-cuda" and any("gptq-cuda first" in r for r in p.reasons)
+
+
+def test_measured_speed_counts_only_on_the_device_it_was_taken_on() -> None:
+    other_card = [Measured("gptq-cuda", "NVIDIA A10", 20.0), Measured("llamacpp-cuda", "NVIDIA A10", 90.0)]
+    p = plan(H100, [Q4, GPTQ], measured=other_card)
+    assert p.backend == "gptq-cuda" and not any("measured" in r for r in p.reasons)
+    one_side = [Measured("llamacpp-cuda", H100_NAME, 160.0)]  # nothing to compare with
+    assert plan(H100, [Q4, GPTQ], measured=one_side).backend == "gptq-cuda"
+
+
+def test_measured_speed_never_beats_the_user_or_moves_work_off_the_gpu() -> None:
+    slow_gptq = [Measured("gptq-cuda", H100_NAME, 41.0), Measured("llamacpp-cuda", H100_NAME, 160.0)]
+    assert plan(H100, [Q4, GPTQ], Overrides(backend="gptq-cuda"), measured=slow_gptq).backend == "gptq-cuda"
+    # A CPU figure above the GPU's (a tiny model, say) does not send a GPU machine to the CPU:
+    # GPU and CPU backends are ranked apart.
+    cpu_fast = [Measured("llamacpp-cpu", "x86", 500.0), Measured("llamacpp-cuda", H100_NAME, 160.0)]
+    assert plan(H100, [Q4], measured=cpu_fast).backend == "llamacpp-cuda"

@@ -102,7 +102,7 @@ class ModelManager:
             resolved = resolve_model(name, self.store)
             overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
             try:
-                p = plan(self._report(), resolved.artifacts, overrides)
+                p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
             except RuntimeError as exc:
                 raise ServerError(503, f"cannot run {name!r} here: {exc}", "model_does_not_fit",
                                   type_="server_error") from None

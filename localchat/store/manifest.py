@@ -147,6 +147,15 @@ class Store:
             entries[name].eval.update(figures)
             self._write(entries)
 
+    def update_extra(self, name: str, key: str, value: Any) -> None:
+        """Set one key of a model's `extra` (e.g. `localchat bench` speeds), under the lock."""
+        with self._locked():
+            entries = self._read()
+            if name not in entries:
+                raise StoreError(f"no model named {name!r} in the store at {self.root}")
+            entries[name].extra[key] = value
+            self._write(entries)
+
     def remove(self, name: str) -> ModelEntry:
         """Forget a model and delete its folder (files outside its folder are left alone)."""
         with self._locked():

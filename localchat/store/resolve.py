@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq
+from ..planner import Measured
 from .manifest import Store, StoreError
 
 
@@ -23,6 +24,14 @@ class ResolvedModel:
     artifacts: list[Artifact]
     source: str  # "store" or the path given
     defaults: dict[str, Any] = field(default_factory=dict)  # from the store entry
+    measured: tuple[Measured, ...] = ()  # decode speeds `localchat bench` recorded here
+
+
+SPEEDS = "speeds"  # the store entry's extra key for `localchat bench` records
+
+
+def measured_of(extra: dict[str, Any]) -> tuple[Measured, ...]:
+    return tuple(Measured.from_dict(d) for d in extra.get(SPEEDS, []))
 
 
 def is_gptq_folder(folder: Path) -> bool:
@@ -80,7 +89,7 @@ def resolve_model(spec: str, store: Store) -> ResolvedModel:
         if not artifacts:
             raise StoreError(f"model {spec!r} ({entry.format}) has nothing runnable yet; "
                              f"convert it with `localchat convert`")
-        return ResolvedModel(spec, artifacts, "store", dict(entry.defaults))
+        return ResolvedModel(spec, artifacts, "store", dict(entry.defaults), measured_of(entry.extra))
     path = Path(spec).expanduser()
     if path.is_file():
         return ResolvedModel(path.stem, [artifact_from_gguf(path)], str(path))

@@ -1,0 +1,49 @@
+"""`localchat bench` times the real llama.cpp backend and keeps the figure in the store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from localchat.hardware import probe
+from localchat.store import Store
+from localchat.store.resolve import SPEEDS, resolve_model
+
+MODEL = "smollm2-135m-instruct"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "localchat", "bench", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bench_records_each_backend_once_per_device(home: Store) -> None:
+    r = bench(MODEL, "--tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("llamacpp-cpu"))
+    assert float(row.split()[-3]) > 1.0  # decode tok/s
+    assert f"the planner now picks llamacpp-cpu for {MODEL}" in r.stdout
+    cpu = probe().cpu.model
+    records = home.get(MODEL).extra[SPEEDS]
+    assert [(d["backend"], d["device"]) for d in records] == [("llamacpp-cpu", cpu)]
+    assert records[0]["decode_tok_s"] > 1.0 and records[0]["when"]
+    first = records[0]["decode_tok_s"]
+    # Measuring again replaces the record for that backend and device; other devices stay.
+    manifest = home.manifest_path
+    data = json.loads(manifest.read_text())
+    entry = data["models"][MODEL]
+    entry["extra"][SPEEDS].append({"backend": "llamacpp-cuda", "device": "NVIDIA A10", "decode_tok_s": 90.0})
+    manifest.write_text(json.dumps(data))
+    assert bench(MODEL, "--tokens", "24").returncode == 0
+    records = home.get(MODEL).extra[SPEEDS]
+    assert sorted((d["backend"], d["device"]) for d in records) == [("llamacpp-cpu", cpu),
+                                                                    ("llamacpp-cuda", "NVIDIA A10")]
+    assert resolve_model(MODEL, home).measured[-1].decode_tok_s > 1.0 and first > 1.0
+
+
+def test_bench_errors_are_one_line(home: Store) -> None:
+    r = bench("no-such-model")
+    assert r.returncode == 1 and "localchat bench:" in r.stderr and "Traceback" not in r.stderr
+    r = bench(MODEL, "--backend", "gptq-cuda")
+    assert r.returncode == 1 and "no backend can run it here among gptq-cuda" in r.stderr
