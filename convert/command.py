@@ -22,6 +22,7 @@ from .to_gguf import convert_to_gguf
 
 DEFAULT_QUANT = "Q4_K_M"
 SMOKE_PROMPT = "What is the capital of France?"
+GPTQ_BESIDE = "gptq"  # the folder name of a GPTQ checkpoint kept inside a GGUF model's folder
 
 
 @dataclass
@@ -76,18 +77,36 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     entry.sha256 = entry.files[0].sha256
     if template:
         entry.defaults["chat_format"] = template
+    kept = _gptq_beside(store, name)
+    if kept:  # a new GGUF for a model that also has a GPTQ folder keeps that folder
+        entry.files += kept
+        entry.quant += " + " + kept_quant(store, kept[0])
     store.add(entry)
     return ExportResult(entry, report, smoke)
 
 
-def smoke_chat(spec: str, system: str | None = None) -> str:
+def _gptq_beside(store: Store, name: str) -> list[ModelFile]:
+    """The GPTQ folder a GGUF model holds beside its GGUF files (see export_gptq)."""
+    if name not in store.models():
+        return []
+    return [f for f in store.get(name).files
+            if Path(f.path).name == GPTQ_BESIDE and store.path_of(f.path).is_dir()]
+
+
+def kept_quant(store: Store, f: ModelFile) -> str:
+    from localchat.artifacts import artifact_from_gptq
+
+    return artifact_from_gptq(store.path_of(f.path)).quant
+
+
+def smoke_chat(spec: str, system: str | None = None, backend: str | None = None) -> str:
     """One greedy answer through the runtime (a GGUF path or a store name), as `localchat chat` gives it."""
     from localchat.chat import ChatSession
     from localchat.engine import SamplingSettings
     from localchat.planner import Overrides
     from localchat.runtime import open_model
 
-    loaded = open_model(spec, Overrides(context=1024))
+    loaded = open_model(spec, Overrides(context=1024, backend=backend))
     try:
         return ChatSession(loaded.backend, system=system).ask(SMOKE_PROMPT,
                                                               SamplingSettings(temperature=0.0, max_tokens=48))
@@ -106,16 +125,28 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
 
     store = store or default_store()
     name = check_name(name or f"{_name_from(Path(source))}-gptq")
-    folder = store.model_dir(name)
+    existing = store.models().get(name)
+    # `--name` of a GGUF model puts the GPTQ folder beside its GGUF: one model with two
+    # artifacts, and the planner (with `localchat bench` figures) picks between them.
+    beside = existing is not None and existing.format == "gguf"
+    folder = store.model_dir(name) / GPTQ_BESIDE if beside else store.model_dir(name)
     kw = {} if mse is None else {"mse": mse}
     r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet, **kw)
     report, figures, smoke = r.report, {}, ""
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    entry = ModelEntry(name=name, format="gptq", quant=r.quant,
-                       files=[ModelFile(str(folder.relative_to(store.root)), size, "")],
-                       source=f"convert:{Path(source).resolve().name}",
-                       sha256=sha256_file(folder / "model.safetensors") if (folder / "model.safetensors").is_file()
-                       else "")
+    gptq_file = ModelFile(str(folder.relative_to(store.root)), size, "")
+    if beside:
+        assert existing is not None
+        entry = existing
+        entry.files = [f for f in entry.files if f.path != gptq_file.path] + [gptq_file]
+        entry.quant = entry.quant.split(" + ")[0] + " + " + r.quant
+        report.append(f"added beside {name}'s GGUF: on CUDA the plan prefers GPTQ unless `localchat bench "
+                      f"{name}` measures llama.cpp faster there")
+    else:
+        entry = ModelEntry(name=name, format="gptq", quant=r.quant, files=[gptq_file],
+                           source=f"convert:{Path(source).resolve().name}",
+                           sha256=sha256_file(folder / "model.safetensors")
+                           if (folder / "model.safetensors").is_file() else "")
     store.add(entry)
     if check:
         text = chat_eval_text(folder)
@@ -123,10 +154,19 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
         ev = evaluate(folder, text, base=Path(source) if r.plain_source else None)
         figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
         report.append(f"check: {ev.summary()}")
-        smoke = smoke_chat(name)
+        smoke = smoke_chat(str(folder), backend="gptq-cuda" if _cuda() else "gptq-cpu")
         report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
-        store.update_eval(name, figures)
+        if beside:  # the model's figures stay the GGUF's; the GPTQ's are kept beside them
+            store.update_extra(name, "gptq_eval", figures)
+        else:
+            store.update_eval(name, figures)
     return ExportResult(store.get(name), report, smoke)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def convert(args: argparse.Namespace) -> int:

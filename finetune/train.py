@@ -28,6 +28,7 @@ from localchat.fsutil import atomic_write_text
 from .data import Dataset
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import speed_up_lora
+from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
 from .settings import TrainSettings
 
 CHECKPOINTS = "checkpoints"
@@ -50,19 +51,32 @@ class TrainResult:
     tokens_seen: int  # real tokens trained on in this run (no padding)
 
 
-def auto_shape(settings: TrainSettings, cuda: bool, free_bytes: int) -> tuple[int, int]:
-    """(max_len, batch_size) from the memory at hand, unless the user set them.
+def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, weight_bytes: int,
+                checkpointing: bool, free_bytes: int) -> tuple[int, int, TrainMemory]:
+    """(max_len, batch_size, estimate): the user's values, or the largest that fit in memory.
 
-    Packed sequences are full, so a packed batch holds several unpacked batches' tokens:
-    on a CPU one 512-token sequence a step trains fastest (measured in bench_finetune.py).
+    On a CPU one packed 512-token sequence a step trains fastest (measured in
+    bench_finetune.py); on CUDA the largest shape whose estimate fits in 90% of the free
+    memory. Refuses with "needs X, has Y" when even the smallest does not fit.
     """
-    if cuda:
-        max_len = settings.max_len or (2048 if free_bytes > 20e9 else 1024)
-        batch = settings.batch_size or (8 if free_bytes > 40e9 else 4 if free_bytes > 12e9 else 2)
+    import transformers
+
+    shape = ModelShape.from_config(transformers.AutoConfig.from_pretrained(base, trust_remote_code=False))
+
+    def need(max_len: int, batch: int) -> TrainMemory:
+        return estimate(shape, tuple(settings.target), settings.lora_r, max_len, batch, qlora=qlora,
+                        weight_bytes=weight_bytes, checkpointing=checkpointing, device=device)
+
+    budget = int(free_bytes * 0.9)
+    if device == "cuda":
+        chosen = choose_shape(lambda n, b: need(n, b).total <= budget, settings.max_len, settings.batch_size)
+        max_len, batch = chosen or (settings.max_len or SHAPES[-1][0], settings.batch_size or SHAPES[-1][1])
     else:
         max_len = settings.max_len or 512
         batch = settings.batch_size or (1 if settings.pack else 4)
-    return max_len, batch
+    est = need(max_len, batch)
+    check(est, budget, "on the GPU" if device == "cuda" else "in RAM")
+    return max_len, batch, est
 
 
 def _batches(rows: list[Encoded], batch: int, epoch_seed: int) -> list[list[Encoded]]:
@@ -209,8 +223,15 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    free = torch.cuda.mem_get_info()[0] if cuda else 0
-    max_len, batch_size = auto_shape(settings, cuda, free)
+    qlora = cuda if settings.qlora is None else settings.qlora
+    bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
+    # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
+    # half the memory, and no per-step cast of every weight. LoRA weights stay float32.
+    dtype = torch.bfloat16 if cuda or bf16 else torch.float32
+    checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
+    free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
+    max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype == torch.bfloat16 else 4,
+                                            checkpointing, free)
     torch.manual_seed(settings.seed)
 
     tok = transformers.AutoTokenizer.from_pretrained(base)
@@ -226,11 +247,6 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     if settings.pack:
         rows = pack(rows, max_len)
 
-    qlora = cuda if settings.qlora is None else settings.qlora
-    bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
-    # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
-    # half the memory, and no per-step cast of every weight. LoRA weights stay float32.
-    dtype = torch.bfloat16 if cuda or bf16 else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qlora:
         kwargs.update(qlora_kwargs(device, dtype))
@@ -238,7 +254,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     if not qlora:
         model.to(device)
     base_bytes = model.get_memory_footprint()  # the frozen base as held in memory (4-bit with QLoRA)
-    if cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
@@ -272,10 +288,13 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     elif log.exists():
         log.unlink()
     resumed_from = step
+    # The settings as given, then what was chosen for them (a None max_len becomes the one used).
     atomic_write_text(out / "train_config.json", json.dumps(
-        {"base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
+        {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
          "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
-         "qlora": qlora, "base_bytes": base_bytes, "bf16_autocast": bf16, "updates": total, "epochs_run": round(epochs, 2), **asdict(settings)}, indent=2))
+         "qlora": qlora, "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
+         "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
+         "epochs_run": round(epochs, 2)}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * settings.grad_accum]
@@ -345,6 +364,12 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     os.replace(tmp, adapter)
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
                        resumed_from, tokens_done)
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _main_thread() -> bool:

@@ -234,3 +234,26 @@ def test_bench_times_both_backends_and_the_planner_ranks_by_it(gptq_home: Store,
     assert p.backend == "llamacpp-cpu"
     why = next(r for r in p.reasons if r.startswith("measured decode speed"))
     assert why.index("llamacpp-cpu") < why.index("gptq-cpu") and why.endswith("llamacpp-cpu first"), why
+
+
+@pytest.mark.slow
+def test_gptq_beside_a_gguf_makes_one_model_with_both(tmp_path: Path, source: Path) -> None:
+    """`convert --to gptq --name M` for a GGUF model M: one model, two artifacts; a later GGUF
+    export of M keeps the GPTQ folder."""
+    from localchat.convert.command import export_gguf, export_gptq
+    from localchat.store.resolve import resolve_model
+
+    store = Store(tmp_path / "home")
+    src = tiny_model("LlamaForCausalLM", tmp_path / "tiny", source)
+    export_gguf(src, "Q8_0", name="tiny", store=store, check=False, quiet=True)
+    r = export_gptq(src, name="tiny", group_size=32, store=store, quiet=True, mse=0.0)
+    assert any("added beside tiny's GGUF" in line for line in r.report)
+    assert "smoke chat" in " ".join(r.report)  # the smoke chat ran on the GPTQ backend
+    e = store.get("tiny")
+    assert e.format == "gguf" and e.quant == "Q8_0 + GPTQ-4bit-g32" and "gptq_eval" in e.extra
+    assert {a.format for a in resolve_model("tiny", store).artifacts} == {"gguf", "gptq"}
+    assert (store.model_dir("tiny") / "tiny-Q8_0.gguf").is_file()  # the GGUF survived the GPTQ write
+    export_gguf(src, "Q4_0", name="tiny", store=store, check=False, quiet=True)
+    e = store.get("tiny")
+    assert e.quant == "Q4_0 + GPTQ-4bit-g32"
+    assert {a.format for a in resolve_model("tiny", store).artifacts} == {"gguf", "gptq"}

@@ -1,0 +1,78 @@
+"""The training memory estimate: checked against a real run's peak RSS, used to choose the
+shape on a GPU and to refuse before loading anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from localchat.finetune.memory import GIB, ModelShape, NotEnoughMemory, check, choose_shape, estimate
+from localchat.finetune.settings import DEFAULT_TARGETS
+from localchat.store import Store
+
+from .checkpoints import starter_hf
+
+LLAMA_7B = ModelShape.from_config(transformers.LlamaConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32))
+CARD_8GB_FREE = int(7.6 * GIB)  # what an 8 GB card has free with a desktop running
+
+
+def _need(shape: ModelShape, max_len: int, batch: int, qlora: bool):
+    return estimate(shape, DEFAULT_TARGETS, 16, max_len, batch, qlora=qlora, weight_bytes=2, checkpointing=True,
+                    device="cuda")
+
+
+def test_llama_7b_qlora_fits_an_8gb_card_and_plain_lora_is_refused() -> None:
+    assert 6.4e9 < LLAMA_7B.linear_params < 6.6e9  # the 7B shape: 6.5B in the linear layers
+    budget = int(CARD_8GB_FREE * 0.9)
+    shape = choose_shape(lambda n, b: _need(LLAMA_7B, n, b, True).total <= budget, None, None)
+    assert shape is not None and shape[0] * shape[1] >= 1024, shape
+    need = _need(LLAMA_7B, *shape, True)
+    assert 3.4 * GIB < need.weights < 3.8 * GIB  # NF4 base: ~0.52 bytes a weight
+    assert need.total < 8 * GIB
+    with pytest.raises(NotEnoughMemory, match=r"training needs 1[0-9]\.\d\d GiB, has 6\.84 GiB free on the GPU"):
+        check(_need(LLAMA_7B, 512, 1, False), budget, "on the GPU")
+
+
+def test_a_user_shape_is_kept() -> None:
+    assert choose_shape(lambda n, b: True, 300, None) == (300, 8)
+    assert choose_shape(lambda n, b: n * b <= 1024, None, 1) == (1024, 1)
+    assert choose_shape(lambda n, b: False, None, None) is None
+
+
+def test_estimate_is_within_a_quarter_of_a_real_runs_peak(tmp_path: Path, starter_gguf: Path) -> None:
+    """The default CPU run (one packed 512-token row a step) on the starter, in its own process."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text(Path(__file__).parents[1].joinpath("localchat/data/eval_chats.jsonl").read_text() * 2)
+    out = tmp_path / "out"
+    code = ("import sys; from pathlib import Path; from localchat.finetune.data import load_dataset; "
+            "from localchat.finetune.settings import TrainSettings; from localchat.finetune.train import train; "
+            "train(Path(sys.argv[1]), load_dataset(sys.argv[2], held_out=0.0), Path(sys.argv[3]), "
+            "TrainSettings(epochs=1.0, min_updates=1, held_out=0.0), quiet=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(starter_hf(starter_gguf)), str(data), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read()[-2000:]
+    peak = usage.ru_maxrss * 1024
+    config = json.loads((out / "train_config.json").read_text())
+    assert (config["max_len"], config["batch_size"]) == (512, 1)
+    ratio = config["memory_estimate_bytes"] / peak
+    assert 0.8 < ratio < 1.25, (ratio, config["memory_estimate"], peak / GIB)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(home: Store, tmp_path: Path, starter_gguf: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 4)
+    r = subprocess.run([sys.executable, "-m", "localchat", "finetune", "--base", str(starter_hf(starter_gguf)),
+                        "--data", str(data), "--name", "huge", "--max-len", "131072", "--batch-size", "64", "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "training needs" in r.stderr and "GiB free in RAM" in r.stderr and "lower --max-len" in r.stderr
+    assert not (home.root / "huge" / "finetune" / "adapter").exists()
