@@ -227,10 +227,11 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
     # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
     # half the memory, and no per-step cast of every weight. LoRA weights stay float32.
-    dtype = torch.bfloat16 if cuda or bf16 else torch.float32
+    # CUDA cards without bf16 (before Ampere) hold it in float16 and run without autocast.
+    dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
     checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
-    max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype == torch.bfloat16 else 4,
+    max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype != torch.float32 else 4,
                                             checkpointing, free)
     torch.manual_seed(settings.seed)
 

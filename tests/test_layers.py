@@ -33,7 +33,7 @@ def test_planner_is_pure_code() -> None:
     tree = ast.parse(Path(planner.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported <= {"__future__", "dataclasses", "artifacts", "hardware.report"}, imported
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "artifacts", "hardware.report"}, imported
 
 
 def test_ui_builds_without_torch(home: Store) -> None:
