@@ -32,15 +32,20 @@ def starter_home(root: Path, starter_gguf: Path) -> Store:
     """A store at `root` holding only the starter (hard-linked, not copied, where possible)."""
     target = root / STARTER.name / starter_gguf.name
     target.parent.mkdir(parents=True)
-    try:
-        os.link(starter_gguf, target)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(starter_gguf, target)
+    link_or_copy(starter_gguf, target)
     store = Store(root)
     install_starter(store)  # finds the verified file and writes the manifest entry
     return store
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (the starter is 98 MB), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
 
 
 def free_port() -> int:

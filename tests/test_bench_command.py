@@ -47,3 +47,27 @@ def test_bench_errors_are_one_line(home: Store) -> None:
     assert r.returncode == 1 and "localchat bench:" in r.stderr and "Traceback" not in r.stderr
     r = bench(MODEL, "--backend", "gptq-cuda")
     assert r.returncode == 1 and "no backend can run it here among gptq-cuda" in r.stderr
+
+
+def test_a_backend_that_fails_to_load_is_reported_and_the_others_still_timed(home: Store, starter_gguf) -> None:
+    """A model whose GPTQ folder lost its weights: gptq-cpu fails to load, llama.cpp is still timed."""
+    from localchat.store import ModelEntry, ModelFile
+
+    from .checkpoints import starter_hf
+    from .conftest import link_or_copy
+
+    folder = home.model_dir("half") / "gptq"
+    folder.mkdir(parents=True)
+    config = json.loads((starter_hf(starter_gguf) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
+                                     "desc_act": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    gguf = home.model_dir("half") / starter_gguf.name
+    link_or_copy(starter_gguf, gguf)
+    home.add(ModelEntry(name="half", format="gguf", quant="Q4_1", source="test", files=[
+        ModelFile(str(gguf.relative_to(home.root)), gguf.stat().st_size, ""),
+        ModelFile(str(folder.relative_to(home.root)), 0, "")]))
+    r = bench("half", "--tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "localchat bench: gptq-cpu:" in r.stderr and "Traceback" not in r.stderr
+    assert [d["backend"] for d in home.get("half").extra[SPEEDS]] == ["llamacpp-cpu"]

@@ -220,10 +220,12 @@ def test_bench_times_both_backends_and_the_planner_ranks_by_it(gptq_home: Store,
     from localchat.runtime import plan_model
     from localchat.store import ModelEntry, ModelFile
 
+    from .conftest import link_or_copy
+
     gptq = gptq_home.get("smol-gptq").files[0]
     gguf = gptq_home.model_dir("both") / starter_gguf.name
     gguf.parent.mkdir(parents=True, exist_ok=True)
-    os.link(starter_gguf, gguf)
+    link_or_copy(starter_gguf, gguf)
     gptq_home.add(ModelEntry(name="both", format="gguf", quant="Q4_1", source="test", files=[
         ModelFile(str(gguf.relative_to(gptq_home.root)), gguf.stat().st_size, ""), gptq]))
     rows = {r.measured.backend: r.measured for r in bench("both", gptq_home, tokens=16)}

@@ -73,7 +73,16 @@ def bench(spec: str, store: Store, tokens: int = DEFAULT_TOKENS, backends: list[
     plans = [p for p in runnable_plans(report, spec, store) if not backends or p.backend in backends]
     if not plans:
         raise PlanError(f"{spec}: no backend can run it here" + (f" among {', '.join(backends)}" if backends else ""))
-    rows = [measure(p, device_name(report, p.backend), tokens) for p in plans]
+    rows, failures = [], []
+    for p in plans:  # one backend failing to load (a broken install, say) does not stop the others
+        try:
+            rows.append(measure(p, device_name(report, p.backend), tokens))
+        except (RuntimeError, OSError, ValueError, ImportError) as exc:
+            failures.append(f"{p.backend}: {exc}")
+    if not rows:
+        raise RuntimeError("every backend failed: " + "; ".join(failures))
+    for line in failures:
+        print(f"localchat bench: {line}", file=sys.stderr)
     if save and spec in store.models():
         new = {(r.measured.backend, r.measured.device) for r in rows}
         kept = [d for d in store.get(spec).extra.get(SPEEDS, []) if (d["backend"], d["device"]) not in new]
