@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -231,6 +231,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
     checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
+    if resume:  # the shape the run started with, whatever memory is free now: the same data order
+        settings = _shape_of_run(out, settings)
     max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype != torch.float32 else 4,
                                             checkpointing, free)
     torch.manual_seed(settings.seed)
@@ -365,6 +367,16 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     os.replace(tmp, adapter)
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
                        resumed_from, tokens_done)
+
+
+def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
+    """`settings` with the max_len and batch_size the interrupted run in `out` used."""
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return settings
+    return replace(settings, max_len=settings.max_len or saved.get("max_len"),
+                   batch_size=settings.batch_size or saved.get("batch_size"))
 
 
 def _available_ram() -> int:

@@ -76,3 +76,15 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(home: Store, tmp_path: 
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "training needs" in r.stderr and "GiB free in RAM" in r.stderr and "lower --max-len" in r.stderr
     assert not (home.root / "huge" / "finetune" / "adapter").exists()
+
+
+def test_resume_keeps_the_shape_the_run_started_with(tmp_path: Path) -> None:
+    """Free memory may differ at --resume; the shape (and so the data order) must not."""
+    from localchat.finetune.settings import TrainSettings
+    from localchat.finetune.train import _shape_of_run
+
+    (tmp_path / "train_config.json").write_text(json.dumps({"max_len": 1024, "batch_size": 2}))
+    s = _shape_of_run(tmp_path, TrainSettings())
+    assert (s.max_len, s.batch_size) == (1024, 2)
+    assert _shape_of_run(tmp_path, TrainSettings(batch_size=3)).batch_size == 3  # the user's flag wins
+    assert _shape_of_run(tmp_path / "none", TrainSettings()).max_len is None
