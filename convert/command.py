@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
@@ -80,7 +81,7 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     kept = _gptq_beside(store, name)
     if kept:  # a new GGUF for a model that also has a GPTQ folder keeps that folder
         entry.files += kept
-        entry.quant += " + " + kept_quant(store, kept[0])
+        entry.quant = _both_quants(q, artifact_from_gptq(store.path_of(kept[0].path)).quant)
     store.add(entry)
     return ExportResult(entry, report, smoke)
 
@@ -93,10 +94,9 @@ def _gptq_beside(store: Store, name: str) -> list[ModelFile]:
             if Path(f.path).name == GPTQ_BESIDE and store.path_of(f.path).is_dir()]
 
 
-def kept_quant(store: Store, f: ModelFile) -> str:
-    from localchat.artifacts import artifact_from_gptq
-
-    return artifact_from_gptq(store.path_of(f.path)).quant
+def _both_quants(gguf_quant: str, gptq_quant: str) -> str:
+    """The quant label of a model with a GGUF and a GPTQ folder, e.g. "Q4_K_M + GPTQ-4bit-g128"."""
+    return f"{gguf_quant.split(' + ')[0]} + {gptq_quant}"
 
 
 def smoke_chat(spec: str, system: str | None = None, backend: str | None = None) -> str:
@@ -136,18 +136,18 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     gptq_file = ModelFile(str(folder.relative_to(store.root)), size, "")
     if beside:
-        assert existing is not None
-        entry = existing
-        entry.files = [f for f in entry.files if f.path != gptq_file.path] + [gptq_file]
-        entry.quant = entry.quant.split(" + ")[0] + " + " + r.quant
+        def add_beside(entry: ModelEntry) -> None:  # under the store lock: the GGUF entry as it is now
+            entry.files = [f for f in entry.files if f.path != gptq_file.path] + [gptq_file]
+            entry.quant = _both_quants(entry.quant, r.quant)
+
+        store.update(name, add_beside)
         report.append(f"added beside {name}'s GGUF: on CUDA the plan prefers GPTQ unless `localchat bench "
                       f"{name}` measures llama.cpp faster there")
     else:
-        entry = ModelEntry(name=name, format="gptq", quant=r.quant, files=[gptq_file],
-                           source=f"convert:{Path(source).resolve().name}",
-                           sha256=sha256_file(folder / "model.safetensors")
-                           if (folder / "model.safetensors").is_file() else "")
-    store.add(entry)
+        store.add(ModelEntry(name=name, format="gptq", quant=r.quant, files=[gptq_file],
+                             source=f"convert:{Path(source).resolve().name}",
+                             sha256=sha256_file(folder / "model.safetensors")
+                             if (folder / "model.safetensors").is_file() else ""))
     if check:
         text = chat_eval_text(folder)
         # KL divergence needs the source as transformers reads it: a plain HF folder.

@@ -49,7 +49,7 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def speed_up_lora(model: Any, fast_dropout: bool, autocast: bool) -> int:
+def speed_up_lora(model: Any, autocast: bool) -> int:
     """Apply the two changes above to every LoRA layer of a PEFT model; returns how many layers.
 
     `autocast` must hold only when every forward pass runs under torch.autocast: the input
@@ -63,8 +63,7 @@ def speed_up_lora(model: Any, fast_dropout: bool, autocast: bool) -> int:
         layers += 1
         if autocast:
             module.cast_input_dtype_enabled = False  # read by PEFT's BaseTunerLayer._cast_input_dtype
-        if fast_dropout:
-            for name, drop in list(drops.items()):
-                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
-                    drops[name] = FastDropout(drop.p)
+        for name, drop in list(drops.items()):
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                drops[name] = FastDropout(drop.p)
     return layers

@@ -125,7 +125,8 @@ def choose_shape(fits: Any, max_len: int | None, batch: int | None,
     return None
 
 
-def check(need: TrainMemory, has: int, where: str) -> None:
+def check(need: TrainMemory, has: int, where: str, qlora: bool = False) -> None:
     if need.total > has:
         raise NotEnoughMemory(f"training needs {need.total / GIB:.2f} GiB, has {has / GIB:.2f} GiB free {where} "
-                              f"({need.describe()}); lower --max-len or --batch-size, or use --qlora")
+                              f"({need.describe()}); lower --max-len or --batch-size"
+                              + ("" if qlora else ", or use --qlora"))

@@ -75,7 +75,7 @@ def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, w
         max_len = settings.max_len or 512
         batch = settings.batch_size or (1 if settings.pack else 4)
     est = need(max_len, batch)
-    check(est, budget, "on the GPU" if device == "cuda" else "in RAM")
+    check(est, budget, "on the GPU" if device == "cuda" else "in RAM", qlora)
     return max_len, batch, est
 
 
@@ -264,7 +264,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                                              lora_dropout=settings.lora_dropout,
                                              target_modules=list(settings.target), task_type="CAUSAL_LM"))
     if not cuda:  # on CUDA PEFT's layers stay as they are (torch's dropout is cheap there)
-        speed_up_lora(model, fast_dropout=True, autocast=bf16)
+        speed_up_lora(model, autocast=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(rows) / batch_size)

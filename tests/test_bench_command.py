@@ -30,11 +30,8 @@ def test_bench_records_each_backend_once_per_device(home: Store) -> None:
     assert records[0]["decode_tok_s"] > 1.0 and records[0]["when"]
     first = records[0]["decode_tok_s"]
     # Measuring again replaces the record for that backend and device; other devices stay.
-    manifest = home.manifest_path
-    data = json.loads(manifest.read_text())
-    entry = data["models"][MODEL]
-    entry["extra"][SPEEDS].append({"backend": "llamacpp-cuda", "device": "NVIDIA A10", "decode_tok_s": 90.0})
-    manifest.write_text(json.dumps(data))
+    home.update_extra(MODEL, SPEEDS, records + [{"backend": "llamacpp-cuda", "device": "NVIDIA A10",
+                                                 "decode_tok_s": 90.0}])
     assert bench(MODEL, "--tokens", "24").returncode == 0
     records = home.get(MODEL).extra[SPEEDS]
     assert sorted((d["backend"], d["device"]) for d in records) == [("llamacpp-cpu", cpu),
@@ -70,4 +67,5 @@ def test_a_backend_that_fails_to_load_is_reported_and_the_others_still_timed(hom
     r = bench("half", "--tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "localchat bench: gptq-cpu:" in r.stderr and "Traceback" not in r.stderr
+    assert any(line.startswith("llamacpp-cpu") for line in r.stdout.splitlines())
     assert [d["backend"] for d in home.get("half").extra[SPEEDS]] == ["llamacpp-cpu"]

@@ -62,7 +62,7 @@ def _tiny_lora(dropout: float, dtype: torch.dtype = torch.float32):
 
 def test_swaps_peft_lora_dropout() -> None:
     model = _tiny_lora(0.1)
-    assert speed_up_lora(model, fast_dropout=True, autocast=False) == 2 * 3
+    assert speed_up_lora(model, autocast=False) == 2 * 3
     drops = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
     assert drops and all(isinstance(d, FastDropout) and d.p == 0.1 for d in drops)
     ids = torch.randint(0, 64, (2, 16))
@@ -80,7 +80,7 @@ def test_bf16_base_under_autocast_gives_peft_loss_without_the_round_trip() -> No
         model = _tiny_lora(0.0, torch.bfloat16)
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
         if tuned:
-            speed_up_lora(model, fast_dropout=True, autocast=True)
+            speed_up_lora(model, autocast=True)
         seen: set[torch.dtype] = set()
         for name, module in model.named_modules():
             if name.endswith("lora_A.default"):

@@ -228,7 +228,9 @@ def test_bench_times_both_backends_and_the_planner_ranks_by_it(gptq_home: Store,
     link_or_copy(starter_gguf, gguf)
     gptq_home.add(ModelEntry(name="both", format="gguf", quant="Q4_1", source="test", files=[
         ModelFile(str(gguf.relative_to(gptq_home.root)), gguf.stat().st_size, ""), gptq]))
-    rows = {r.measured.backend: r.measured for r in bench("both", gptq_home, tokens=16)}
+    run = bench("both", gptq_home, tokens=16)
+    assert not run.failures, run.failures
+    rows = {r.measured.backend: r.measured for r in run.rows}
     assert set(rows) == {"llamacpp-cpu", "gptq-cpu"}
     assert all(m.decode_tok_s > 0 for m in rows.values())
     assert rows["llamacpp-cpu"].decode_tok_s > rows["gptq-cpu"].decode_tok_s  # what the default order assumes

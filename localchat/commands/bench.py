@@ -34,13 +34,19 @@ class BenchRow:
     tokens: int
 
 
-def runnable_plans(report: HardwareReport, spec: str, store: Store, context: int | None = None) -> list[Plan]:
+@dataclass(frozen=True)
+class BenchRun:
+    rows: list[BenchRow]
+    failures: list[str]  # "backend: why", one per backend that could not be timed
+
+
+def runnable_plans(report: HardwareReport, spec: str, store: Store) -> list[Plan]:
     """One plan per backend that can run the model here (the planner's own fit checks)."""
     model = resolve_model(spec, store)
     plans = []
     for backend in BACKENDS:
         try:
-            plans.append(plan(report, model.artifacts, Overrides(backend=backend, context=context)))
+            plans.append(plan(report, model.artifacts, Overrides(backend=backend)))
         except PlanError:
             continue
     return plans
@@ -67,44 +73,45 @@ def measure(p: Plan, device: str, tokens: int) -> BenchRow:
 
 
 def bench(spec: str, store: Store, tokens: int = DEFAULT_TOKENS, backends: list[str] | None = None,
-          save: bool = True, report: HardwareReport | None = None) -> list[BenchRow]:
+          save: bool = True, report: HardwareReport | None = None) -> BenchRun:
     """Measure each runnable backend (or the named ones) and record the figures in the store."""
     report = report or probe()
     plans = [p for p in runnable_plans(report, spec, store) if not backends or p.backend in backends]
     if not plans:
         raise PlanError(f"{spec}: no backend can run it here" + (f" among {', '.join(backends)}" if backends else ""))
-    rows, failures = [], []
+    run = BenchRun([], [])
     for p in plans:  # one backend failing to load (a broken install, say) does not stop the others
         try:
-            rows.append(measure(p, device_name(report, p.backend), tokens))
+            run.rows.append(measure(p, device_name(report, p.backend), tokens))
         except (RuntimeError, OSError, ValueError, ImportError) as exc:
-            failures.append(f"{p.backend}: {exc}")
-    if not rows:
-        raise RuntimeError("every backend failed: " + "; ".join(failures))
-    for line in failures:
-        print(f"localchat bench: {line}", file=sys.stderr)
+            run.failures.append(f"{p.backend}: {exc}")
+    if not run.rows:
+        raise RuntimeError("every backend failed: " + "; ".join(run.failures))
     if save and spec in store.models():
-        new = {(r.measured.backend, r.measured.device) for r in rows}
-        kept = [d for d in store.get(spec).extra.get(SPEEDS, []) if (d["backend"], d["device"]) not in new]
-        store.update_extra(spec, SPEEDS, kept + [asdict(r.measured) for r in rows])
-    return rows
+        store.update(spec, lambda entry: _record(entry.extra, run.rows))
+    return run
+
+
+def _record(extra: dict, rows: list[BenchRow]) -> None:
+    """New figures replace those of the same backend and device; other devices' stay."""
+    new = {(r.measured.backend, r.measured.device) for r in rows}
+    kept = [d for d in extra.get(SPEEDS, []) if (d["backend"], d["device"]) not in new]
+    extra[SPEEDS] = kept + [asdict(r.measured) for r in rows]
 
 
 def command(args: argparse.Namespace) -> int:
-    store = default_store()
-    try:
-        rows = bench(args.model, store, args.tokens, args.backend, save=not args.no_save)
-    except (PlanError, LookupError, RuntimeError) as exc:
-        print(f"localchat bench: {exc}", file=sys.stderr)
-        return 1
+    store, report = default_store(), probe()
+    run = bench(args.model, store, args.tokens, args.backend, save=not args.no_save, report=report)
+    for line in run.failures:
+        print(f"localchat bench: {line}", file=sys.stderr)
     print(f"{'backend':<16} {'device':<40} {'decode tok/s':>12} {'prompt tok/s':>12} {'tokens':>6}")
-    for r in rows:
+    for r in run.rows:
         m = r.measured
         print(f"{m.backend:<16} {m.device[:40]:<40} {m.decode_tok_s:>12.1f} {r.prompt_tok_s:>12.1f} {r.tokens:>6}")
     if args.model in store.models() and not args.no_save:
         from ..runtime import plan_model
 
-        _, chosen = plan_model(args.model, store=store)
+        _, chosen = plan_model(args.model, store=store, report=report)
         print(f"saved in the store; the planner now picks {chosen.backend} for {args.model}")
     return 0
 

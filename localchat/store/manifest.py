@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..fsutil import atomic_write_text
 from .names import check_name
@@ -139,22 +139,22 @@ class Store:
             entries[entry.name] = entry
             self._write(entries)
 
-    def update_eval(self, name: str, figures: dict[str, Any]) -> None:
+    def update(self, name: str, change: Callable[[ModelEntry], None]) -> ModelEntry:
+        """Change one entry in place under the lock: a read-modify-write that loses no one else's write."""
         with self._locked():
             entries = self._read()
             if name not in entries:
                 raise StoreError(f"no model named {name!r} in the store at {self.root}")
-            entries[name].eval.update(figures)
+            change(entries[name])
             self._write(entries)
+            return entries[name]
+
+    def update_eval(self, name: str, figures: dict[str, Any]) -> None:
+        self.update(name, lambda e: e.eval.update(figures))
 
     def update_extra(self, name: str, key: str, value: Any) -> None:
-        """Set one key of a model's `extra` (e.g. `localchat bench` speeds), under the lock."""
-        with self._locked():
-            entries = self._read()
-            if name not in entries:
-                raise StoreError(f"no model named {name!r} in the store at {self.root}")
-            entries[name].extra[key] = value
-            self._write(entries)
+        """Set one key of a model's `extra` (e.g. the GPTQ figures of a two-format model)."""
+        self.update(name, lambda e: e.extra.__setitem__(key, value))
 
     def remove(self, name: str) -> ModelEntry:
         """Forget a model and delete its folder (files outside its folder are left alone)."""
