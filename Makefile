@@ -1,11 +1,16 @@
 # Two commands do everything on a fresh machine: `make chat` and `make test`.
-# The venv in .venv is rebuilt only when pyproject.toml (the dependency spec) changes.
+# The venv in .venv is rebuilt only when pyproject.toml (the dependency spec) or
+# constraints.txt (the versions the suite passed with) changes. `make lock` re-resolves.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CORE   := $(VENV)/.installed-core
 DEV    := $(VENV)/.installed-dev
+# Every install goes through the lock: the exact versions `make test` last passed with.
+LOCK   := constraints.txt
+PIP    := $(BIN)/python -m pip install -c $(LOCK)
+LOCK_HEADER := \# The versions `make test` passed with, for the core and every extra (pip constraints). Upgrade: make lock
 
 # llama.cpp's AMX kernels crash on CPUs that advertise AMX inside some VMs (this one):
 # build without them there. pip caches the built wheel, so this costs ~9 min once.
@@ -17,18 +22,18 @@ endif
 # Browser tests drive Debian's chromium with Playwright (never Playwright's own download).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup chat ui test bench doctor screenshots clean
+.PHONY: setup chat ui test bench doctor screenshots clean lock
 
 # The core (llama.cpp, no torch) is all `make chat` needs; `make test` adds the dev extras.
-$(CORE): pyproject.toml
+$(CORE): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e .
+	$(PIP) -e .
 	rm -f $(DEV) $(UI)
 	touch $@
 
 $(DEV): $(CORE)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(PIP) -e '.[dev]'
 	touch $@
 
 # Installed as root where apt exists (CI, this machine); elsewhere the browser tests skip and say why.
@@ -46,7 +51,7 @@ chat: setup
 UI := $(VENV)/.installed-ui
 
 $(UI): $(CORE)
-	$(BIN)/python -m pip install -e '.[ui]'
+	$(PIP) -e '.[ui]'
 	touch $@
 
 ui: $(UI) setup
@@ -68,3 +73,13 @@ bench: $(DEV) setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Upgrade: resolve every extra afresh in a new venv (newest versions pyproject.toml allows),
+# write them to the lock, then run the whole suite on them. Commit constraints.txt if it passes.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -e '.[all,dev]'
+	{ echo '$(LOCK_HEADER)'; .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e '; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	$(MAKE) test

@@ -17,9 +17,7 @@ from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
-from .checkpoint import load_checkpoint
 from .quantize import QUANT_TYPES, fallback_note, quant_name, quantize
-from .to_gguf import convert_to_gguf
 
 DEFAULT_QUANT = "Q4_K_M"
 SMOKE_PROMPT = "What is the capital of France?"
@@ -43,6 +41,9 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
                 keep_f16: bool = False, check: bool = True, quiet: bool = False) -> ExportResult:
     """Convert, quantize, check and register; returns the store entry."""
     from localchat.evaluation import chat_eval_text, evaluate
+
+    from .checkpoint import load_checkpoint  # torch and gguf: the convert extra, imported when used
+    from .to_gguf import convert_to_gguf
 
     store = store or default_store()
     q = quant_name(quant)

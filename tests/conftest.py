@@ -10,12 +10,35 @@ import pytest
 
 from localchat.artifacts import artifact_from_gguf
 from localchat.engine.llamacpp import LlamaCppBackend
-from localchat.hardware import probe
+from localchat.hardware import ENV_REPORT, HardwareReport, probe, probe_machine
 from localchat.planner import Overrides, plan
 from localchat.store import STARTER, Store, install_starter, store_root
 from localchat.store.manifest import ModelEntry
 
 TEST_CONTEXT = 2048
+
+
+def cpu_only(report: HardwareReport) -> HardwareReport:
+    """This machine as a CPU-only one: no GPU, no GPU offload in llama.cpp."""
+    from dataclasses import replace
+
+    return replace(report, nvidia=(), apple=None, runtimes=replace(report.runtimes, llama_cpp_gpu_offload=False))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hardware_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test, and every `localchat` child it starts, plans for this machine as a CPU-only
+    one (through $LOCALCHAT_HARDWARE_REPORT), so no result depends on whether a GPU is there.
+    Tests of GPU plans build their reports by hand (tests/test_planner.py)."""
+    path = tmp_path_factory.mktemp("hardware") / "cpu-only.json"
+    path.write_text(cpu_only(probe_machine()).to_json())
+    old = os.environ.get(ENV_REPORT)
+    os.environ[ENV_REPORT] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(ENV_REPORT, None)
+    else:
+        os.environ[ENV_REPORT] = old
 
 
 @pytest.fixture(scope="session")

@@ -65,20 +65,35 @@ def test_markdown_export_holds_the_conversation() -> None:
 
 
 def test_kill_mid_save_loses_nothing(tmp_path: Path) -> None:
-    """A writer SIGKILLed while saving again and again leaves a complete file every time."""
+    """A writer SIGKILLed in the middle of a save (its temp file already holds bytes) leaves the
+    previous complete file every time."""
     h = ChatHistory(tmp_path)
-    conv = _conv(answer="x" * 2_000_000)  # big enough that a save takes a while
+    conv = _conv(answer="x" * 4_000_000)  # big enough that a save takes a while
     h.save(conv)
+    before = h.path(conv.id).read_bytes()
     script = (f"from localchat.store.chats import ChatHistory\n"
               f"h = ChatHistory({str(tmp_path)!r}); c = h.load({conv.id!r})\n"
               f"while True:\n    c.messages[-1]['content'] += 'y'; h.save(c)\n")
-    for delay in (0.3, 0.5, 0.7):
+    mid_write = 0
+    for _ in range(20):
+        for stray in tmp_path.glob(f".{conv.id}.json.*.tmp"):
+            stray.unlink()
         proc = subprocess.Popen([sys.executable, "-c", script])
-        time.sleep(delay)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # wait until a save has begun writing its temp file
+            if any(t.stat().st_size > 0 for t in tmp_path.glob(f".{conv.id}.json.*.tmp") if t.exists()):
+                break
+            time.sleep(0.001)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        # a temp file left behind holding part of a save: the kill came while it was writing
+        mid_write += any(t.stat().st_size > 0 for t in tmp_path.glob(f".{conv.id}.json.*.tmp"))
         loaded = h.load(conv.id)  # parses: never half a file
-        assert loaded.messages[-1]["content"].startswith("x" * 2_000_000)
+        assert loaded.messages[-1]["content"].startswith("x" * 4_000_000)
+        if mid_write >= 3:
+            break
+    assert mid_write >= 3, "the writer was never killed in the middle of a save"
+    assert len(h.path(conv.id).read_bytes()) >= len(before)
     assert [c.id for c in h.list()] == [conv.id]
 
 

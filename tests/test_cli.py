@@ -113,3 +113,46 @@ def test_model_without_template_uses_named_fallback_and_says_so(tmp_path: Path, 
     assert r.returncode == 0, r.stderr
     assert "no chat template; using 'chatml'" in r.stderr
     assert "Paris" in r.stdout
+
+
+# A core install (`pip install localchat`, no extras) simulated in one process: every package an
+# extra adds (read from the installed metadata, as the CLI reads it) fails to import.
+CORE_ONLY = """
+import importlib.abc, sys
+from localchat.cli import extra_modules
+blocked = set().union(*(extra_modules(e) for e in ("convert", "gptq", "finetune", "ui", "serve")))
+assert {"torch", "transformers", "gguf", "gradio", "fastapi", "peft"} <= blocked, blocked
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+from localchat.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def core_only(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CORE_ONLY, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_every_command_helps_on_a_core_install(home: Store) -> None:
+    from localchat.cli import COMMANDS
+
+    for name in COMMANDS:
+        r = core_only(name, "-h")
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: localchat {name}"), (name, r.stderr[-2000:])
+
+
+def test_a_command_without_its_extra_says_which_to_install(home: Store, tmp_path: Path) -> None:
+    data = tmp_path / "facts.jsonl"
+    data.write_text('{"instruction": "What is my cat called?", "output": "Biscuit."}\n')
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    for args, extra in [(("convert", str(tmp_path / "ckpt")), "convert"),
+                        (("finetune", "--base", STARTER.name, "--data", str(data), "--name", "x"), "finetune"),
+                        (("ui", "--no-browser", "--port", "9"), "ui")]:
+        r = core_only(*args)
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        assert f"needs the '{extra}' extra" in r.stderr and f"pip install 'localchat[{extra}]'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

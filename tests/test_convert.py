@@ -233,22 +233,30 @@ def test_template_is_embedded_with_its_stop_strings(real_hf: Path, tmp_path: Pat
     assert any("embedded the 'vicuna' chat template" in line for line in out.report)
 
 
-def test_killed_conversion_leaves_nothing_at_the_final_path(real_hf: Path, tmp_path: Path) -> None:
+def test_killed_conversion_leaves_the_old_file_intact(real_hf: Path, tmp_path: Path) -> None:
+    """A conversion SIGKILLed while it writes (its temp file already holds tensors) leaves the
+    file that was at the final path byte for byte."""
     import signal
     import time
 
     final = tmp_path / "killed.gguf"
+    shutil.copyfile(convert_to_gguf(load_checkpoint(real_hf), tmp_path / "old.gguf", "f16", quiet=True).path,
+                    final)
+    old = final.read_bytes()
     code = ("from localchat.convert.checkpoint import load_checkpoint\n"
             "from localchat.convert.to_gguf import convert_to_gguf\n"
             f"convert_to_gguf(load_checkpoint({str(real_hf)!r}), {str(final)!r}, 'f32', quiet=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".killed.gguf.*.tmp")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    deadline = time.time() + 120
+    partial: list[Path] = []
+    while not partial and time.time() < deadline and proc.poll() is None:
+        partial = [t for t in tmp_path.glob(".killed.gguf.*.tmp") if t.exists() and t.stat().st_size > 1_000_000]
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not final.exists()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before it could be killed"
+    assert partial and partial[0].exists() and partial[0].stat().st_size > 1_000_000  # killed mid-write
+    assert final.read_bytes() == old
 
 
 def test_sentencepiece_llama2_style_model(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
                   "--quant", "Q8_0", "--lora-gguf", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - t0 < 300, "a couple of minutes on two cores"
+    assert "GPT-QModel" not in r.stdout + r.stderr, "fine-tuning and GGUF export must not import GPTQModel"
     entry = home.get("cat")
     assert entry.source.startswith("finetune:") and entry.quant == "Q8_0"
     assert (home.root / "smollm2-135m-instruct" / "hf" / "model.safetensors").is_file()

@@ -84,28 +84,48 @@ def test_output_is_a_standard_gptq_folder(gptq_home: Store, source: Path) -> Non
     assert {"ppl", "kld", "top1"} <= set(e.eval)
 
 
+NEAR_TIE = 0.05  # logits closer than this may swap under float rounding (kernels, batch shapes, threads)
+
+
 @pytest.mark.slow
 def test_transformers_loads_it_back_and_answers(gptq_home: Store) -> None:
+    """transformers reads the folder (its own GPTQ path, the checkpoint's dtype) and agrees with
+    float32 by KL; localchat's GPTQ backend answers greedily what transformers' generate answers
+    in the same dtype, token for token up to the first near-tie of the logits (not by exact text:
+    which side of a tie wins depends on the machine and the package versions)."""
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = gptq_home.path_of(gptq_home.get("smol-gptq").files[0].path)
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")  # transformers' GPTQ path
-    assert "quantization_config" in model.config.to_dict()
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert hasattr(q_proj, "qweight") and not isinstance(q_proj, torch.nn.Linear)
-    tok = AutoTokenizer.from_pretrained(folder)
-    msgs = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    answer = tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert len(answer.split()) >= 3, answer
-    # localchat's own GPTQ backend decodes greedily to the same words through the same kernels
     from localchat.chat import ChatSession
     from localchat.engine import SamplingSettings
     from localchat.planner import Overrides
     from localchat.runtime import open_model
+
+    folder = gptq_home.path_of(gptq_home.get("smol-gptq").files[0].path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    n_prompt = ids["input_ids"].shape[1]
+
+    native = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")  # transformers' GPTQ path
+    assert "quantization_config" in native.config.to_dict()
+    q_proj = native.model.layers[0].self_attn.q_proj
+    assert hasattr(q_proj, "qweight") and not isinstance(q_proj, torch.nn.Linear)
+    with torch.inference_mode():
+        native_logits = native(**ids).logits[0, -1].float()
+    del native
+
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32)
+    with torch.inference_mode():
+        f32_logits = model(**ids).logits[0, -1]
+        kl = F.kl_div(F.log_softmax(native_logits, -1), F.log_softmax(f32_logits, -1), log_target=True,
+                      reduction="sum").item()
+        assert kl < 0.02 and native_logits.argmax() == f32_logits.argmax(), kl
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    theirs = [t for t in out[0][n_prompt:].tolist() if t != tok.eos_token_id]
+    assert len(tok.decode(theirs, skip_special_tokens=True).split()) >= 3
 
     loaded = open_model("smol-gptq", Overrides(context=1024), gptq_home)
     try:
@@ -113,7 +133,18 @@ def test_transformers_loads_it_back_and_answers(gptq_home: Store) -> None:
             "What is the capital of France?", SamplingSettings(temperature=0.0, max_tokens=24, repeat_penalty=1.0))
     finally:
         loaded.backend.close()
-    assert ours.strip() == answer, (ours, answer)
+    mine = tok(ours.strip(), add_special_tokens=False)["input_ids"]
+    k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+    if k is None:  # one is a prefix of the other: only the 24-token budget may cut either
+        assert mine[:len(theirs)] == theirs[:len(mine)] and min(len(mine), len(theirs)) >= 3, (ours, theirs)
+        return
+    assert k >= 3, (ours, tok.decode(theirs))  # the answer starts the same
+    with torch.inference_mode():
+        prefix = torch.tensor([ids["input_ids"][0].tolist() + theirs[:k]])
+        logits = model(input_ids=prefix).logits[0, -1]
+    gap = abs(float(logits[theirs[k]] - logits[mine[k]]))
+    assert gap < NEAR_TIE, (f"the answers part at token {k} where the logits differ by {gap:.3f}, not a tie",
+                            ours, tok.decode(theirs))
 
 
 @pytest.mark.slow

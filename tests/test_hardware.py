@@ -8,12 +8,12 @@ import shutil
 import psutil
 import pytest
 
-from localchat.hardware import HardwareReport, probe
+from localchat.hardware import ENV_REPORT, HardwareReport, probe, probe_machine
 from localchat.hardware.nvidia import NvidiaProbeError, parse_nvidia_smi
 
 
 def test_probe_this_machine() -> None:
-    r = probe()
+    r = probe_machine()
     assert r.cpu.physical_cores == psutil.cpu_count(logical=False)
     assert r.cpu.logical_cores >= r.cpu.physical_cores
     assert 0 < r.memory.available_bytes <= r.memory.total_bytes
@@ -44,7 +44,24 @@ def test_probe_failure_is_reported_not_swallowed(monkeypatch: pytest.MonkeyPatch
         raise NvidiaProbeError("nvidia-smi exited 9: driver/library version mismatch")
 
     monkeypatch.setattr(hw, "probe_nvidia", broken)
-    r = hw.probe()
+    r = hw.probe_machine()
     assert r.nvidia == ()
     assert [(e.probe, e.message) for e in r.errors] == [
         ("nvidia", "NvidiaProbeError: nvidia-smi exited 9: driver/library version mismatch")]
+
+
+def test_a_saved_report_stands_in_for_the_probe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$LOCALCHAT_HARDWARE_REPORT plans as if on the machine it describes; a bad file is named."""
+    from dataclasses import replace
+
+    from localchat.hardware import NvidiaGpu
+
+    gpu = NvidiaGpu(0, "NVIDIA H100 80GB HBM3", 80 * 1024**3, 79 * 1024**3, "9.0")
+    report = replace(probe_machine(), nvidia=(gpu,))
+    path = tmp_path / "h100.json"
+    path.write_text(report.to_json())
+    monkeypatch.setenv(ENV_REPORT, str(path))
+    assert probe() == report
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="h100.json: not a hardware report"):
+        probe()

@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from localchat.store import Store  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui.settings import UISettings  # noqa: E402
 
@@ -257,15 +258,20 @@ def test_saved_chat_survives_restart_and_exports_markdown(app: App, browser: obj
     ctx.close()
 
 
-def test_models_tab_shows_the_store_and_refuses_escaping_names(page: object, tmp_path: Path) -> None:
+def test_models_tab_shows_the_store_and_refuses_escaping_names(page: object, app: App, starter_gguf: Path,
+                                                                tmp_path: Path) -> None:
     page.get_by_role("tab", name="Models").click()
     page.wait_for_selector("#models-table")
     table = page.inner_text("#models-table")
     assert "smollm2-135m-instruct" in table and SECOND in table and "llamacpp-cpu" in table
     page.get_by_role("tab", name="Import GGUF").click()
+    page.set_input_files("#import-file input[type=file]", str(starter_gguf))  # a real GGUF, a hostile name
     page.fill("#import-name textarea, #import-name input", "../evil")
+    page.wait_for_timeout(500)  # the upload finishes before the click is handled
     page.click("#import")
-    page.wait_for_function("document.querySelector('#models-note').innerText.includes('choose a .gguf file')")
+    page.wait_for_function("document.querySelector('#models-note').innerText.includes('not allowed')")
+    assert not (app.home.parent / "evil").exists() and not list(app.home.parent.glob("evil*"))
+    assert "evil" not in Store(app.home).models()
     page.get_by_role("tab", name="Pull").click()
     page.fill("#pull-repo textarea, #pull-repo input", "../../etc")
     page.click("#pull")

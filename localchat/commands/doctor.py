@@ -4,10 +4,9 @@ and why. `--report FILE` plans for a hardware report saved elsewhere (`--json` w
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import os
 
-from ..hardware import HardwareReport, probe
+from ..hardware import ENV_REPORT, HardwareReport, load_report, probe
 from ..planner import PlanError, gb
 from ..runtime import plan_model
 from .common import add_model_args, overrides_from
@@ -35,10 +34,12 @@ def describe_report(r: HardwareReport) -> str:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    report = HardwareReport.from_dict(json.loads(Path(args.report).read_text())) if args.report else probe()
+    report = load_report(args.report) if args.report else probe()
     if args.json:
         print(report.to_json())
         return 0
+    if args.report or os.environ.get(ENV_REPORT):
+        print(f"hardware: as described by {args.report or os.environ[ENV_REPORT]} (not probed)")
     print(describe_report(report))
     print()
     try:

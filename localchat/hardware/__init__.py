@@ -1,11 +1,16 @@
 """Hardware discovery: one probe per vendor, combined into one report.
 
 A probe that fails is recorded in ``report.errors`` instead of being swallowed, so
-`localchat doctor` can say why a GPU was not used.
+`localchat doctor` can say why a GPU was not used. `$LOCALCHAT_HARDWARE_REPORT` names a
+saved report (`localchat doctor --json`) to plan with instead of probing: every command
+then plans as if on that machine (the tests pin a CPU-only report this way).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from .apple import probe_apple
@@ -18,8 +23,10 @@ from .runtimes import probe_runtimes
 
 T = TypeVar("T")
 
-__all__ = ["GIB", "AppleSilicon", "CpuInfo", "HardwareReport", "MemoryInfo", "NvidiaGpu",
-           "ProbeError", "Runtimes", "probe"]
+__all__ = ["ENV_REPORT", "GIB", "AppleSilicon", "CpuInfo", "HardwareReport", "MemoryInfo", "NvidiaGpu",
+           "ProbeError", "Runtimes", "load_report", "probe", "probe_machine"]
+
+ENV_REPORT = "LOCALCHAT_HARDWARE_REPORT"
 
 
 def _run(name: str, fn: Callable[[], T], fallback: T, errors: list[ProbeError]) -> T:
@@ -30,7 +37,21 @@ def _run(name: str, fn: Callable[[], T], fallback: T, errors: list[ProbeError]) 
         return fallback
 
 
+def load_report(path: str | Path) -> HardwareReport:
+    """A report saved by `localchat doctor --json`; a bad file is named in the error."""
+    try:
+        return HardwareReport.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a hardware report ({type(exc).__name__}: {exc})") from None
+
+
 def probe() -> HardwareReport:
+    """The report to plan with: $LOCALCHAT_HARDWARE_REPORT's file if set, else this machine's."""
+    path = os.environ.get(ENV_REPORT)
+    return load_report(path) if path else probe_machine()
+
+
+def probe_machine() -> HardwareReport:
     """Probe this machine."""
     errors: list[ProbeError] = []
     cpu = _run("cpu", probe_cpu, CpuInfo("unknown", 1, 1, "unknown"), errors)
