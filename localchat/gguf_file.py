@@ -248,6 +248,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFHeader:
             raise r.fail(
                 f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
                 f"impossible in a {size}-byte file (truncated or corrupted header)", 8)
+        if n_tensors == 0:  # llama.cpp would only say "failed to load model"
+            raise r.fail("the file holds no tensors, so no weights to run (a bare header, or a "
+                         "vocabulary-only GGUF): not a model", 8)
 
         metadata: dict[str, Any] = {}
         array_lengths: dict[str, int] = {}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gradio as gr
+from starlette.middleware import Middleware
+
+from localchat.hostguard import HostGuard, HostGuardMiddleware
 
 from . import chat_tab, finetune_tab, job_panel, models_tab
 from .context import AppContext
@@ -52,11 +55,15 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     return app
 
 
-def launch(ctx: AppContext, host: str, port: int, open_browser: bool) -> tuple[gr.Blocks, str]:
+def launch(ctx: AppContext, host: str, port: int, open_browser: bool,
+           guard: HostGuard) -> tuple[gr.Blocks, str]:
+    """Serve the app; `guard` refuses requests whose Host or Origin is foreign (DNS rebinding, CSRF)
+    before Gradio sees them: anyone who can make a browser post here could read chats or delete models."""
     app = build_app(ctx)
     app.queue(default_concurrency_limit=4)
     _, url, _ = app.launch(server_name=host, server_port=port or None, share=False, inbrowser=open_browser,
                            prevent_thread_lock=True, quiet=True, show_error=False, css=CSS,
-                           max_file_size="20gb", ssr_mode=False, footer_links=[])
+                           max_file_size="20gb", ssr_mode=False, footer_links=[],
+                           app_kwargs={"middleware": [Middleware(HostGuardMiddleware, guard=guard)]})
     return app, url
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localchat.options import Options, option
-from localchat.server.settings import LOOPBACK_HOSTS
+from localchat.hostguard import GuardedOptions
+from localchat.options import option
 
 DEFAULT_PORT = 7860
 
 
 @dataclass(frozen=True)
-class UISettings(Options):
+class UISettings(GuardedOptions):
     option_group = "ui"
     host: str = option("127.0.0.1", "address to bind; the app has no login, so keep it on loopback")
     port: int = option(DEFAULT_PORT, "port to listen on (0: any free port)", 0, 65535)
@@ -20,10 +20,11 @@ class UISettings(Options):
     context: int | None = option(None, "context size for chat models (default: the planner's)", 128, 1 << 20)
     threads: int | None = option(None, "CPU threads for the model (default: physical cores)", 1, 1024)
     allow_remote: bool = option(False, "really serve a non-loopback --host (anyone who can reach it can "
-                                       "use your models and files in the store)")
+                                       "use your models and files in the store; with 0.0.0.0, name the "
+                                       "address browsers use with --allowed-host)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.host not in LOOPBACK_HOSTS and not self.allow_remote:
+        if not self.loopback and not self.allow_remote:
             raise ValueError(f"--host {self.host} would expose the app, which has no login, to the "
                              "network: keep 127.0.0.1, or add --allow-remote if you mean it")

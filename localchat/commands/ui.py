@@ -31,7 +31,8 @@ def ui(args: argparse.Namespace) -> int:
             print("--window needs pywebview (pip install pywebview); opening the browser instead",
                   file=sys.stderr)
     ctx = AppContext(default_store(), Overrides(context=settings.context, threads=settings.threads))
-    app, url = launch(ctx, settings.host, settings.port, open_browser=settings.browser and webview is None)
+    app, url = launch(ctx, settings.host, settings.port, open_browser=settings.browser and webview is None,
+                      guard=settings.guard())
     print(f"localchat ui on {url} (no share link; Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         if webview is not None:

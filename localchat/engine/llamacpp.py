@@ -10,11 +10,13 @@ from __future__ import annotations
 import codecs
 import ctypes
 import random
+import re
 import threading
 import time
 from typing import Iterator
 
 import llama_cpp
+from llama_cpp._logger import llama_log_callback as default_log_callback
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
@@ -23,6 +25,47 @@ from .settings import SamplingSettings
 from .stops import StopFilter
 
 DEFAULT_BATCH = 512
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h, enum ggml_log_level
+_log_lock = threading.Lock()  # llama.cpp has one log callback per process
+
+
+class LlamaErrors:
+    """Collects the error lines llama.cpp logs inside a `with` block.
+
+    A load that fails reaches Python as a bare "Failed to load model from file", and with
+    verbose=False llama-cpp-python sends llama.cpp's own reason (an unknown architecture, a
+    missing tensor, a failed GPU allocation) to /dev/null; this keeps it for the error message.
+    """
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._last_level = 0
+        self._callback = llama_cpp.llama_log_callback(self._collect)  # kept alive while installed
+
+    def _collect(self, level: int, chunk: bytes, _: ctypes.c_void_p) -> None:
+        error = level == GGML_LOG_LEVEL_ERROR
+        if error or (level == GGML_LOG_LEVEL_CONT and self._last_level == GGML_LOG_LEVEL_ERROR):
+            self._text.append(chunk.decode("utf-8", "replace"))
+        if level != GGML_LOG_LEVEL_CONT:
+            self._last_level = level
+
+    def __enter__(self) -> LlamaErrors:
+        _log_lock.acquire()
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        llama_cpp.llama_log_set(default_log_callback, ctypes.c_void_p(0))
+        _log_lock.release()
+
+    def reason(self, keep: int = 4) -> str:
+        """The last `keep` distinct error lines, without the C function names, joined by '; '."""
+        lines: list[str] = []
+        for line in "".join(self._text).splitlines():
+            line = re.sub(r"^\w+: ", "", line.strip())
+            if line and line != "failed to load model" and line not in lines:  # that one says nothing
+                lines.append(line)
+        return "; ".join(lines[-keep:])
 
 
 class LlamaCppBackend(Backend):
@@ -34,11 +77,16 @@ class LlamaCppBackend(Backend):
         gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
         if plan.backend == "llamacpp-cpu":
             gpu_layers = 0
-        self.llm = llama_cpp.Llama(
-            model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
-            n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
-            lora_path=plan.artifact.lora_path, verbose=False,
-        )
+        with LlamaErrors() as errors:
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
+                    n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
+                    lora_path=plan.artifact.lora_path, verbose=False,
+                )
+            except (ValueError, RuntimeError) as exc:  # "Failed to load model from file: PATH", no reason
+                reason = errors.reason()
+                raise type(exc)(f"{exc} (llama.cpp: {reason})" if reason else str(exc)) from None
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab
         self._add_bos = bool(self.header.metadata.get("tokenizer.ggml.add_bos_token", True))

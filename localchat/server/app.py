@@ -17,7 +17,6 @@ import time
 import uuid
 from datetime import datetime
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,10 +26,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..chat.session import ChatSession
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats
 from ..engine.settings import SamplingSettings
+from ..hostguard import header_dict
 from ..store import Store, default_store
 from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket
 from .schemas import ChatRequest, CompletionRequest
-from .settings import LOOPBACK_HOSTS, ServerSettings
+from .settings import ServerSettings
 
 _DONE = object()
 
@@ -49,57 +49,59 @@ class GuardMiddleware:
     """Host/Origin checks (403), the API key (401) and the body size limit (413), before routing."""
 
     def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
-        self.app, self.settings = app, settings
-        hosts = set(LOOPBACK_HOSTS) | {"[::1]"} | set(settings.allowed_host)
-        if not settings.loopback and settings.host not in ("0.0.0.0", "::"):
-            hosts.add(settings.host)
-        self.hosts = hosts
-        self.origins = {o.rstrip("/") for o in settings.allowed_origin}
-
-    def _host_ok(self, host: str) -> bool:
-        name = urlsplit(f"//{host}").hostname or ""
-        return name in self.hosts or f"[{name}]" in self.hosts or (
-            not self.settings.loopback and self.settings.host in ("0.0.0.0", "::"))
-
-    def _origin_ok(self, origin: str) -> bool:
-        parts = urlsplit(origin)
-        return origin.rstrip("/") in self.origins or (parts.hostname or "") in LOOPBACK_HOSTS
+        self.app, self.settings, self.guard = app, settings, settings.guard()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = header_dict(scope)
+        limit = self.settings.max_body_bytes
         deny = None
-        if not self._host_ok(headers.get("host", "")):
-            deny = error_response(403, f"Host {headers.get('host', '')!r} is not allowed "
-                                       "(add it with --allowed-host)", "forbidden_host")
-        elif "origin" in headers and not self._origin_ok(headers["origin"]):
-            deny = error_response(403, f"Origin {headers['origin']!r} is not allowed "
-                                       "(add it with --allowed-origin)", "forbidden_origin")
+        if refused := self.guard.refusal(headers):
+            deny = error_response(403, *refused)
         elif self.settings.api_key and scope["path"] != "/health":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
                 deny = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                       "invalid_api_key")
-        elif int(headers.get("content-length", "0") or 0) > self.settings.max_body_bytes:
-            deny = error_response(413, f"request body over {self.settings.max_body_bytes} bytes",
-                                  "request_too_large")
+        elif int(headers.get("content-length", "0") or 0) > limit:
+            deny = error_response(413, f"request body over {limit} bytes", "request_too_large")
+        elif "content-length" not in headers:
+            # A chunked body's size shows only while it arrives: read it here, where a 413 can still
+            # be answered (raised from inside the app's body reader, FastAPI turns it into a 400).
+            messages = await read_body(receive, limit)
+            if messages is None:
+                deny = error_response(413, f"request body over {limit} bytes", "request_too_large")
+            else:
+                receive = replay(messages, receive)
         if deny is not None:
             return await deny(scope, receive, send)
+        await self.app(scope, receive, send)
 
-        seen = 0
-        limit = self.settings.max_body_bytes
 
-        async def limited() -> Message:  # for bodies sent without Content-Length
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ServerError(413, f"request body over {limit} bytes", "request_too_large")
-            return message
+async def read_body(receive: Receive, limit: int) -> list[Message] | None:
+    """The request's messages up to the end of its body, or None once the body passes `limit` bytes."""
+    messages, seen = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client went away
+            return messages
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
 
-        await self.app(scope, limited, send)
+
+def replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive channel that hands out `messages` first, then whatever comes next (a disconnect)."""
+    pending = iter(messages)
+
+    async def next_message() -> Message:
+        return next(pending, None) or await receive()
+
+    return next_message
 
 
 class TicketStreamingResponse(StreamingResponse):
@@ -199,6 +201,10 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            where = first["loc"][-1]
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')} "
+                                       f"at character {where}", "invalid_json")
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         return error_response(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request", param)
 

@@ -35,6 +35,12 @@ class ServerError(Exception):
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
 
 
+def load_failed(name: str, exc: Exception) -> ServerError:
+    """A model in the store that cannot be loaded: the server's fault, not the request's."""
+    return ServerError(500, f"the model {name!r} cannot be loaded: {exc}", "model_load_failed", "model",
+                       "server_error")
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -99,7 +105,10 @@ class ModelManager:
                 raise ServerError(404, f"the model {name!r} does not exist; available: "
                                        f"{', '.join(self.names()) or 'none'}", "model_not_found", "model")
             entry_defaults = self.store.get(name).defaults
-            resolved = resolve_model(name, self.store)
+            try:
+                resolved = resolve_model(name, self.store)
+            except Exception as exc:  # a damaged file in the store: say which model and why
+                raise load_failed(name, exc) from None
             overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
             try:
                 p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
@@ -113,7 +122,10 @@ class ModelManager:
                     raise ServerError(503, f"loading {name!r} needs memory that busy models hold; "
                                            "retry when they finish", "server_busy", type_="server_error")
                 self.unload(min(idle, key=lambda m: m.last_used).name)
-            backend = await asyncio.to_thread(load_backend, p)
+            try:
+                backend = await asyncio.to_thread(load_backend, p)
+            except Exception as exc:
+                raise load_failed(name, exc) from None
             model = LoadedModel(name, p, backend, dict(entry_defaults))
             self.loaded[name] = model
             return model

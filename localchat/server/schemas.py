@@ -90,6 +90,8 @@ class CompletionRequest(SamplingFields):
     def _single(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt is supported")
+        if not (v if isinstance(v, str) else v[0]):  # nothing for the model to continue
+            raise ValueError("the prompt is empty")
         return v
 
     @property

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..options import Options, option
+from ..hostguard import GuardedOptions
+from ..options import option
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 8000
 
 
 @dataclass(frozen=True)
-class ServerSettings(Options):
+class ServerSettings(GuardedOptions):
     option_group = "server"
     host: str = option("127.0.0.1", "address to bind; anything but loopback needs --api-key")
     port: int = option(DEFAULT_PORT, "port to listen on", 0, 65535)
@@ -21,17 +21,11 @@ class ServerSettings(Options):
     max_models: int = option(2, "models kept loaded at once (least recently used unloads first)", 1, 64)
     context: int | None = option(None, "context size for loaded models (default: the planner's)", 128, 1 << 20)
     threads: int | None = option(None, "CPU threads per model (default: physical cores)", 1, 1024)
-    allowed_host: tuple[str, ...] = option((), "extra Host header value to accept (DNS-rebinding guard)")
-    allowed_origin: tuple[str, ...] = option((), "extra browser Origin to accept, e.g. http://myapp.local")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.host not in LOOPBACK_HOSTS and not self.api_key:
+        if not self.loopback and not self.api_key:
             raise ValueError(f"binding to {self.host} exposes the models to the network: "
                              "pass --api-key KEY (or bind 127.0.0.1)")
-
-    @property
-    def loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS
 
 
