@@ -97,7 +97,7 @@ def test_cli_refuses_bad_bytes_before_touching_the_base(home: Store, tmp_path: P
     r = subprocess.run([sys.executable, "-m", "localchat", "finetune", "--base", "smollm2-135m-instruct",
                         "--data", str(bad), "--name", "bad", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and f"{bad}:2: not valid UTF-8 (byte 0x80 at column 18)" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and time.time() - t0 < 60
+    assert "Traceback" not in r.stderr and time.time() - t0 < 120  # torch imports; no dequantizing
     assert not (home.root / "smollm2-135m-instruct" / "hf").exists(), "the base was dequantized for nothing"
     assert not (home.root / "bad").exists()
 
