@@ -96,13 +96,14 @@ def register_lora(store: Store, base: str, base_dir: Path, adapter: Path, name: 
 def finetune(base: str, data: str, name: str | None, settings: TrainSettings, quant: str = "Q4_K_M",
              resume: bool = False, export: bool = True, store: Store | None = None,
              quiet: bool = False, lora_gguf: bool = False) -> FinetuneResult:
+    # Every row is checked first: a bad row fails in a second, before a base is dequantized or loaded.
+    dataset = load_dataset(data, settings.held_out, settings.seed)
     from localchat.convert.command import export_gguf
 
     from .train import train
 
     store = store or default_store()
     base_dir = base_folder(base, store)
-    dataset = load_dataset(data, settings.held_out, settings.seed)  # every row checked before training
     name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
     out = store.model_dir(name) / "finetune"
     report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]

@@ -7,12 +7,17 @@ Accepted files:
 - plain text (.txt): paragraphs become continued-pretraining rows (no chat template).
 A bad row is reported with the file and line it came from, and nothing trains: a
 training run that silently skipped a third of the data would teach the wrong thing.
+That covers the bytes too (not UTF-8, JSON nested past the decoder's depth) and empty
+assistant turns, which would teach the model to answer with nothing. Long rows are not
+refused here: encoding keeps the part that fits `--max-len` tokens (finetune/encode.py).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,34 +52,75 @@ def _fail(path: Path, line: int | None, message: str) -> DatasetError:
     return DatasetError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
-def _rows(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed row) from a JSON array or JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise _fail(path, None, "the file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _fail(path, exc.lineno, f"not valid JSON ({exc.msg})") from None
-        # Line numbers of each array item, so errors point into the file.
-        decoder, rows, pos = json.JSONDecoder(), [], text.index("[") + 1
-        for item in data:
-            while text[pos] in " \t\r\n,":
-                pos += 1
-            _, end = decoder.raw_decode(text, pos)
-            rows.append((text.count("\n", 0, pos) + 1, item))
-            pos = end
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise _fail(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+def _read(path: Path) -> str:
+    """The file as text. Bytes that are not UTF-8 are refused with their line, so the user can find
+    them; a byte-order mark (as Windows editors write) is dropped and line ends become "\n"."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise _fail(path, raw.count(b"\n", 0, exc.start) + 1,
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start - line_start + 1}); "
+                    "save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode(path: Path, text: str, pos: int, line: int, first: int = 1) -> tuple[Any, int]:
+    """The JSON value at `pos` of `text` (which starts on line `first`) and where it ends; `line` is
+    where the value starts, for errors that carry no position of their own."""
+    try:
+        return json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, first + exc.lineno - 1, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise _fail(path, line, "the row nests deeper than the JSON reader allows (about "
+                                f"{sys.getrecursionlimit()} levels; a training row needs four)") from None
+
+
+def _array_rows(path: Path, text: str) -> list[tuple[int, Any]]:
+    """(line number, item) for each item of a top-level JSON array, decoded one at a time so each
+    error names the line of its own row; lines are counted in one pass through the file."""
+    space, rows = re.compile(r"[ \t\n]*"), []
+    pos, line, counted = space.match(text, text.index("[") + 1).end(), 1, 0
+    done = text.startswith("]", pos)
+    pos += done
+    while not done:
+        line, counted = line + text.count("\n", counted, pos), pos
+        item, pos = _decode(path, text, pos, line)
+        rows.append((line, item))
+        pos = space.match(text, pos).end()
+        if not text.startswith((",", "]"), pos):
+            raise _fail(path, text.count("\n", 0, pos) + 1, "not valid JSON (expecting ',' or ']' after a row)")
+        done = text[pos] == "]"
+        pos = space.match(text, pos + 1).end()
+    if text[pos:].strip():
+        raise _fail(path, text.count("\n", 0, pos) + 1, "not valid JSON (extra data after the array)")
     return rows
+
+
+def _rows(path: Path, text: str) -> list[tuple[int, Any]]:
+    """(line number, parsed row) from a JSON array or JSONL file."""
+    if text.lstrip().startswith("["):
+        return _array_rows(path, text)
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+        if line.strip():
+            row, end = _decode(path, line, len(line) - len(line.lstrip()), lineno, lineno)
+            if line[end:].strip():
+                raise _fail(path, lineno, f"not valid JSON (extra data at column {end + 1})")
+            rows.append((lineno, row))
+    return rows
+
+
+def _paragraphs(text: str) -> list[tuple[int, str]]:
+    """(line number, paragraph) for each blank-line-separated paragraph of a text file."""
+    out, line = [], 1
+    for chunk in text.split("\n\n"):
+        if chunk.strip():
+            out.append((line + chunk[: len(chunk) - len(chunk.lstrip())].count("\n"), chunk.strip()))
+        line += chunk.count("\n") + 2
+    return out
 
 
 def _text(path: Path, line: int, row: dict[str, Any], key: str, required: bool = True) -> str:
@@ -102,8 +148,11 @@ def _conversation(path: Path, line: int, turns: Any, role_key: str, text_key: st
         content = turn.get(text_key)
         if not isinstance(content, str):
             raise _fail(path, line, f"turn {i} has no text in {text_key!r}")
+        if role == "assistant" and not content.strip():
+            raise _fail(path, line, f"turn {i} is an empty assistant turn; it would teach the model to answer "
+                                    "with nothing")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+    if not any(m["role"] == "assistant" for m in out):
         raise _fail(path, line, "the row has no assistant turn, so there is nothing to learn from it")
     if out[-1]["role"] != "assistant":
         raise _fail(path, line, "the conversation must end with an assistant turn")
@@ -136,16 +185,15 @@ def load_dataset(path: str | Path, held_out: float = 0.1, seed: int = 0) -> Data
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
+    text = _read(path)
+    if not text.strip():
+        raise _fail(path, None, "the file is empty")
     if path.suffix.lower() in (".txt", ".md"):
-        text = path.read_text(encoding="utf-8")
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-        if not paragraphs:
-            raise _fail(path, None, "the file is empty")
-        examples = [Example(text=p, source=f"{path.name}") for p in paragraphs]
+        examples = [Example(text=p, source=f"{path.name}:{line}") for line, p in _paragraphs(text)]
         kind = "text"
     else:
         examples, kinds = [], set()
-        for line, row in _rows(path):
+        for line, row in _rows(path, text):
             k, ex = _example(path, line, row)
             kinds.add(k)
             examples.append(ex)
