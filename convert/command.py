@@ -112,9 +112,9 @@ def _move_into(store: Store, name: str, done: Path) -> ModelFile:
     """A finished file from the job folder into the model's folder (same file system: a rename)."""
     target = store.model_dir(name) / done.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    entry = ModelFile(str(target.relative_to(store.root)), done.stat().st_size, sha256_file(done))
+    listed = ModelFile(str(target.relative_to(store.root)), done.stat().st_size, sha256_file(done))
     os.replace(done, target)
-    return entry
+    return listed
 
 
 def _gptq_beside(store: Store, name: str) -> list[ModelFile]:

@@ -198,8 +198,8 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
     check_memory(int(fp32_bytes * 1.6) + 512 * 1024**2, "GPTQ quantization")
     plain = all(s.file.suffix == ".safetensors" for s in ckpt.sources.values()) and not ckpt.report
     # Every step's files at once: the clean copy (at most fp32), the offload and the result.
-    check_disk(work or out.parent, int(fp32_bytes / 8 * bits * 1.2) + fp32_bytes // 4 + (0 if plain else fp32_bytes),
-               "the GPTQ checkpoint" + ("" if plain else " and a clean copy of its source"))
+    need = int(fp32_bytes / 8 * bits * 1.2) + fp32_bytes // 4 + (0 if plain else fp32_bytes)
+    check_disk(work or out.parent, need, "the GPTQ checkpoint" + ("" if plain else " and a clean copy of its source"))
 
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig

@@ -105,7 +105,7 @@ def _wait_for_job_output(home: Path, proc: subprocess.Popen) -> Path:
         if written:
             return written[0].parent
         time.sleep(0.01)
-    raise AssertionError(f"no job folder appeared (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError(f"no job folder appeared (exit {proc.poll()}): {proc.stderr.read()}")
 
 
 def test_killed_convert_leaves_a_stale_job_folder_that_doctor_and_the_next_start_remove(tiny: Path,

@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localchat doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the hardware report as JSON")
     parser.add_argument("--report", help="plan with this hardware report (JSON) instead of probing")
-    parser.add_argument("--clean", action="store_true", help="remove what in the store no model owns "
-                                                            "(work folders of killed jobs, temp files, unlisted GGUFs)")
+    parser.add_argument("--clean", action="store_true",
+                        help="remove what in the store no model owns (work folders of killed jobs, temp files, "
+                             "unlisted GGUFs)")
     add_model_args(parser)
     return parser
 

@@ -69,9 +69,10 @@ def remove_orphans(orphans: list[Orphan]) -> None:
 def _owned_paths(store: Store) -> set[Path]:
     """Every path a manifest entry lists, including the training outputs finetune records in `extra`."""
     root = store.root.resolve()
+    entries = store.models()
     owned = set()
-    for e in store.models().values():
-        rels = [f.path for f in e.files] + [v for v in e.extra.values() if isinstance(v, str)]
+    for e in entries.values():  # `extra` strings are paths, or (a LoRA's base) a model's name
+        rels = [f.path for f in e.files] + [v for v in e.extra.values() if isinstance(v, str) and v not in entries]
         owned |= {(root / r).resolve() for r in rels if r}
     return owned
 
