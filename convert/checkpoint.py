@@ -91,8 +91,17 @@ class _Source:
     key: str
 
 
-def _safetensors_keys(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Tensor name -> (dtype, shape) from a safetensors header, with a clear error if broken."""
+# Bits per element of each safetensors dtype.
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+                    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape) from a safetensors header, checked as the format defines it
+    (objects with dtype, shape and data offsets that tile the data exactly) before any tensor
+    is read: the library's own errors name neither the file nor the field."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -106,16 +115,62 @@ def _safetensors_keys(path: Path) -> dict[str, tuple[str, list[int]]]:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
-    out = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an "
+                              "object of tensor names")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: field '__metadata__' must map names to strings")
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + end}, past the end of the "
-                                  f"file ({size} bytes): the file is truncated")
-        out[name] = (info["dtype"], info["shape"])
+        out[name] = _tensor_info(path, name, info)
+        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
+        if 8 + n + spans[-1][1] > size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + spans[-1][1]}, past the end "
+                                  f"of the file ({size} bytes): the file is truncated")
+    at, before = 0, "the header"
+    for start, end, name in sorted(spans):
+        if start != at:
+            how = "overlaps" if start < at else "leaves a gap after"
+            raise CheckpointError(f"{path}: tensor {name!r}: field 'data_offsets' [{start}, {end}] {how} "
+                                  f"{before}, which ends at {at}")
+        at, before = end, f"tensor {name!r}"
+    if 8 + n + at != size:
+        raise CheckpointError(f"{path}: the tensors end at byte {8 + n + at}, the file has {size} bytes: "
+                              "the rest belongs to no tensor")
     return out
+
+
+def _tensor_info(path: Path, name: str, info: Any) -> tuple[str, list[int]]:
+    """One tensor's header entry, every field checked; the error names the tensor and the field."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected an object with fields {', '.join(TENSOR_FIELDS)}")
+    for key in TENSOR_FIELDS:
+        if key not in info:
+            raise CheckpointError(f"{where}: field {key!r} is missing")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_BITS:
+        raise CheckpointError(f"{where}: field 'dtype' is {dtype!r}, not a safetensors dtype")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise CheckpointError(f"{where}: field 'shape' is {shape!r}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+        raise CheckpointError(f"{where}: field 'data_offsets' is {offsets!r}, not two non-negative integers "
+                              "[start, end]")
+    start, end = offsets
+    if end < start:
+        raise CheckpointError(f"{where}: field 'data_offsets' {offsets} ends before it starts")
+    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+    if bits != 8 * (end - start):
+        raise CheckpointError(f"{where}: field 'data_offsets' {offsets} spans {end - start} bytes; its "
+                              f"'shape' {shape} of {dtype} needs {bits / 8:g}")
+    return dtype, shape
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -228,7 +283,7 @@ def load_checkpoint(folder: str | Path, base: str | Path | None = None) -> Check
     shapes: dict[str, list[int]] = {}
     for f in _weight_files(folder):
         if f.suffix == ".safetensors":
-            for key, (_, shape) in _safetensors_keys(f).items():
+            for key, (_, shape) in safetensors_header(f).items():
                 sources[key], shapes[key] = _Source(f, key), shape
         else:
             for key, t in _load_bin(f).items():
@@ -270,6 +325,7 @@ def _load_adapter(folder: Path, base: str | Path | None) -> Checkpoint:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        safetensors_header(weights)
         lora = load_file(str(weights))
     else:
         lora = _load_bin(weights)

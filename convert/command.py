@@ -9,15 +9,21 @@ into the manifest, where `localchat list` shows them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localchat.artifacts import artifact_from_gptq
-from localchat.fsutil import human, sha256_file
+from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
+from localchat.store.jobs import job_folder
 
-from .quantize import QUANT_TYPES, fallback_note, quant_name, quantize
+from .quantize import QUANT_TYPES, fallback_note, quant_name, quantize, quantized_bytes
+
+if TYPE_CHECKING:
+    from .to_gguf import GgufPlan
 
 DEFAULT_QUANT = "Q4_K_M"
 SMOKE_PROMPT = "What is the capital of France?"
@@ -38,53 +44,82 @@ def _name_from(path: Path) -> str:
 
 def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None = None,
                 template: str | None = None, base: str | Path | None = None, store: Store | None = None,
-                keep_f16: bool = False, check: bool = True, quiet: bool = False) -> ExportResult:
-    """Convert, quantize, check and register; returns the store entry."""
+                keep_f16: bool = False, check: bool = True, quiet: bool = False,
+                replace: bool = False) -> ExportResult:
+    """Convert, quantize, check and register; returns the store entry.
+
+    The disk is checked for every step before the first, the work happens in a job folder
+    (`localchat.store.jobs`), and only the finished files move into `<store>/<name>/`: a
+    refusal, an error, Ctrl-C or a kill leaves the model folder as it was.
+    """
     from localchat.evaluation import chat_eval_text, evaluate
 
     from .checkpoint import load_checkpoint  # torch and gguf: the convert extra, imported when used
-    from .to_gguf import convert_to_gguf
+    from .to_gguf import plan_gguf, write_gguf
 
     store = store or default_store()
     q = quant_name(quant)
-    ckpt = load_checkpoint(source, base)
     name = check_name(name or _name_from(Path(source)))
-    folder = store.model_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    f16 = folder / f"{name}-F16.gguf"
-    result = convert_to_gguf(ckpt, f16, "f16", template=template, name=name, quiet=quiet)
-    report = result.report
-    final = f16
-    if q != "F16":
-        final = quantize(f16, folder / f"{name}-{q}.gguf", q)
-        note = fallback_note(f16, q)
-        if note:
-            report.append(note)
-    figures: dict = {}
-    smoke = ""
-    if check:
-        text = chat_eval_text(f16)
-        ev = evaluate(final, text, base=f16 if final != f16 else None)
-        figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
-        report.append(f"check: {ev.summary()}")
-        smoke = smoke_chat(str(final))
-        report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
-    files = [final] + ([f16] if keep_f16 and final != f16 else [])
-    if final != f16 and not keep_f16:
-        f16.unlink()
-    entry = ModelEntry(name=name, format="gguf", quant=q,
-                       files=[ModelFile(str(f.relative_to(store.root)), f.stat().st_size, sha256_file(f))
-                              for f in files],
-                       source=f"convert:{Path(source).resolve().name}", sha256="", eval=figures)
-    entry.sha256 = entry.files[0].sha256
+    refuse_existing(store, name, replace)
+    plan = plan_gguf(load_checkpoint(source, base), "f16", template=template, name=name)
+    need, steps = gguf_export_need(plan, q)
+    check_disk(store.root, need, f"converting {Path(source).name} to {q} ({steps})")
+    with job_folder(store, f"convert {Path(source).name} to {q} as {name}") as work:
+        f16 = work / f"{name}-F16.gguf"
+        report = write_gguf(plan, f16, quiet=quiet).report
+        final = f16
+        if q != "F16":
+            final = quantize(f16, work / f"{name}-{q}.gguf", q)
+            note = fallback_note(f16, q)
+            if note:
+                report.append(note)
+        figures: dict = {}
+        smoke = ""
+        if check:
+            text = chat_eval_text(f16)
+            ev = evaluate(final, text, base=f16 if final != f16 else None)
+            figures = {**ev.figures(), "text": "chat (localchat/data/eval_chats.jsonl)"}
+            report.append(f"check: {ev.summary()}")
+            smoke = smoke_chat(str(final))
+            report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
+        files = [_move_into(store, name, f) for f in [final] + ([f16] if keep_f16 and final != f16 else [])]
+    entry = ModelEntry(name=name, format="gguf", quant=q, files=files,
+                       source=f"convert:{Path(source).resolve().name}", sha256=files[0].sha256, eval=figures)
     if template:
         entry.defaults["chat_format"] = template
     kept = _gptq_beside(store, name)
     if kept:  # a new GGUF for a model that also has a GPTQ folder keeps that folder
         entry.files += kept
         entry.quant = _both_quants(q, artifact_from_gptq(store.path_of(kept[0].path)).quant)
-    store.add(entry)
+    store.replace(entry)
     return ExportResult(entry, report, smoke)
+
+
+def gguf_export_need(plan: GgufPlan, quant: str) -> tuple[int, str]:
+    """Disk a GGUF export needs at its peak (the F16 and the quantized file side by side), and
+    its steps in words for the refusal."""
+    f16 = plan.nbytes + HEADROOM
+    q = quant_name(quant)
+    if q == "F16":
+        return f16, f"F16 {human(f16)}"
+    qbytes = quantized_bytes(plan.n_params, q)
+    return f16 + qbytes, f"F16 {human(f16)}, then {q} {human(qbytes)}, with headroom"
+
+
+def refuse_existing(store: Store, name: str, replace: bool) -> None:
+    """`--name` of a model in the store replaces it only when asked, as `localchat import` refuses."""
+    if not replace and name in store.models():
+        raise FileExistsError(f"the store already has a model named {name!r}; pass --replace to replace it "
+                              "(its files are deleted), or --name to choose another name")
+
+
+def _move_into(store: Store, name: str, done: Path) -> ModelFile:
+    """A finished file from the job folder into the model's folder (same file system: a rename)."""
+    target = store.model_dir(name) / done.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    listed = ModelFile(str(target.relative_to(store.root)), done.stat().st_size, sha256_file(done))
+    os.replace(done, target)
+    return listed
 
 
 def _gptq_beside(store: Store, name: str) -> list[ModelFile]:
@@ -118,7 +153,7 @@ def smoke_chat(spec: str, system: str | None = None, backend: str | None = None)
 def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, group_size: int = 128,
                 calibration: str | Path | None = None, base: str | Path | None = None,
                 store: Store | None = None, check: bool = True, quiet: bool = False,
-                mse: float | None = None) -> ExportResult:
+                mse: float | None = None, replace: bool = False) -> ExportResult:
     """Quantize to GPTQ into `<store>/<name>/`, check it against the source, register it."""
     from localchat.evaluation import chat_eval_text, evaluate
 
@@ -130,9 +165,12 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
     # `--name` of a GGUF model puts the GPTQ folder beside its GGUF: one model with two
     # artifacts, and the planner (with `localchat bench` figures) picks between them.
     beside = existing is not None and existing.format == "gguf"
+    if not (beside and not _gptq_beside(store, name)):  # anything else replaces what is there
+        refuse_existing(store, name, replace)
     folder = store.model_dir(name) / GPTQ_BESIDE if beside else store.model_dir(name)
     kw = {} if mse is None else {"mse": mse}
-    r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet, **kw)
+    with job_folder(store, f"GPTQ of {Path(source).name} as {name}") as work:
+        r = quantize_gptq(source, folder, bits, group_size, calibration, base, quiet=quiet, work=work, **kw)
     report, figures, smoke = r.report, {}, ""
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     gptq_file = ModelFile(str(folder.relative_to(store.root)), size, "")
@@ -145,7 +183,7 @@ def export_gptq(source: str | Path, name: str | None = None, bits: int = 4, grou
         report.append(f"added beside {name}'s GGUF: on CUDA the plan prefers GPTQ unless `localchat bench "
                       f"{name}` measures llama.cpp faster there")
     else:
-        store.add(ModelEntry(name=name, format="gptq", quant=r.quant, files=[gptq_file],
+        store.replace(ModelEntry(name=name, format="gptq", quant=r.quant, files=[gptq_file],
                              source=f"convert:{Path(source).resolve().name}",
                              sha256=sha256_file(folder / "model.safetensors")
                              if (folder / "model.safetensors").is_file() else ""))
@@ -173,7 +211,8 @@ def _cuda() -> bool:
 def convert(args: argparse.Namespace) -> int:
     if args.to == "gptq":
         r = export_gptq(args.path, args.name, args.bits, args.group_size, args.calibration, args.base,
-                        check=not args.no_check, quiet=args.quiet, mse=0.0 if args.fast else None)
+                        check=not args.no_check, quiet=args.quiet, mse=0.0 if args.fast else None,
+                        replace=args.replace)
         for line in r.report:
             print(f"- {line}")
         e = r.entry
@@ -181,7 +220,7 @@ def convert(args: argparse.Namespace) -> int:
               "(fast on a CUDA GPU; slow on the CPU, where a GGUF of the same model is the better choice)")
         return 0
     r = export_gguf(args.path, args.quant, args.name, args.template, args.base, keep_f16=args.keep_f16,
-                    check=not args.no_check, quiet=args.quiet)
+                    check=not args.no_check, quiet=args.quiet, replace=args.replace)
     for line in r.report:
         print(f"- {line}")
     e = r.entry
@@ -196,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", default=DEFAULT_QUANT, type=str.upper, choices=list(QUANT_TYPES),
                         help=f"quant type (default: {DEFAULT_QUANT})")
     parser.add_argument("--name", help="name in the store (default: the folder's name)")
+    parser.add_argument("--replace", action="store_true", help="replace the model of that name in the store "
+                                                              "(its files are deleted once the new ones are in)")
     parser.add_argument("--template", help="embed this chat format (for models without a template)")
     parser.add_argument("--base", help="base model folder for a PEFT adapter")
     parser.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF in the store too")

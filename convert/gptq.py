@@ -176,8 +176,13 @@ def _logs_into(folder: Path) -> None:
 def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
                   group_size: int = DEFAULT_GROUP_SIZE, calibration: str | Path | None = None,
                   base: str | Path | None = None, seq_len: int = DEFAULT_SEQ_LEN,
-                  samples: int = DEFAULT_SAMPLES, mse: float = DEFAULT_MSE, quiet: bool = False) -> GptqResult:
-    """Quantize `source` into the folder `out`, which appears only when complete."""
+                  samples: int = DEFAULT_SAMPLES, mse: float = DEFAULT_MSE, quiet: bool = False,
+                  work: Path | None = None) -> GptqResult:
+    """Quantize `source` into the folder `out`, which appears only when complete.
+
+    Intermediate files (a clean copy of the checkpoint, GPTQModel's offload, the staged
+    result) go to a temp folder in `work` (a store job folder), or beside `out`.
+    """
     gptq_environment()
     out = Path(out)
     ckpt = load_checkpoint(source, base)
@@ -191,16 +196,18 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
     fp32_bytes = sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names())
     # GPTQModel holds the fp32 model, one layer's Hessians and activations of the calibration rows.
     check_memory(int(fp32_bytes * 1.6) + 512 * 1024**2, "GPTQ quantization")
-    check_disk(out.parent, int(fp32_bytes / 8 * bits * 1.2) + fp32_bytes // 4, "the GPTQ checkpoint")
+    plain = all(s.file.suffix == ".safetensors" for s in ckpt.sources.values()) and not ckpt.report
+    # Every step's files at once: the clean copy (at most fp32), the offload and the result.
+    need = int(fp32_bytes / 8 * bits * 1.2) + fp32_bytes // 4 + (0 if plain else fp32_bytes)
+    check_disk(work or out.parent, need, "the GPTQ checkpoint" + ("" if plain else " and a clean copy of its source"))
 
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=work or out.parent) as tmp_dir:
         tmp = Path(tmp_dir)
-        plain = all(s.file.suffix == ".safetensors" for s in ckpt.sources.values()) and not ckpt.report
         folder = Path(source) if plain else _clean_copy(ckpt, tmp / "clean")
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         rows = calibration_batches(tok, calibration_texts(tok, calibration), seq_len, samples)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from localchat.fsutil import atomic_path
 
-from .checkpoint import CheckpointError, read_config
+from .checkpoint import CheckpointError, read_config, safetensors_header
 from .gguf import converter_for
 
 PEFT_PREFIX = "base_model.model."
@@ -29,6 +29,7 @@ def _adapter_tensors(folder: Path) -> dict:
 
     f = folder / "adapter_model.safetensors"
     if f.is_file():
+        safetensors_header(f)  # a malformed header is an error naming the tensor and field
         return load_file(str(f))
     b = folder / "adapter_model.bin"
     if b.is_file():

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from localchat.fsutil import atomic_path, check_disk
+from localchat.fsutil import HEADROOM, atomic_path, check_disk
 from localchat.gguf_file import read_gguf
 
 # Quant name -> (llama_ftype, approximate bits per weight, for the disk check).
@@ -34,6 +34,11 @@ def quant_name(q: str) -> str:
     return name
 
 
+def quantized_bytes(n_params: int, quant: str) -> int:
+    """Disk a `quant` GGUF of `n_params` weights needs, headroom included."""
+    return int(n_params * QUANT_TYPES[quant_name(quant)][1] / 8) + HEADROOM
+
+
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str,
              threads: int | None = None, verbose: bool = False) -> Path:
     """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete."""
@@ -43,8 +48,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     q = quant_name(quant)
     src, dst = Path(src), Path(dst)
     header = read_gguf(src)  # a bad input never reaches the quantizer
-    need = int(header.n_params * QUANT_TYPES[q][1] / 8) + (64 << 20)
-    check_disk(dst.parent, need, f"quantizing to {q}")
+    check_disk(dst.parent, quantized_bytes(header.n_params, q), f"quantizing to {q}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[q][0])
     params.nthread = threads or os.cpu_count() or 1

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from localchat.fsutil import atomic_path, check_disk
+from localchat.fsutil import HEADROOM, atomic_path, check_disk
 from localchat.gguf_file import STOP_KEY
 from localchat.templates import get_format
 
 from .checkpoint import Checkpoint
-from .gguf import converter_for
+from .gguf import ArchConverter, converter_for
 from .tokenizer import load_vocab, write_vocab
 
 OUTTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
@@ -35,16 +35,35 @@ class ConvertResult:
     report: list[str]
 
 
+@dataclass
+class GgufPlan:
+    """Everything about a GGUF but its tensor data: the header is complete, so its size is known
+    before a byte is written (a conversion checks the disk for all its steps up front)."""
+
+    ckpt: Checkpoint
+    conv: ArchConverter
+    writer: gguf.GGUFWriter
+    tensors: list[tuple[str, str | None, list[int]]]  # (gguf name, hf name or None for an extra, shape)
+    extras: dict[str, torch.Tensor]
+    outtype: str
+    report: list[str]
+    nbytes: int  # tensor data
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(shape)) for _, _, shape in self.tensors)
+
+
 def _out_dtype(ndim: int, outtype: str) -> type:
     # Norms, biases and rope factors stay F32, as llama.cpp expects; matrices take the outtype.
     return OUTTYPES[outtype][0] if ndim >= 2 else np.float32
 
 
-def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",
-                    template: str | None = None, name: str | None = None, quiet: bool = False) -> ConvertResult:
+def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = None,
+              name: str | None = None) -> GgufPlan:
+    """Names, shapes, metadata and vocabulary of the GGUF `ckpt` becomes; reads no weights."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)} (quantize from f16)")
-    out = Path(out)
     conv = converter_for(ckpt.config)
     vocab = load_vocab(ckpt.tokenizer_dir or ckpt.folder, ckpt.config.data)
     report = list(ckpt.report)
@@ -56,7 +75,7 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
     elif not vocab.chat_template:
         report.append("the checkpoint has no chat template; pass --template NAME to embed one")
 
-    plan: list[tuple[str, str | None, list[int]]] = []  # (gguf name, hf name or None for extra, shape)
+    plan: list[tuple[str, str | None, list[int]]] = []
     for hf_name in ckpt.names():
         g = conv.gguf_name(hf_name)
         if g is None:
@@ -80,16 +99,23 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         total += nbytes
         w.add_tensor_info(g, shape, np.dtype(dtype), nbytes)
-    check_disk(out.parent if out.parent.exists() else Path.cwd(), total + (64 << 20), f"writing {out.name}")
+    return GgufPlan(ckpt, conv, w, plan, extras, outtype, report, total)
 
+
+def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False) -> ConvertResult:
+    """Stream the planned tensors into `out`, which appears only when complete."""
+    out = Path(out)
+    conv = plan.conv
+    check_disk(out.parent if out.parent.exists() else Path.cwd(), plan.nbytes + HEADROOM, f"writing {out.name}")
+    w = plan.writer
     with atomic_path(out) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
-        for g, hf_name, shape in plan:
-            t = extras[g] if hf_name is None else conv.transform(g, ckpt.get(hf_name))
-            arr = t.to(torch.float32).numpy().astype(_out_dtype(len(shape), outtype), copy=False)
+        bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
+        for g, hf_name, shape in plan.tensors:
+            t = plan.extras[g] if hf_name is None else conv.transform(g, plan.ckpt.get(hf_name))
+            arr = t.to(torch.float32).numpy().astype(_out_dtype(len(shape), plan.outtype), copy=False)
             if list(arr.shape) != list(shape):
                 raise ValueError(f"tensor {hf_name or g}: shape {list(arr.shape)} differs from its header {shape}")
             w.write_tensor_data(arr)
@@ -97,4 +123,9 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
             del t, arr
         bar.close()
         w.close()
-    return ConvertResult(out, len(plan), report)
+    return ConvertResult(out, len(plan.tensors), plan.report)
+
+
+def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",
+                    template: str | None = None, name: str | None = None, quiet: bool = False) -> ConvertResult:
+    return write_gguf(plan_gguf(ckpt, outtype, template, name), out, quiet)

@@ -9,12 +9,13 @@ the training config, the loss log and its plot; the merged checkpoint goes throu
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from localchat.fsutil import human, sha256_file
+from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
 from .data import load_dataset
@@ -93,6 +94,22 @@ def register_lora(store: Store, base: str, base_dir: Path, adapter: Path, name: 
     return lora_name
 
 
+def check_export_disk(base_dir: Path, quant: str | None, store: Store) -> None:
+    """Refuse before training when the disk cannot hold what follows it: the merged float32
+    checkpoint and, with `quant`, the GGUF export's F16 and quantized files."""
+    from localchat.convert.checkpoint import load_checkpoint
+    from localchat.convert.command import gguf_export_need
+    from localchat.convert.to_gguf import plan_gguf
+
+    ckpt = load_checkpoint(base_dir)  # headers only
+    merged = sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names()) + HEADROOM
+    need, steps = merged, f"merged checkpoint {human(merged)}"
+    if quant:
+        more, export_steps = gguf_export_need(plan_gguf(ckpt, "f16"), quant)
+        need, steps = need + more, f"{steps}, then GGUF {export_steps}"
+    check_disk(store.root, need, f"fine-tuning {base_dir.name} ({steps})")
+
+
 def finetune(base: str, data: str, name: str | None, settings: TrainSettings, quant: str = "Q4_K_M",
              resume: bool = False, export: bool = True, store: Store | None = None,
              quiet: bool = False, lora_gguf: bool = False) -> FinetuneResult:
@@ -106,6 +123,7 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     base_dir = base_folder(base, store)
     name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
     out = store.model_dir(name) / "finetune"
+    check_export_disk(base_dir, quant if export else None, store)
     report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
     result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
     if result.resumed_from:
@@ -118,7 +136,8 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
         report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")
     merged = merge(base_dir, result.adapter, out / "merged")
     if export:
-        ex = export_gguf(merged, quant, name=name, store=store, quiet=quiet)
+        # The run's own name: a re-run replaces its earlier export (and deletes that GGUF).
+        ex = export_gguf(merged, quant, name=name, store=store, quiet=quiet, replace=True)
         entry = store.get(name)
         entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
         entry.extra = {"adapter": str(result.adapter.relative_to(store.root)),

@@ -13,6 +13,11 @@ from typing import Iterator
 import psutil
 
 
+# Disk kept free beyond a file's estimated size: metadata (a vocabulary runs to megabytes) and the
+# estimate's own error. Every long job adds it once per file it writes.
+HEADROOM = 64 << 20
+
+
 class ResourceError(RuntimeError):
     """Not enough disk or memory; the message says "needs X, has Y"."""
 

@@ -274,7 +274,7 @@ def test_bench_times_both_backends_and_the_planner_ranks_by_it(gptq_home: Store,
 @pytest.mark.slow
 def test_gptq_beside_a_gguf_makes_one_model_with_both(tmp_path: Path, source: Path) -> None:
     """`convert --to gptq --name M` for a GGUF model M: one model, two artifacts; a later GGUF
-    export of M keeps the GPTQ folder."""
+    export of M (with replace) keeps the GPTQ folder and deletes the GGUF it replaces."""
     from localchat.convert.command import export_gguf, export_gptq
     from localchat.store.resolve import resolve_model
 
@@ -288,7 +288,8 @@ def test_gptq_beside_a_gguf_makes_one_model_with_both(tmp_path: Path, source: Pa
     assert e.format == "gguf" and e.quant == "Q8_0 + GPTQ-4bit-g32" and "gptq_eval" in e.extra
     assert {a.format for a in resolve_model("tiny", store).artifacts} == {"gguf", "gptq"}
     assert (store.model_dir("tiny") / "tiny-Q8_0.gguf").is_file()  # the GGUF survived the GPTQ write
-    export_gguf(src, "Q4_0", name="tiny", store=store, check=False, quiet=True)
+    export_gguf(src, "Q4_0", name="tiny", store=store, check=False, quiet=True, replace=True)
     e = store.get("tiny")
     assert e.quant == "Q4_0 + GPTQ-4bit-g32"
+    assert sorted(p.name for p in store.model_dir("tiny").iterdir()) == ["gptq", "tiny-Q4_0.gguf"]
     assert {a.format for a in resolve_model("tiny", store).artifacts} == {"gguf", "gptq"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from localchat.commands.list import eval_text
+from localchat.commands.list import eval_text, printable
 from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name, check_relative
 from localchat.store.names import check_repo_id
@@ -24,7 +24,8 @@ def table(ctx: AppContext) -> list[list[str]]:
     rows = []
     for e in ctx.store.models().values():
         backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq", "lora") else "convert it first"
-        rows.append([e.name, e.format, e.quant, human(e.size), backend, eval_text(e), e.source])
+        rows.append([printable(c) for c in (e.name, e.format, e.quant, human(e.size), backend, eval_text(e),
+                                            e.source)])
     return rows
 
 

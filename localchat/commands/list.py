@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import unicodedata
 
 from ..fsutil import human
 from ..store import ModelEntry, default_store
+from ..store.orphans import find_orphans
+
+# Control, format (bidi overrides, zero-width), separator, surrogate and unassigned characters.
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+
+
+def printable(text: str) -> str:
+    """Untrusted text (an imported file's name, a converted folder's name) as one visible line:
+    characters that break a row, reorder what the terminal shows or hide are written as
+    escapes (a newline as \\n, U+202E as \\u202e)."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _HIDDEN else c
+                   for c in text)
 
 
 def eval_text(e: ModelEntry) -> str:
@@ -20,7 +34,8 @@ def eval_text(e: ModelEntry) -> str:
 
 def format_table(entries: list[ModelEntry]) -> str:
     rows = [("NAME", "FORMAT", "QUANT", "SIZE", "EVAL", "SOURCE")]
-    rows += [(e.name, e.format, e.quant, human(e.size), eval_text(e), e.source) for e in entries]
+    rows += [tuple(map(printable, (e.name, e.format, e.quant, human(e.size), eval_text(e), e.source)))
+             for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -34,6 +49,10 @@ def list_models(args: argparse.Namespace) -> int:
         print(f"no models in {store.root}; `localchat setup` installs the starter model")
     else:
         print(format_table(entries))
+    stray = find_orphans(store)
+    if stray and not args.json:
+        print(f"{len(stray)} stray item(s) in the store ({human(sum(o.size for o in stray))}) that no model owns: "
+              "`localchat doctor` lists them, `localchat doctor --clean` removes them", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..fsutil import atomic_write_text
 
 CHAT_VERSION = 1
-_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 ROLES = ("system", "user", "assistant")
 
 
@@ -36,7 +36,7 @@ def new_id() -> str:
 
 
 def check_id(chat_id: str) -> str:
-    if not isinstance(chat_id, str) or not _ID.match(chat_id):
+    if not isinstance(chat_id, str) or not _ID.fullmatch(chat_id):
         raise ChatError(f"{chat_id!r} is not a chat id (like 20261123-101500-a1b2c3)")
     return chat_id
 
@@ -119,7 +119,7 @@ class ChatHistory:
         """Newest first; a damaged file is skipped here and reported when opened."""
         out = []
         for p in self.root.glob("*.json"):
-            if not _ID.match(p.stem):
+            if not _ID.fullmatch(p.stem):
                 continue
             try:
                 c = self.load(p.stem)

@@ -131,13 +131,26 @@ class Store:
         return entries[name]
 
     def add(self, entry: ModelEntry) -> None:
-        check_name(entry.name)
-        if entry.format not in FORMATS:
-            raise StoreError(f"format {entry.format!r} is not one of {FORMATS}")
+        _check(entry)
         with self._locked():
             entries = self._read()
             entries[entry.name] = entry
             self._write(entries)
+
+    def replace(self, entry: ModelEntry) -> ModelEntry | None:
+        """Register `entry` in place of the model of that name (if any), deleting the files only the
+        old entry listed, so a re-export under the same name leaves no unlisted file behind."""
+        _check(entry)
+        with self._locked():
+            entries = self._read()
+            old = entries.get(entry.name)
+            entries[entry.name] = entry
+            self._write(entries)
+        if old is not None:
+            keep = {self.path_of(f.path) for f in entry.files}
+            for f in old.files:
+                _discard(self.path_of(f.path), keep)
+        return old
 
     def update(self, name: str, change: Callable[[ModelEntry], None]) -> ModelEntry:
         """Change one entry in place under the lock: a read-modify-write that loses no one else's write."""
@@ -169,3 +182,23 @@ class Store:
         if folder.is_dir():
             shutil.rmtree(folder)
         return entry
+
+
+def _check(entry: ModelEntry) -> None:
+    check_name(entry.name)
+    if entry.format not in FORMATS:
+        raise StoreError(f"format {entry.format!r} is not one of {FORMATS}")
+
+
+def _discard(path: Path, keep: set[Path]) -> None:
+    """Delete `path` except what `keep` lists (a GPTQ model's folder can hold the GGUF replacing it)."""
+    if path in keep:
+        return
+    if path.is_dir() and not path.is_symlink():
+        if any(k.is_relative_to(path) for k in keep):
+            for child in path.iterdir():
+                _discard(child, keep)
+        else:
+            shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class UnsafeNameError(ValueError):
@@ -15,7 +15,7 @@ class UnsafeNameError(ValueError):
 
 def check_name(name: str, what: str = "model name") -> str:
     """A single path component: letters, digits, '.', '_', '-'; no '..'."""
-    if not _NAME.match(name or "") or ".." in name:
+    if not _NAME.fullmatch(name or "") or ".." in name:
         raise UnsafeNameError(f"{what} {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
                               "(no '/', no '..', at most 128 characters)")
     return name
@@ -28,7 +28,7 @@ def safe_file_name(name: str) -> str:
 
 
 def check_repo_id(repo: str) -> str:
-    if not _REPO.match(repo or "") or ".." in repo:
+    if not _REPO.fullmatch(repo or "") or ".." in repo:
         raise UnsafeNameError(f"repository {repo!r} is not of the form OWNER/NAME")
     return repo
 
