@@ -94,6 +94,8 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
         if not source:
             return "Error: pick a checkpoint (pull one, or fine-tune one, first)"
         quant = ["--quant", q] if fmt == "gguf" else []
+        # The result never takes the source's own name: that would replace the checkpoint it is made from.
+        n = n.strip() or f"{source}-{'gptq' if fmt == 'gptq' else q.lower()}"
         try:
             args = named(["convert", str(ctx.store.model_dir(source)), "--to", fmt, *quant, "-q"], n)
         except UnsafeNameError as exc:
