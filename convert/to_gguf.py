@@ -47,7 +47,7 @@ def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str 
     out = Path(out)
     conv = converter_for(ckpt.config)
     vocab = load_vocab(ckpt.tokenizer_dir or ckpt.folder, ckpt.config.data)
-    report = list(ckpt.report)
+    report = list(ckpt.report) + vocab.notes
     stops: tuple[str, ...] = ()
     if template:
         fmt = get_format(template)

