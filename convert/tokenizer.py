@@ -302,13 +302,19 @@ def _token_id(value: Any, tokens: list[str]) -> int | None:
     return None
 
 
-def _adds_bos(data: dict[str, Any] | None, bos: str | None) -> bool | None:
-    """Whether tokenizer.json's post-processor puts BOS before a single text (None if it does not say)."""
+def _post_processor_adds(data: dict[str, Any] | None, bos: str | None, eos: str | None) -> dict[str, bool]:
+    """Whether tokenizer.json's post-processor puts BOS before and EOS after a single text, where it says."""
+    adds: dict[str, bool] = {}
     for proc in _steps((data or {}).get("post_processor"), "processors"):
-        if proc.get("type") == "TemplateProcessing" and proc.get("single"):
+        if proc.get("type") == "ByteLevel":  # offsets only: adds no token
+            adds.setdefault("bos", False)
+            adds.setdefault("eos", False)
+        elif proc.get("type") == "TemplateProcessing" and proc.get("single"):
             first = proc["single"][0].get("SpecialToken", {}).get("id")
-            return first is not None and first == bos
-    return None
+            last = proc["single"][-1].get("SpecialToken", {}).get("id")
+            adds["bos"] = first is not None and first == bos
+            adds["eos"] = last is not None and last == eos
+    return adds
 
 
 def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
@@ -329,15 +335,15 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
             tid = config[f"{kind}_token_id"]
         if tid is not None and tid >= 0:
             vocab.special[kind] = tid
-    bos = vocab.tokens[vocab.special["bos"]] if "bos" in vocab.special else None
+    named = {k: vocab.tokens[i] for k, i in vocab.special.items() if 0 <= i < len(vocab.tokens)}
+    adds = _post_processor_adds(data, named.get("bos"), named.get("eos"))
     if "add_bos_token" in tcfg:
         vocab.add_bos = bool(tcfg["add_bos_token"])
-    elif _adds_bos(data, bos) is not None:
-        vocab.add_bos = _adds_bos(data, bos)
+    elif "bos" in adds:
+        vocab.add_bos = adds["bos"]
     elif vocab.model == "gpt2":
         vocab.add_bos = False
-    if "add_eos_token" in tcfg:
-        vocab.add_eos = bool(tcfg["add_eos_token"])
+    vocab.add_eos = bool(tcfg["add_eos_token"]) if "add_eos_token" in tcfg else adds.get("eos")
     if isinstance(tcfg.get("add_prefix_space"), bool):  # as llama.cpp's converter reads it
         vocab.add_space_prefix = tcfg["add_prefix_space"]
     template = tcfg.get("chat_template")

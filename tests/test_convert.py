@@ -172,7 +172,8 @@ def test_bad_inputs_get_clear_errors(real_hf: Path, tmp_path: Path) -> None:
     (gpt / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     (gpt / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(CheckpointError, match="'GPTNeoXForCausalLM' is not supported; supported: "
-                                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                              "Qwen3ForCausalLM"):
         convert_to_gguf(load_checkpoint(gpt), tmp_path / "x.gguf", quiet=True)
 
     cut = tmp_path / "cut"

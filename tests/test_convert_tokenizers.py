@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from localchat.convert.checkpoint import load_checkpoint  # noqa: E402
 from localchat.convert.to_gguf import convert_to_gguf  # noqa: E402
 from localchat.convert.tokenizer import TokenizerError, load_vocab  # noqa: E402
-from tests.checkpoints import CACHE, llama_cpp_source, package_data, tiny_model  # noqa: E402
+from tests.checkpoints import llama_cpp_source, package_data, rebuilt_vocab, tiny_model  # noqa: E402
 
 TEXT = ("def add(a, b):\n    return a + b  # 1234567 + 89 = 1234656\n"
         "  Leading spaces\tand émigré café; 🦙🚀 emoji; 日本語のテキスト, 中文。 3.14159 on 2026-01-01")
@@ -177,27 +177,6 @@ def test_byte_level_bpe_tokenizes_as_hf(case: str, tmp_path: Path) -> None:
 
     assert read_gguf(gguf).metadata["tokenizer.ggml.pre"] == pre
     assert llama_tokenize(gguf, prompt, add_bos=False) == hf.encode(prompt, add_special_tokens=False).ids
-
-
-def rebuilt_vocab(name: str) -> Path:
-    """A HF tokenizer folder rebuilt by transformers from llama.cpp's ggml-vocab-NAME.gguf (cached).
-
-    transformers drops two things real uploads have: Llama 3's ignore_merges, put back here, and
-    llama.cpp's pre-tokenizer, whose split regex it writes from the file's tokenizer.ggml.pre.
-    """
-    out = CACHE / "vocab-hf" / name
-    if not (out / "tokenizer.json").is_file():
-        models = llama_cpp_source() / "models"
-        tmp = out.with_name(name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        transformers.AutoTokenizer.from_pretrained(models, gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(tmp)
-        if name == "llama-bpe":
-            data = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-            data["model"]["ignore_merges"] = True
-            (tmp / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
 
 
 @pytest.mark.parametrize("name", ["llama-spm", "phi-3", "llama-bpe", "qwen2"])
