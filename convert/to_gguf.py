@@ -66,7 +66,7 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)} (quantize from f16)")
     conv = converter_for(ckpt.config)
     vocab = load_vocab(ckpt.tokenizer_dir or ckpt.folder, ckpt.config.data)
-    report = list(ckpt.report)
+    report = list(ckpt.report) + vocab.notes
     stops: tuple[str, ...] = ()
     if template:
         fmt = get_format(template)

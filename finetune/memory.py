@@ -13,6 +13,7 @@ batch, the other mistake costs the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
@@ -40,28 +41,37 @@ class ModelShape:
     layers: int
     hidden: int
     intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     vocab: int
     tied: bool
+    modules: tuple[tuple[str, int, int], ...]  # (name, in, out) of each linear layer in a block
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelShape":
-        """From a transformers config (its attribute maps give GPT-2's n_embd as hidden_size, etc.)."""
-        hidden = int(cfg.hidden_size)
-        heads = int(cfg.num_attention_heads)
-        return cls(layers=int(cfg.num_hidden_layers), hidden=hidden,
-                   intermediate=int(getattr(cfg, "intermediate_size", None) or 4 * hidden),
-                   heads=heads, kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-                   head_dim=int(getattr(cfg, "head_dim", None) or hidden // heads),
-                   vocab=int(cfg.vocab_size), tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+        """From a transformers config (or config.json's dict); the block's linear layers are the ones
+        its architecture declares (localchat.convert.gguf), so a fused or renamed layer is counted right."""
+        from localchat.convert.checkpoint import HFConfig
+        from localchat.convert.gguf import converter_for
+
+        data = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        conv = converter_for(HFConfig(Path(str(data.get("_name_or_path") or ".")) / "config.json", data))
+        return cls(layers=conv.n_layers, hidden=conv.n_embd, intermediate=int(conv.config.require("intermediate_size")),
+                   vocab=int(conv.config.require("vocab_size")), tied=conv.tied,
+                   modules=tuple((name, a, b) for name, (a, b) in conv.lora_modules().items()))
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ModelShape":
+        from localchat.convert.checkpoint import read_config
+
+        return cls.from_config(read_config(folder).data | {"_name_or_path": str(folder)})
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in a block, by the names LoRA targets."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {name: (a, b) for name, a, b in self.modules}
+
+    @property
+    def default_targets(self) -> tuple[str, ...]:
+        """Every linear layer of a block: what `localchat finetune` adapts unless told otherwise."""
+        return tuple(name for name, _, _ in self.modules)
 
     @property
     def linear_params(self) -> int:
@@ -96,7 +106,7 @@ def estimate(shape: ModelShape, targets: tuple[str, ...], rank: int, max_len: in
     """Peak memory of one training step; `weight_bytes` is 2 for a bf16/fp16 base, 4 for float32."""
     modules = shape.module_shapes()
     unknown = [t for t in targets if t not in modules]
-    if unknown:  # other architectures name their layers differently: assume the widest
+    if unknown:  # a user's target that is no linear layer of a block: assume the widest
         widest = max(modules.values(), key=lambda s: s[0] + s[1])
         modules = {**modules, **{t: widest for t in unknown}}
     lora_params = shape.layers * sum(rank * sum(modules[t]) for t in targets)

@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 from localchat.options import Options, option
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class TrainSettings(Options):
     option_group = "training"
@@ -18,7 +15,8 @@ class TrainSettings(Options):
     lora_r: int = option(16, "LoRA rank", 1, 1024)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", 1, 4096)
     lora_dropout: float = option(0.05, "dropout on the LoRA path", 0.0, 0.9)
-    target: tuple[str, ...] = option(DEFAULT_TARGETS, "module names to adapt")
+    target: tuple[str, ...] | None = option(None, "module names to adapt (default: every linear layer of a "
+                                                   "block, as the model's architecture names them)")
     max_len: int | None = option(None, "tokens per sequence (default: from memory)", 32, 131072)
     batch_size: int | None = option(None, "sequences per step (default: from memory)", 1, 4096)
     grad_accum: int = option(1, "steps of gradients added before each update", 1, 1024)

@@ -61,12 +61,11 @@ def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, w
     bench_finetune.py); on CUDA the largest shape whose estimate fits in 90% of the free
     memory. Refuses with "needs X, has Y" when even the smallest does not fit.
     """
-    import transformers
-
-    shape = ModelShape.from_config(transformers.AutoConfig.from_pretrained(base, trust_remote_code=False))
+    shape = ModelShape.from_folder(base)
+    targets = settings.target or shape.default_targets
 
     def need(max_len: int, batch: int) -> TrainMemory:
-        return estimate(shape, tuple(settings.target), settings.lora_r, max_len, batch, qlora=qlora,
+        return estimate(shape, tuple(targets), settings.lora_r, max_len, batch, qlora=qlora,
                         weight_bytes=weight_bytes, checkpointing=checkpointing, device=device)
 
     budget = int(free_bytes * 0.9)
@@ -252,6 +251,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
     if resume:  # the shape the run started with, whatever memory is free now: the same data order
         settings = _shape_of_run(out, settings)
+    if settings.target is None:  # every linear layer of a block, as the architecture names them
+        settings = replace(settings, target=ModelShape.from_folder(base).default_targets)
     max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype != torch.float32 else 4,
                                             checkpointing, free)
     torch.manual_seed(settings.seed)

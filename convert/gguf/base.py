@@ -16,10 +16,12 @@ class UnknownTensor(CheckpointError):
 
 
 class ArchConverter:
-    """Maps one HF architecture's config and tensors to llama.cpp's names and layouts.
+    """Everything the project knows about one HF architecture: llama.cpp's tensor names and
+    layouts and metadata for conversion, and the block's linear layers for LoRA fine-tuning.
 
-    Subclasses set `gguf_arch`, the top-level and per-layer name tables, and override
-    `transform` where llama.cpp wants a tensor laid out differently.
+    Subclasses set `gguf_arch`, the top-level and per-layer name tables, override `transform`
+    where llama.cpp wants a tensor laid out differently, and `lora_modules` where a block's linear
+    layers are not LLaMA's.
     """
 
     gguf_arch: ClassVar[str]
@@ -40,6 +42,15 @@ class ArchConverter:
         self.n_head_kv = int(c.get("num_key_value_heads", default=self.n_head))
         self.head_dim = int(c.get("head_dim", default=self.n_embd // self.n_head))
         self.tied = bool(c.get("tie_word_embeddings", default=False))
+
+    def lora_modules(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a block, by the module names PEFT targets:
+        fine-tuning adapts these by default and its memory estimate counts them. This is LLaMA's
+        block (attention projections and a gated MLP); families with fused or other layers override it."""
+        h, i = self.n_embd, int(self.config.require("intermediate_size"))
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor, None to leave it out, UnknownTensor if unexpected."""

@@ -47,9 +47,11 @@ class LlamaConverter(ArchConverter):
         factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
         old_ctx = float(s["original_max_position_embeddings"])
         base = self.config.rope_theta
+        # The inverse frequencies in float32, as transformers computes them for the model.
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         factors = []
-        for i in range(0, self.head_dim, 2):
-            wavelen = 2 * math.pi * base ** (i / self.head_dim)
+        for f in inv_freq.tolist():
+            wavelen = 2 * math.pi / f
             if wavelen < old_ctx / high:
                 factors.append(1.0)
             elif wavelen > old_ctx / low:
