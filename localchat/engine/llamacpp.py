@@ -8,11 +8,12 @@ act between tokens, and costs next to nothing over raw llama-cpp-python.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import random
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import llama_cpp
 
@@ -23,6 +24,40 @@ from .settings import SamplingSettings
 from .stops import StopFilter
 
 DEFAULT_BATCH = 512
+_LOADING = threading.Lock()
+
+
+class _UnusedChatFormatter:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def without_chat_formatters() -> Iterator[None]:
+    """Keep `Llama()` from compiling the file's chat templates.
+
+    llama-cpp-python compiles every `tokenizer.chat_template*` in the file as it loads, with
+    jinja's constant folding, for its own create_chat_completion, which localchat never calls
+    (templates render in our limited sandbox). A template holding ``{{ 'x' * 10**10 }}`` would
+    build that string at load, before any limit could act. Loads take this lock, so the swap
+    is never seen half-done by another load.
+    """
+    from llama_cpp import llama_chat_format
+
+    with _LOADING:
+        real = llama_chat_format.Jinja2ChatFormatter
+        llama_chat_format.Jinja2ChatFormatter = _UnusedChatFormatter  # type: ignore[misc, assignment]
+        try:
+            yield
+        finally:
+            llama_chat_format.Jinja2ChatFormatter = real  # type: ignore[misc]
+
+
 
 
 class LlamaCppBackend(Backend):
@@ -34,11 +69,12 @@ class LlamaCppBackend(Backend):
         gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
         if plan.backend == "llamacpp-cpu":
             gpu_layers = 0
-        self.llm = llama_cpp.Llama(
-            model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
-            n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
-            lora_path=plan.artifact.lora_path, verbose=False,
-        )
+        with without_chat_formatters():
+            self.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
+                n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
+                lora_path=plan.artifact.lora_path, verbose=False,
+            )
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab
         self._add_bos = bool(self.header.metadata.get("tokenizer.ggml.add_bos_token", True))

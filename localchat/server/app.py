@@ -28,6 +28,7 @@ from ..chat.session import ChatSession
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats
 from ..engine.settings import SamplingSettings
 from ..store import Store, default_store
+from ..templates import TemplateError
 from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket
 from .schemas import ChatRequest, CompletionRequest
 from .settings import LOOPBACK_HOSTS, ServerSettings
@@ -229,7 +230,8 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             if settings_.max_tokens > n_ctx:
                 raise ServerError(400, f"max_tokens={settings_.max_tokens} exceeds the model's context "
                                        f"of {n_ctx} tokens", "invalid_value", "max_tokens")
-            prompt, stops = build_prompt(ticket)
+            # Off the event loop: a slow chat template must not stall other requests.
+            prompt, stops = await asyncio.to_thread(build_prompt, ticket)
             settings_ = settings_.with_stops(stops)
             try:
                 n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, prompt)
@@ -306,6 +308,9 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             session = ChatSession(model.backend, chat_format=model.defaults.get("chat_format"))
             try:
                 prompt = session.render(msgs)
+            except TemplateError as exc:
+                raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
+                                  "messages") from None
             except ValueError as exc:
                 raise ServerError(400, str(exc), "invalid_messages", "messages") from None
             return prompt, session.template.stop
