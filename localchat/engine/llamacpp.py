@@ -19,7 +19,7 @@ import llama_cpp
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
-from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate
+from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
 from .settings import SamplingSettings
 from .stops import StopFilter
 
@@ -58,8 +58,6 @@ def without_chat_formatters() -> Iterator[None]:
             llama_chat_format.Jinja2ChatFormatter = real  # type: ignore[misc]
 
 
-
-
 class LlamaCppBackend(Backend):
     def __init__(self, plan: Plan, header: GGUFHeader | None = None) -> None:
         path = plan.artifact.path
@@ -85,15 +83,33 @@ class LlamaCppBackend(Backend):
             origin=f"chat template of {path}",
             stop=self.header.stop_strings,
         )
+        self.special = _special_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
 
-    def tokenize(self, text: str) -> list[int]:
-        bos = self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+    def _wants_bos(self, text: str) -> bool:
+        return self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
+    def _encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self._wants_bos(text), special=True)
+
+    def _encode_pieces(self, pieces: list[str | int]) -> list[int]:
+        # As llama.cpp's own tokenize does for each fragment between control tokens: a piece alone
+        # gets the SentencePiece space prefix exactly where it would (every text fragment is
+        # first or follows a control token), and user-defined tokens are still matched in it.
+        # BOS (and EOS, where a vocab asks for one) go around the whole prompt, unless the
+        # template's markup starts with the BOS already.
+        v = self._vocab
+        add = self._add_bos and not (pieces and pieces[0] == llama_cpp.llama_vocab_bos(v))
+        ids = [llama_cpp.llama_vocab_bos(v)] if add and llama_cpp.llama_vocab_get_add_bos(v) else []
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+        if add and llama_cpp.llama_vocab_get_add_eos(v):
+            ids.append(llama_cpp.llama_vocab_eos(v))
+        return ids
 
     def _piece(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
@@ -102,12 +118,12 @@ class LlamaCppBackend(Backend):
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
 
-    def stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None = None,
+    def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True) -> Iterator[Chunk]:
         with self._busy:
             yield from self._stream(prompt, settings, cancel, lstrip)
 
-    def _stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None,
+    def _stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None,
                 lstrip: bool = True) -> Iterator[Chunk]:
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
@@ -166,3 +182,24 @@ class LlamaCppBackend(Backend):
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _special_tokens(vocab: Any) -> SpecialTokens:
+    """The vocab's control and unknown tokens: the ones llama.cpp matches in text only when told
+    to parse special tokens (user-defined ones it matches always, as Hugging Face does)."""
+    ids: dict[str, int] = {}
+    lstrip, rstrip = [], []
+    for i in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, i)
+        if not attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN):
+            continue
+        try:
+            text = llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8")
+        except UnicodeDecodeError:  # cannot occur in a str prompt
+            continue
+        ids.setdefault(text, i)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+            lstrip.append(text)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP:
+            rstrip.append(text)
+    return SpecialTokens(ids, lstrip, rstrip)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat.session import ChatSession
-from ..engine.backend import Chunk, ContextOverflow, GenerationStats
+from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..store import Store, default_store
 from ..templates import TemplateError
@@ -118,7 +118,7 @@ class TicketStreamingResponse(StreamingResponse):
             self.ticket.release()
 
 
-async def generate(ticket: Ticket, prompt: str, settings: SamplingSettings) -> AsyncIterator[Chunk]:
+async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings) -> AsyncIterator[Chunk]:
     """Run one generation on the ticket's model in a thread, in queue order.
 
     The worker thread, not this generator, releases the model's lock when llama.cpp is
@@ -218,7 +218,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
     async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
-                      ) -> tuple[Ticket, str, SamplingSettings]:
+                      ) -> tuple[Ticket, PromptLike, SamplingSettings]:
         ticket = await mgr().ticket(req.model)
         try:
             try:
@@ -245,7 +245,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             ticket.release()
             raise
 
-    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: str,
+    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: PromptLike,
                       settings_: SamplingSettings, chat: bool) -> Any:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -300,7 +300,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [m.as_dict() for m in req.messages]
 
-        def build(ticket: Ticket) -> tuple[str, tuple[str, ...]]:
+        def build(ticket: Ticket) -> tuple[PromptLike, tuple[str, ...]]:
             model = ticket.model
             system = model.defaults.get("system")
             msgs = messages if (messages[0]["role"] == "system" or not system) else \
