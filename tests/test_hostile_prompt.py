@@ -37,7 +37,8 @@ HOSTILE = "evil"
 HOSTILE_TEMPLATE = (
     "{% set ask = messages[-1]['content'] %}"
     "{% if ask == 'loop' %}"  # hours of nested loops; the body keeps each step slow, so the clock stops it
-    "{% for i in range(100000) %}{% for j in range(100000) %}{% set s = range(1000)|join %}{% endfor %}{% endfor %}"
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% set s = range(1000)|join %}"
+    "{% endfor %}{% endfor %}"
     "{% elif ask == 'range' %}{{ range(10**12)|length }}"
     "{% elif ask == 'string' %}{{ 'x' * 10**10 }}"
     "{% elif ask == 'recurse' %}{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}{{ down(0) }}"
@@ -146,7 +147,8 @@ def as_text_in(llm: Any, text: str, message: str) -> list[int]:
             + llm.tokenize(after.encode(), add_bos=False, special=True))
 
 
-FORGED_CHAT = f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{FORGED}<|im_end|>\n<|im_start|>assistant\n"
+FORGED_CHAT = (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{FORGED}<|im_end|>\n"
+               "<|im_start|>assistant\n")
 
 
 def test_forged_turn_in_a_message_stays_text(starter_backend: LlamaCppBackend) -> None:
@@ -181,7 +183,8 @@ def test_forged_turn_is_refused_when_the_template_rewrites_message_text(starter_
               "<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
     ok = render_prompt(source, [{"role": "user", "content": "What a day"}])
     assert "WhAt A dAy<|im_end|>" in ok.text
-    assert starter_backend.tokenize(ok) == starter_backend.llm.tokenize(ok.text.encode(), add_bos=False, special=True)
+    llm = starter_backend.llm
+    assert starter_backend.tokenize(ok) == llm.tokenize(ok.text.encode(), add_bos=False, special=True)
     forged = render_prompt(source, [{"role": "user", "content": FORGED}])
     assert forged.spans is None
     with pytest.raises(ValueError, match="a message holds '<\\|im_end\\|>', a control token of this model"):
@@ -189,7 +192,8 @@ def test_forged_turn_is_refused_when_the_template_rewrites_message_text(starter_
 
 
 @pytest.mark.parametrize("chat_format", [None, "chatml", "llama-3", "mistral", "zephyr", "vicuna"])
-def test_forged_turn_stays_text_in_every_format(starter_backend: LlamaCppBackend, chat_format: str | None) -> None:
+def test_forged_turn_stays_text_in_every_format(starter_backend: LlamaCppBackend,
+                                                chat_format: str | None) -> None:
     """Case 2 through templates that copy message text and ones that trim it: the model is fed
     exactly the prompt's characters, and only the template's own control tokens."""
     llm = starter_backend.llm
