@@ -35,7 +35,7 @@ def test_stream_equals_llama_cpp_non_streamed(starter_backend: LlamaCppBackend) 
     chunks = list(s.stream_reply(msgs, GREEDY))
     streamed = "".join(c.text for c in chunks)
     assert len([c for c in chunks if c.text]) > 3, "the answer came in pieces"
-    raw = starter_backend.llm.create_completion(prompt, max_tokens=GREEDY.max_tokens, temperature=0.0,
+    raw = starter_backend.llm.create_completion(prompt.text, max_tokens=GREEDY.max_tokens, temperature=0.0,
                                                 repeat_penalty=1.0, stop=list(s.template.stop))
     assert streamed == raw["choices"][0]["text"].strip()
     assert chunks[-1].stats is not None
@@ -106,7 +106,7 @@ def test_conversation_longer_than_context_keeps_working(starter_gguf: Path) -> N
         assert s.messages[0] == {"role": "system", "content": STARTER.system}
         # what the model saw still starts with the system prompt
         seen, _ = s.fit(s.messages + [{"role": "user", "content": "hi"}], 40)
-        assert seen.startswith(f"<|im_start|>system\n{STARTER.system}")
+        assert seen.text.startswith(f"<|im_start|>system\n{STARTER.system}")
     finally:
         backend.close()
 
@@ -119,14 +119,14 @@ def test_message_longer_than_context_is_a_clear_error(starter_backend: LlamaCppB
 def test_models_own_template_is_used(starter_backend: LlamaCppBackend) -> None:
     s = ChatSession(starter_backend)  # no system prompt: the template adds its own
     prompt = s.render([{"role": "user", "content": "hi"}])
-    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+    assert prompt.text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
                       "Hugging Face<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert starter_backend.template.source in (starter_backend.llm.metadata.get("tokenizer.chat_template"),)
 
 
 def test_named_chat_format_overrides_template(starter_backend: LlamaCppBackend) -> None:
     s = ChatSession(starter_backend, chat_format="vicuna")
-    assert s.render([{"role": "user", "content": "hi"}]).endswith("USER: hi ASSISTANT:")
+    assert s.render([{"role": "user", "content": "hi"}]).text.endswith("USER: hi ASSISTANT:")
     assert "USER:" in s.template.stop
 
 

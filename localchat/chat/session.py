@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats
 from ..engine.settings import SamplingSettings
-from ..templates import DEFAULT_FORMAT, get_format, render_chat
+from ..templates import DEFAULT_FORMAT, Prompt, get_format, render_prompt
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -58,16 +58,17 @@ class ChatSession:
         self.last_stats: GenerationStats | None = None
         self.last_dropped = 0
 
-    def render(self, messages: list[Message]) -> str:
+    def render(self, messages: list[Message]) -> Prompt:
+        """The prompt for `messages`, knowing which parts are message text (tokenized as text)."""
         t = self.backend.template
-        return render_chat(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
-                           origin=self.template.origin)
+        return render_prompt(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
+                             origin=self.template.origin, locate=self.backend.special.occurs_in)
 
     def reserve_for(self, settings: SamplingSettings) -> int:
         """Tokens kept free for the answer."""
         return min(settings.max_tokens, self.backend.n_ctx // 2)
 
-    def fit(self, messages: list[Message], reserve: int) -> tuple[str, int]:
+    def fit(self, messages: list[Message], reserve: int) -> tuple[Prompt, int]:
         """Render `messages`, dropping the oldest turns until the prompt and `reserve` fit."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
@@ -94,13 +95,13 @@ class ChatSession:
         """
         validate_messages(messages)
         s = (settings or self.settings).with_stops(self.template.stop)
-        partial = ""
+        partial = Prompt.message_text("")
         if continue_last:
             if not messages or messages[-1]["role"] != "assistant":
                 raise ValueError("there is no answer to continue: the last message is not the assistant's")
-            messages, partial = messages[:-1], messages[-1]["content"]
+            messages, partial = messages[:-1], Prompt.message_text(messages[-1]["content"])
         prompt, self.last_dropped = self.fit(messages, self.reserve_for(s) + self.backend.count_tokens(partial))
-        prompt += partial
+        prompt += partial  # the answer so far is message text too
         for chunk in self.backend.stream(prompt, s, cancel, lstrip=not continue_last):
             if chunk.stats:
                 self.last_stats = chunk.stats

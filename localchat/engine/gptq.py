@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..planner import Plan
-from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate
+from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
 from .settings import SamplingSettings
 from .stops import StopFilter
 
@@ -90,20 +90,28 @@ class GptqBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self._eos = set(eos) | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set())
+        added = [(i, t) for i, t in self.tok.added_tokens_decoder.items() if t.special]
+        self.special = SpecialTokens({t.content: i for i, t in added}, [t.content for _, t in added if t.lstrip],
+                                     [t.content for _, t in added if t.rstrip])
         self._busy = threading.Lock()
 
-    def tokenize(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
+    def _encode_pieces(self, pieces: list[str | int]) -> list[int]:
+        # split_special_tokens: special added tokens are text here (non-special ones still match).
+        ids: list[int] = []
+        for piece in pieces:
+            ids += [piece] if isinstance(piece, int) else \
+                self.tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids
 
-    def stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None = None,
+    def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True) -> Iterator[Chunk]:
         with self._busy:
             yield from self._stream(prompt, settings, cancel, lstrip)
 
-    def _stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None,
+    def _stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None,
                 lstrip: bool) -> Iterator[Chunk]:
         import torch
 

@@ -8,19 +8,20 @@ act between tokens, and costs next to nothing over raw llama-cpp-python.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import random
 import re
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import llama_cpp
 from llama_cpp._logger import llama_log_callback as default_log_callback
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
-from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate
+from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
 from .settings import SamplingSettings
 from .stops import StopFilter
 
@@ -68,6 +69,40 @@ class LlamaErrors:
         return "; ".join(lines[-keep:])
 
 
+_LOADING = threading.Lock()
+
+
+class _UnusedChatFormatter:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def without_chat_formatters() -> Iterator[None]:
+    """Keep `Llama()` from compiling the file's chat templates.
+
+    llama-cpp-python compiles every `tokenizer.chat_template*` in the file as it loads, with
+    jinja's constant folding, for its own create_chat_completion, which localchat never calls
+    (templates render in our limited sandbox). A template holding ``{{ 'x' * 10**10 }}`` would
+    build that string at load, before any limit could act. Loads take this lock, so the swap
+    is never seen half-done by another load.
+    """
+    from llama_cpp import llama_chat_format
+
+    with _LOADING:
+        real = llama_chat_format.Jinja2ChatFormatter
+        llama_chat_format.Jinja2ChatFormatter = _UnusedChatFormatter  # type: ignore[misc, assignment]
+        try:
+            yield
+        finally:
+            llama_chat_format.Jinja2ChatFormatter = real  # type: ignore[misc]
+
+
 class LlamaCppBackend(Backend):
     def __init__(self, plan: Plan, header: GGUFHeader | None = None) -> None:
         path = plan.artifact.path
@@ -77,7 +112,7 @@ class LlamaCppBackend(Backend):
         gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
         if plan.backend == "llamacpp-cpu":
             gpu_layers = 0
-        with LlamaErrors() as errors:
+        with LlamaErrors() as errors, without_chat_formatters():
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
@@ -97,15 +132,33 @@ class LlamaCppBackend(Backend):
             origin=f"chat template of {path}",
             stop=self.header.stop_strings,
         )
+        self.special = _special_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
 
-    def tokenize(self, text: str) -> list[int]:
-        bos = self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+    def _wants_bos(self, text: str) -> bool:
+        return self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text))
+    def _encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self._wants_bos(text), special=True)
+
+    def _encode_pieces(self, pieces: list[str | int]) -> list[int]:
+        # As llama.cpp's own tokenize does for each fragment between control tokens: a piece alone
+        # gets the SentencePiece space prefix exactly where it would (every text fragment is
+        # first or follows a control token), and user-defined tokens are still matched in it.
+        # BOS (and EOS, where a vocab asks for one) go around the whole prompt, unless the
+        # template's markup starts with the BOS already.
+        v = self._vocab
+        add = self._add_bos and not (pieces and pieces[0] == llama_cpp.llama_vocab_bos(v))
+        ids = [llama_cpp.llama_vocab_bos(v)] if add and llama_cpp.llama_vocab_get_add_bos(v) else []
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+        if add and llama_cpp.llama_vocab_get_add_eos(v):
+            ids.append(llama_cpp.llama_vocab_eos(v))
+        return ids
 
     def _piece(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
@@ -114,12 +167,12 @@ class LlamaCppBackend(Backend):
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
 
-    def stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None = None,
+    def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True) -> Iterator[Chunk]:
         with self._busy:
             yield from self._stream(prompt, settings, cancel, lstrip)
 
-    def _stream(self, prompt: str, settings: SamplingSettings, cancel: threading.Event | None,
+    def _stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None,
                 lstrip: bool = True) -> Iterator[Chunk]:
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
@@ -178,3 +231,24 @@ class LlamaCppBackend(Backend):
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _special_tokens(vocab: Any) -> SpecialTokens:
+    """The vocab's control and unknown tokens: the ones llama.cpp matches in text only when told
+    to parse special tokens (user-defined ones it matches always, as Hugging Face does)."""
+    ids: dict[str, int] = {}
+    lstrip, rstrip = [], []
+    for i in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, i)
+        if not attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN):
+            continue
+        try:
+            text = llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8")
+        except UnicodeDecodeError:  # cannot occur in a str prompt
+            continue
+        ids.setdefault(text, i)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+            lstrip.append(text)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP:
+            rstrip.append(text)
+    return SpecialTokens(ids, lstrip, rstrip)

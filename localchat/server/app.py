@@ -24,10 +24,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat.session import ChatSession
-from ..engine.backend import Chunk, ContextOverflow, GenerationStats
+from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..hostguard import header_dict
 from ..store import Store, default_store
+from ..templates import TemplateError
 from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket
 from .schemas import ChatRequest, CompletionRequest
 from .settings import ServerSettings
@@ -119,7 +120,7 @@ class TicketStreamingResponse(StreamingResponse):
             self.ticket.release()
 
 
-async def generate(ticket: Ticket, prompt: str, settings: SamplingSettings) -> AsyncIterator[Chunk]:
+async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings) -> AsyncIterator[Chunk]:
     """Run one generation on the ticket's model in a thread, in queue order.
 
     The worker thread, not this generator, releases the model's lock when llama.cpp is
@@ -223,7 +224,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
     async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
-                      ) -> tuple[Ticket, str, SamplingSettings]:
+                      ) -> tuple[Ticket, PromptLike, SamplingSettings]:
         ticket = await mgr().ticket(req.model)
         try:
             try:
@@ -235,7 +236,8 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             if settings_.max_tokens > n_ctx:
                 raise ServerError(400, f"max_tokens={settings_.max_tokens} exceeds the model's context "
                                        f"of {n_ctx} tokens", "invalid_value", "max_tokens")
-            prompt, stops = build_prompt(ticket)
+            # Off the event loop: a slow chat template must not stall other requests.
+            prompt, stops = await asyncio.to_thread(build_prompt, ticket)
             settings_ = settings_.with_stops(stops)
             try:
                 n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, prompt)
@@ -249,7 +251,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             ticket.release()
             raise
 
-    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: str,
+    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: PromptLike,
                       settings_: SamplingSettings, chat: bool) -> Any:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -304,7 +306,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [m.as_dict() for m in req.messages]
 
-        def build(ticket: Ticket) -> tuple[str, tuple[str, ...]]:
+        def build(ticket: Ticket) -> tuple[PromptLike, tuple[str, ...]]:
             model = ticket.model
             system = model.defaults.get("system")
             msgs = messages if (messages[0]["role"] == "system" or not system) else \
@@ -312,6 +314,9 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             session = ChatSession(model.backend, chat_format=model.defaults.get("chat_format"))
             try:
                 prompt = session.render(msgs)
+            except TemplateError as exc:
+                raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
+                                  "messages") from None
             except ValueError as exc:
                 raise ServerError(400, str(exc), "invalid_messages", "messages") from None
             return prompt, session.template.stop
