@@ -67,9 +67,11 @@ test: $(DEV) $(CHROMIUM) setup
 screenshots: $(DEV) $(CHROMIUM) setup
 	LOCALCHAT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py
 
-bench: $(DEV) setup
-	$(BIN)/python bench/bench_runtime.py
-	$(BIN)/python bench/bench_serve.py
+# Every benchmark into bench/results.json, then README.md's benchmark section from it (also when a
+# bench failed: the README says so). BENCH_ARGS="--only NAME"; BENCH_QUICK=1 for the smallest settings.
+bench: $(DEV) $(CHROMIUM) setup
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS); status=$$?; \
+		$(BIN)/python bench/readme.py && exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,7 +5,7 @@ several rounds (this machine is noisy), and the table prints localchat / raw rat
 measured in this run. The raw baseline is the tightest loop llama-cpp-python offers:
 `Llama.generate` with an end-of-generation check and nothing else.
 
-    python bench/bench_runtime.py [--model NAME_OR_PATH] [--rounds 3] [--tokens 128]
+    python bench/bench_runtime.py [--model NAME_OR_PATH] [--rounds 5] [--tokens 128]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from results import alternate, figure, fmt, ratio, report
 
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. "
           "Describe the sea, the weather, the town and the people in it. ") * 3
@@ -68,7 +70,7 @@ def worker_raw(model: str, threads: int, ctx: int, tokens: int, reps: int) -> di
         t_end = time.perf_counter()
         if rep:
             runs.append((len(ids), n, t_first - t0, t_end - t_first))
-    return _summary(runs)
+    return {**_summary(runs), "quant": p.artifact.quant}
 
 
 def worker_localchat(model: str, threads: int, ctx: int, tokens: int, reps: int) -> dict:
@@ -101,16 +103,31 @@ def _summary(runs: list[tuple[int, int, float, float]]) -> dict:
 
 
 WORKERS = {"raw": worker_raw, "localchat": worker_localchat}
+METRICS = (("decode_tok_s", "decode tok/s", "higher"), ("prompt_tok_s", "prompt tok/s", "higher"),
+           ("ttft_ms", "first token ms", "lower"), ("peak_rss_mb", "peak RSS MB", "lower"))
+UNITS = {"decode_tok_s": "tok/s", "prompt_tok_s": "tok/s", "ttft_ms": "ms", "peak_rss_mb": "MB"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_worker(side: str, args: argparse.Namespace) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", side, "--model", args.model,
+                          "--threads", str(args.threads), "--ctx", str(args.ctx),
+                          "--tokens", str(args.tokens), "--reps", str(args.reps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{side} worker failed: {out.stderr[-2000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{side:9s} {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    return r
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3, help="measured generations per process")
-    ap.add_argument("--rounds", type=int, default=3, help="processes per side, alternating")
+    ap.add_argument("--reps", type=int, default=3, help="measured generations per process, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=5, help="processes per side, alternating")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads is None:
@@ -119,31 +136,32 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = psutil.cpu_count(logical=False) or 1
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.model, args.threads, args.ctx, args.tokens, args.reps)))
-        return 0
+        return {}
 
-    results: dict[str, list[dict]] = {k: [] for k in WORKERS}
-    for r in range(args.rounds):
-        for side in (("raw", "localchat") if r % 2 == 0 else ("localchat", "raw")):
-            out = subprocess.run([sys.executable, __file__, "--worker", side, "--model", args.model,
-                                  "--threads", str(args.threads), "--ctx", str(args.ctx),
-                                  "--tokens", str(args.tokens), "--reps", str(args.reps)],
-                                 capture_output=True, text=True, check=True)
-            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{args.rounds} {side:9s} {results[side][-1]['decode_tok_s']:.1f} tok/s",
-                  file=sys.stderr)
-
-    med = {side: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for side, runs in results.items()}
-    raw, ours = med["raw"], med["localchat"]
-    print(f"\nmodel {args.model}, {args.threads} threads, prompt {int(raw['prompt_tokens'])} tokens, "
-          f"{int(raw['completion_tokens'])} generated; medians of {args.rounds} processes x {args.reps} runs")
-    print(f"{'metric':18s} {'raw llama-cpp':>14s} {'localchat':>12s} {'ratio':>8s}")
-    for key, label, better in (("decode_tok_s", "decode tok/s", "higher"), ("prompt_tok_s", "prompt tok/s", "higher"),
-                               ("ttft_ms", "first token ms", "lower"), ("peak_rss_mb", "peak RSS MB", "lower")):
-        print(f"{label:18s} {raw[key]:14.1f} {ours[key]:12.1f} {ours[key] / raw[key]:8.3f}  ({better} is better)")
-    ratio = ours["decode_tok_s"] / raw["decode_tok_s"]
-    print(f"\ndecode speed ratio {ratio:.3f} (goal >= 0.97): {'PASS' if ratio >= 0.97 else 'FAIL'}")
-    return 0
+    # Each process warms up with its first generation, so no process is thrown away here.
+    ours, raw = alternate(lambda: run_worker("localchat", args), lambda: run_worker("raw", args),
+                          args.rounds, warmup=0)
+    quant = raw[0]["quant"]
+    figures: dict[str, dict] = {}
+    for key, _, better in METRICS:
+        figures[f"raw_{key}"] = figure([r[key] for r in raw], UNITS[key], "raw llama-cpp-python")
+        figures[f"localchat_{key}"] = figure([r[key] for r in ours], UNITS[key], "localchat")
+        figures[f"ratio_{key}"] = ratio([r[key] for r in ours], [r[key] for r in raw],
+                                        f"localchat / raw, per round; {better} is better")
+    settings = {"model": args.model, "quant": quant, "threads": args.threads, "ctx": args.ctx,
+                "max_tokens": args.tokens, "reps": args.reps, "rounds": args.rounds,
+                "prompt_tokens": raw[0]["prompt_tokens"], "completion_tokens": raw[0]["completion_tokens"]}
+    print(f"\nmodel {args.model} ({quant}), {args.threads} threads, prompt {settings['prompt_tokens']} tokens, "
+          f"{settings['completion_tokens']} generated; median (min-max) of {args.rounds} processes a side, "
+          f"each the median of {args.reps} runs after a warm-up")
+    print(f"{'metric':16s} {'raw llama-cpp':>24s} {'localchat':>24s} {'localchat / raw':>26s}")
+    for key, label, better in METRICS:
+        print(f"{label:16s} {fmt(figures['raw_' + key], 1):>24s} {fmt(figures['localchat_' + key], 1):>24s} "
+              f"{fmt(figures['ratio_' + key], 3):>26s}  ({better} is better)")
+    r = figures["ratio_decode_tok_s"]["value"]
+    print(f"\ndecode speed ratio {r:.3f} (goal >= 0.97): {'PASS' if r >= 0.97 else 'FAIL'}")
+    return report(settings, figures)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

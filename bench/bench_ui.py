@@ -2,7 +2,8 @@
 
 The app (its own process) answers in headless Chromium, so the browser's rendering and
 Gradio's streaming share the cores with the decode, as on a user's laptop. The baseline
-is the same greedy answer through `ChatSession` in a plain process. Runs alternate.
+is the same greedy answer through `ChatSession` in a plain process. Runs alternate, after
+one warm-up of each.
 
     python bench/bench_ui.py [--rounds 3] [--tokens 256]
 """
@@ -13,7 +14,6 @@ import argparse
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results import alternate, figure, fmt, ratio, report  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and his cat."
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,11 +58,11 @@ def in_app(page, tokens: int) -> float:  # noqa: ANN001
     return float(re.search(r"tokens, ([\d.]+) tok/s", status).group(1))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=256)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
     from localchat.store import Store, default_store, install_starter
@@ -75,24 +77,25 @@ def main() -> int:
                                 "--context", "2048"], env=env, stderr=subprocess.PIPE, text=True)
         try:
             url = re.search(r"(http://\S+)", app.stderr.readline()).group(1)
-            ui_rates, raw_rates = [], []
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
                 page = browser.new_page()
                 page.goto(url)
-                for _ in range(args.rounds):
-                    raw_rates.append(baseline(args.tokens))
-                    ui_rates.append(in_app(page, args.tokens))
+                ui_rates, raw_rates = alternate(lambda: in_app(page, args.tokens), lambda: baseline(args.tokens),
+                                                args.rounds, warmup=1)
                 browser.close()
         finally:
             app.terminate()
             app.wait()
-    raw, ui = statistics.median(raw_rates), statistics.median(ui_rates)
-    print(f"decode tok/s, median of {args.rounds}: plain {raw:.1f}, in the app with Chromium {ui:.1f} "
-          f"-> {ui / raw:.2f}x")
-    return 0
+    figures = {"plain_tok_s": figure(raw_rates, "tok/s", "ChatSession in a plain process"),
+               "app_tok_s": figure(ui_rates, "tok/s", "in the app, answered in headless Chromium"),
+               "ratio": ratio(ui_rates, raw_rates, "app / plain decode tok/s, per round")}
+    print(f"decode tok/s, median (min-max) of {args.rounds} alternating rounds after a warm-up: "
+          f"plain {fmt(figures['plain_tok_s'], 1)}, in the app with Chromium {fmt(figures['app_tok_s'], 1)} "
+          f"-> {fmt(figures['ratio'])}")
+    return report({"model": "smollm2-135m-instruct", "max_tokens": args.tokens, "rounds": args.rounds}, figures)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,237 @@
+"""README.md's benchmark section, generated from bench/results.json so it cannot drift from
+what was measured: every figure in it is a figure in the file, printed as the file holds it
+(median, and min–max over the n alternating rounds where a bench repeats).
+
+    python bench/readme.py            # rewrite the section between the markers in README.md
+    python bench/readme.py --check    # exit 1 if README.md's section differs from the file
+
+tests/test_bench_results.py checks the README against the file the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import fmt  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results.json"
+README = BENCH_DIR.parent / "README.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+Bench = dict[str, Any]
+
+
+def _f(b: Bench, name: str, digits: int = 2, spread: bool = True) -> str:
+    return fmt(b["figures"][name], digits, spread)
+
+
+def _v(b: Bench, name: str, digits: int = 2) -> str:
+    """A figure's value alone, for table cells whose spread is printed elsewhere or is none."""
+    return f"{b['figures'][name]['value']:.{digits}f}"
+
+
+def runtime(b: Bench) -> list[str]:
+    s = b["settings"]
+    rows = [("decode tok/s", "decode_tok_s", 1), ("prompt tok/s", "prompt_tok_s", 1),
+            ("time to first token", "ttft_ms", 0), ("peak RSS", "peak_rss_mb", 0)]
+    lines = [f"`bench/bench_runtime.py`: localchat's chat path against raw llama-cpp-python "
+             f"(`Llama.generate`, nothing else) on {s['model']} {s['quant']}, {s['threads']} threads, "
+             f"a {s['prompt_tokens']}-token prompt and {s['completion_tokens']} tokens generated; each side "
+             f"in its own processes, {s['rounds']} alternating rounds, each the median of {s['reps']} runs "
+             "after a warm-up.", "",
+             "| | raw llama-cpp-python | localchat | localchat / raw |", "|---|---|---|---|"]
+    lines += [f"| {label} | {_f(b, 'raw_' + k, d)} | {_f(b, 'localchat_' + k, d)} | {_f(b, 'ratio_' + k, 3)} |"
+              for label, k, d in rows]
+    return lines
+
+
+def serve(b: Bench) -> list[str]:
+    s = b["settings"]
+    clients = ", ".join(map(str, s["clients"][:-1])) + (" and " if len(s["clients"]) > 1 else "") + str(s["clients"][-1])
+    lines = [f"`bench/bench_serve.py`: `localchat serve` under {clients} concurrent "
+             f"streaming clients (the `openai` package, {s['max_tokens']} tokens an answer) against the same "
+             f"requests generated in-process one after another, no HTTP; {s['rounds']} alternating rounds. "
+             "Requests to one model queue fairly, so time to first token grows with the queue.", "",
+             "| clients | requests | server tok/s | in-process tok/s | server / in-process | TTFT p50 "
+             "| TTFT p95 |", "|---|---|---|---|---|---|---|"]
+    for c in s["clients"]:
+        k = f"c{c}_"
+        lines.append(f"| {c} | {c * s['per_client']} | {_f(b, k + 'server_tok_s', 1)} | "
+                     f"{_f(b, k + 'inprocess_tok_s', 1)} | {_f(b, k + 'ratio', 3)} | "
+                     f"{_f(b, k + 'ttft_p50', 0, False)} | {_f(b, k + 'ttft_p95', 0, False)} |")
+    return lines
+
+
+def quant_ppl(b: Bench) -> list[str]:
+    s = b["settings"]
+    lines = [f"`bench/bench_quant_ppl.py`: what each llama.cpp quant type costs on {s['model']}, "
+             f"perplexity on {s['tokens_scored']} tokens of {s['text']} against F16 in the same run. "
+             f"The F16 \"full precision\" is {s['source']}: these figures say what requantizing that "
+             "costs, not what quantizing a trained fp16 model would.", "",
+             "| type | size MB | perplexity | vs F16 | KL divergence | same top token |",
+             "|---|---|---|---|---|---|",
+             f"| F16 | {_v(b, 'F16_size_mb', 1)} | {_v(b, 'F16_ppl', 3)} | | | |"]
+    lines += [f"| {q} | {_v(b, q + '_size_mb', 1)} | {_v(b, q + '_ppl', 3)} | {_f(b, q + '_ppl_ratio', 4)} | "
+              f"{_v(b, q + '_kld', 4)} | {_f(b, q + '_top1', 1)} |" for q in s["types"]]
+    return lines
+
+
+def convert(b: Bench) -> list[str]:
+    s = b["settings"]
+    lines = [f"`bench/bench_convert.py`: F16 conversion of {s['checkpoint']} by localchat and by llama.cpp's "
+             f"`convert_hf_to_gguf.py`, each in its own process, {s['rounds']} alternating rounds after a "
+             "warm-up.", "",
+             "| | wall time | peak RSS |", "|---|---|---|",
+             f"| convert_hf_to_gguf.py | {_f(b, 'ref_wall', 1)} | {_f(b, 'ref_rss')} |",
+             f"| localchat | {_f(b, 'ours_wall', 1)} | {_f(b, 'ours_rss')} |",
+             f"| localchat / reference | {_f(b, 'wall_ratio', 3)} | {_f(b, 'rss_ratio', 3)} |"]
+    if s.get("big"):
+        shape = "a LLaMA-2-7B-shaped" if s["shape"] == "llama2-7b" else f"a {s['shape']}-shaped (not 7B: a check)"
+        made = (f" ({_f(b, 'big_checkpoint_gb', 1)} of fp16 shards) converts to F16 in "
+                f"{_f(b, 'big_f16_wall', 0)} with a peak RSS of {_f(b, 'big_f16_rss')}; Q4_K_M takes "
+                f"{_f(b, 'big_q4_quantize_s', 0)} and") if "big_f16_wall" in b["figures"] else ""
+        lines += ["", f"With `--big`, {shape} random checkpoint{made} gives a {_f(b, 'big_q4_gb')} file. It "
+                  f"decodes at {_f(b, 'big_decode_tok_s')} with {s['threads']} threads. An estimated "
+                  f"memory-bandwidth bound, measured alternately with decode: {s['threads']} threads "
+                  f"reading at once pull {_f(b, 'big_bandwidth_gbs', 1)}, and decode reads "
+                  f"{_f(b, 'big_bytes_per_token_gb')} a token (every tensor but the token embeddings), "
+                  f"so at most about {_f(b, 'big_bound_tok_s')}; decode / bound "
+                  f"{_f(b, 'big_decode_vs_bound')}. The bound leaves out the KV cache and compute, so it is "
+                  "an estimate, not a ceiling."]
+    return lines
+
+
+def gptq(b: Bench) -> list[str]:
+    s = b["settings"]
+    names = {"chats": "chats (template tokens included)", "stories": "stories", "GPL-3 prose": "GPL-3 prose"}
+    lines = [f"`bench/bench_gptq.py`: `--to gptq`'s own code on {s['source']} ({s['bits']}-bit, group size "
+             f"{s['group_size']}, {s['samples']} calibration rows of up to {s['seq_len']} tokens) against plain "
+             f"round-to-nearest on the same grid; both use the {s['scales']}, so GPTQ's error "
+             "compensation is all that differs. Scored on text the calibration never saw (the shipped chats, "
+             "`tests/data_eval_prose.txt`, GPL-3 prose). Full precision is the shipped Q4_1 starter "
+             f"dequantized. Quantization took {_f(b, 'quantize_s', 0)}.", "",
+             "| text | full precision ppl | RTN / fp | GPTQ / fp | KLD RTN | KLD GPTQ | top-1 RTN | top-1 GPTQ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in s["texts"]:
+        k = label.split()[0].lower().replace("-", "")
+        lines.append(f"| {names.get(label, label)} | {_v(b, k + '_fp_ppl', 3)} | {_f(b, k + '_rtn_ratio', 3)} | "
+                     f"{_f(b, k + '_gptq_ratio', 3)} | {_v(b, k + '_rtn_kld', 3)} | {_v(b, k + '_gptq_kld', 3)} | "
+                     f"{_f(b, k + '_rtn_top1', 1)} | {_f(b, k + '_gptq_top1', 1)} |")
+    return lines
+
+
+def finetune(b: Bench) -> list[str]:
+    s = b["settings"]
+    labels = {"trainer": "Trainer + PEFT, padded batches", "localchat": "localchat, same batches",
+              "localchat_packed": "localchat, packed, same steps"}
+    lines = [f"`bench/bench_finetune.py`: LoRA r={s['lora_r']} on {s['model']}, one epoch over {s['rows']} "
+             f"conversations ({s['tokens']} tokens), against a transformers Trainer + PEFT loop at the same "
+             f"precision, learning-rate schedule and {s['steps']} optimizer steps: the Trainer and \"same "
+             f"batches\" take {s['batch']} rows a step; \"packed\" packs the rows into sequences of up to "
+             f"{s['packed_len']} tokens, one a step. Each side in its own process, {s['rounds']} rounds in "
+             f"turn. Held-out loss (float32, on the {s['held_out_rows']} calibration conversations, none "
+             f"trained on) shows speed was not bought with learning; untrained: "
+             f"{_v(b, 'untrained_held_out', 3)}.", "",
+             "| precision | run | steps | tokens/s | vs Trainer | peak RSS | RSS vs Trainer | held-out loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in s["precisions"]:
+        for side, label in labels.items():
+            k = f"{p}_{side}"
+            vs = ("", "") if side == "trainer" else (_f(b, k + "_speed_ratio"), _f(b, k + "_rss_ratio"))
+            lines.append(f"| {p} | {label} | {_v(b, k + '_steps', 0)} | {_f(b, k + '_tok_s', 0)} | {vs[0]} | "
+                         f"{_f(b, k + '_rss')} | {vs[1]} | {_f(b, k + '_held_out', 3, False)} |")
+    if "bf16" not in s["precisions"]:
+        lines += ["", "No bf16 rows: " + ("this run left them out." if s["native_bf16"] else
+                                          "this CPU has no native bf16 units (localchat trains in float32 there).")]
+    return lines
+
+
+def ui(b: Bench) -> list[str]:
+    s = b["settings"]
+    return [f"`bench/bench_ui.py`: decode speed inside the app, answered in headless Chromium on the same "
+            f"cores, against the same greedy {s['max_tokens']}-token answer in a plain process, "
+            f"{s['rounds']} alternating rounds after a warm-up: {_f(b, 'app_tok_s', 1)} against "
+            f"{_f(b, 'plain_tok_s', 1)}, {_f(b, 'ratio')}."]
+
+
+WRITERS: dict[str, Callable[[Bench], list[str]]] = {
+    "runtime": runtime, "serve": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
+    "finetune": finetune, "ui": ui}
+
+
+def _machine(m: dict[str, Any]) -> str:
+    gpus = f", {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU"
+    return f"{m['cpu']} ({m['physical_cores']} cores, {m['memory_gib']} GiB){gpus}"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The section between the markers (markers excluded), from the results file's contents."""
+    benches = results.get("benches", {})
+    out = ["", "_Generated by `bench/readme.py` from `bench/results.json`; `make bench` reruns every benchmark "
+           "(`make bench BENCH_ARGS=\"--only NAME\"` one) and rewrites both. Figures are medians, with the "
+           "min–max over n alternating rounds where a bench repeats._", ""]
+    if results.get("provisional"):
+        out += ["> **Provisional figures**: some of these come from smoke runs with the smallest settings "
+                "(`--quick`) or from a busy machine; they show the benchmarks work, not what localchat "
+                "achieves. Marked *provisional* below.", ""]
+    machines = sorted({_machine(b["machine"]) for b in benches.values() if b.get("machine")})
+    commits = sorted({b["versions"]["localchat"] for b in benches.values() if b.get("versions")})
+    if machines:
+        out += [f"Measured on {'; '.join(machines)}; localchat {', '.join(commits)}.", ""]
+    for name, writer in WRITERS.items():
+        b = benches.get(name)
+        if b is None:
+            out += [f"`{name}`: not run yet.", ""]
+            continue
+        tag = f" *({'provisional, ' if b.get('provisional') else ''}{b['date']}, took {b.get('seconds', '?')} s)*"
+        if b.get("status") != "ok":
+            out += [f"`{name}` failed on its last run{tag}: `{b.get('error', 'no error recorded')}`", ""]
+            continue
+        body = writer(b)
+        out += [body[0] + tag, *body[1:], ""]
+    return "\n".join(out)
+
+
+def splice(readme: str, section: str) -> str:
+    """`readme` with the text between the markers replaced by `section`."""
+    try:
+        head, rest = readme.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+    except ValueError:
+        raise SystemExit(f"{README}: no {BEGIN} ... {END} markers") from None
+    return head + BEGIN + section + END + tail
+
+
+def section_of(readme: str) -> str:
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is out of date")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    section = render(json.loads(args.results.read_text(encoding="utf-8")))
+    readme = README.read_text(encoding="utf-8")
+    if args.check:
+        same = section_of(readme) == section
+        print(f"{README}: benchmark section {'matches' if same else 'differs from'} {args.results}")
+        return 0 if same else 1
+    new = splice(readme, section)
+    if new != readme:
+        from localchat.fsutil import atomic_write_text
+
+        atomic_write_text(README, new)
+    print(f"{README}: benchmark section written from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
