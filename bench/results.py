@@ -27,9 +27,9 @@ T = TypeVar("T")
 
 def machine() -> dict[str, Any]:
     """CPU, cores, memory and accelerators, from localchat's own hardware probe."""
-    from localchat.hardware import GIB, probe
+    from localchat.hardware import GIB, probe_machine
 
-    hw = probe()
+    hw = probe_machine()  # this machine, whatever LOCALCHAT_HARDWARE_REPORT says
     return {
         "cpu": hw.cpu.model,
         "physical_cores": hw.cpu.physical_cores,
