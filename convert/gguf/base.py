@@ -86,7 +86,16 @@ class ArchConverter:
         w.add_key_length(self.head_dim)
         w.add_value_length(self.head_dim)
         w.add_vocab_size(int(c.require("vocab_size")))
-        w.add_rope_dimension_count(self.head_dim)
+        w.add_rope_dimension_count(self.rope_dims())
+        self.add_rope_scaling(w)
+
+    def rope_dims(self) -> int:
+        """How many of each head's dimensions RoPE rotates: all of them unless a family rotates part."""
+        return self.head_dim
+
+    def add_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        """Metadata for the config's rope scaling; families with their own kind of scaling override it."""
+        c = self.config
         scaling = c.rope_scaling
         kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
         if kind == "linear":
