@@ -196,7 +196,8 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
         # sliding (a window shorter than the test text, so it shows), tied, SentencePiece without a dummy prefix.
         "gemma2": ("spm-gemma", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
                                  "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                                 "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}),
+                                 "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+                                 "pad_token_id": 0}),
     },
     "Gemma3ForCausalLM": {
         # Gemma 3 1B: five sliding layers to one global, local RoPE base 10k and global 1M with linear scaling
@@ -204,7 +205,8 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
         "gemma3": ("spm-gemma", {"num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32,
                                  "sliding_window": 8, "tie_word_embeddings": True, "bos_token_id": 2,
                                  "eos_token_id": 1, "pad_token_id": 0, "rope_parameters": {
-                                     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     },
 }
@@ -232,7 +234,7 @@ def example_tokenizer(name: str, starter: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             spm_tokenizer(tmp, tokenizer_config=GEMMA_TOKENIZER_CONFIG, **GEMMA_SPM).rename(out)
         return out
-    if name == "spm-phi3":  # with Phi-3's chat tokens after the SentencePiece pieces, as its tokenizer_config adds them
+    if name == "spm-phi3":  # Phi-3's chat tokens after the SentencePiece pieces, as its tokenizer_config adds them
         spm = example_tokenizer("spm", starter)
         n = len(transformers_tokenizer(spm))
         return _retokenized(spm, "spm-phi3", {"added_tokens_decoder": {
@@ -240,7 +242,8 @@ def example_tokenizer(name: str, starter: Path) -> Path:
                          "normalized": False, "single_word": False}
             for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"))}})
     if name == "gpt2-class":  # the starter's BPE under the class name Phi-4-mini's tokenizer_config gives
-        return _retokenized(starter, f"starter-gpt2-class-v{STARTER_HF_VERSION}", {"tokenizer_class": "GPT2Tokenizer"})
+        return _retokenized(starter, f"starter-gpt2-class-v{STARTER_HF_VERSION}",
+                            {"tokenizer_class": "GPT2Tokenizer"})
     raise KeyError(name)
 
 
