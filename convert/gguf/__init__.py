@@ -12,6 +12,9 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "localchat.convert.gguf.mistral:MistralConverter",
     "Qwen2ForCausalLM": "localchat.convert.gguf.qwen2:Qwen2Converter",
     "Qwen3ForCausalLM": "localchat.convert.gguf.qwen3:Qwen3Converter",
+    "Phi3ForCausalLM": "localchat.convert.gguf.phi3:Phi3Converter",
+    "Gemma2ForCausalLM": "localchat.convert.gguf.gemma:Gemma2Converter",
+    "Gemma3ForCausalLM": "localchat.convert.gguf.gemma:Gemma3Converter",
 }
 
 

@@ -81,12 +81,25 @@ class ArchConverter:
         w.add_feed_forward_length(int(c.require("intermediate_size")))
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_head_kv)
-        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_freq_base(self.rope_theta())
         w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", default=1e-6)))
         w.add_key_length(self.head_dim)
         w.add_value_length(self.head_dim)
         w.add_vocab_size(int(c.require("vocab_size")))
-        w.add_rope_dimension_count(self.head_dim)
+        w.add_rope_dimension_count(self.rope_dims())
+        self.add_rope_scaling(w)
+
+    def rope_theta(self) -> float:
+        """RoPE's base frequency (of the global layers, where a family has local ones too)."""
+        return self.config.rope_theta
+
+    def rope_dims(self) -> int:
+        """How many of each head's dimensions RoPE rotates: all of them unless a family rotates part."""
+        return self.head_dim
+
+    def add_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        """Metadata for the config's rope scaling; families with their own kind of scaling override it."""
+        c = self.config
         scaling = c.rope_scaling
         kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
         if kind == "linear":
