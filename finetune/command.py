@@ -65,8 +65,11 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
     import transformers
     from peft import PeftModel
 
+    from .lora_layers import no_gptq_dispatch
+
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with no_gptq_dispatch():
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)

@@ -15,7 +15,9 @@ input stays as it is and autocast alone picks the matmul dtype.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
+from unittest import mock
 
 import torch
 
@@ -67,3 +69,20 @@ def speed_up_lora(model: Any, autocast: bool) -> int:
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                 drops[name] = FastDropout(drop.p)
     return layers
+
+
+@contextlib.contextmanager
+def no_gptq_dispatch() -> Iterator[None]:
+    """PEFT's layer dispatchers ask whether each layer is a GPTQModel one, importing GPTQModel
+    to find out when it is installed (seconds, and its banner in the middle of our output).
+    The bases we train are HF or bitsandbytes models, never GPTQ ones: answer "not installed"
+    in every PEFT module that asks."""
+    import sys
+
+    import peft  # noqa: F401  (its tuner modules are loaded by now)
+
+    with contextlib.ExitStack() as stack:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("peft.") and hasattr(module, "is_gptqmodel_available"):
+                stack.enter_context(mock.patch.object(module, "is_gptqmodel_available", lambda: False))
+        yield

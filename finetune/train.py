@@ -9,7 +9,6 @@ log and a PNG plot as training runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,8 +18,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from unittest import mock
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -29,7 +27,7 @@ from localchat.fsutil import atomic_write_text
 
 from .data import Dataset
 from .encode import IGNORE, Encoded, encode, pack
-from .lora_layers import speed_up_lora
+from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
 from .settings import TrainSettings
 
@@ -215,23 +213,6 @@ def qlora_kwargs(device: str, compute_dtype: torch.dtype) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": 0 if device == "cuda" else "cpu"}}
 
 
-@contextlib.contextmanager
-def _no_gptq_dispatch() -> Iterator[None]:
-    """PEFT's layer dispatchers ask whether each layer is a GPTQModel one, importing GPTQModel
-    to find out when it is installed (seconds, and its banner in the middle of our output).
-    The bases we train are HF or bitsandbytes models, never GPTQ ones: answer "not installed"
-    in every PEFT module that asks."""
-    import sys
-
-    import peft  # noqa: F401  (its tuner modules are loaded by now)
-
-    with contextlib.ExitStack() as stack:
-        for name, module in list(sys.modules.items()):
-            if name.startswith("peft.") and hasattr(module, "is_gptqmodel_available"):
-                stack.enter_context(mock.patch.object(module, "is_gptqmodel_available", lambda: False))
-        yield
-
-
 def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume: bool = False,
           quiet: bool = False, stop_after: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -280,7 +261,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    with _no_gptq_dispatch():
+    with no_gptq_dispatch():
         model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
                                                  lora_dropout=settings.lora_dropout,
                                                  target_modules=list(settings.target), task_type="CAUSAL_LM"))
