@@ -51,10 +51,11 @@ def _git(*args: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Python, localchat's commit (with "+dirty" when the tree has uncommitted changes) and
-    the installed versions of the libraries in PACKAGES, read without importing them."""
+    """Python, localchat's commit (with "+dirty" when the code has uncommitted changes: the
+    results file and the README this run rewrites do not count) and the installed versions of
+    the libraries in PACKAGES, read without importing them."""
     commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no"):
+    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results.json", ":!README.md"):
         commit += "+dirty"
     found = {"python": platform.python_version(), "localchat": commit}
     for name in PACKAGES:
