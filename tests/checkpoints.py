@@ -209,6 +209,19 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
                                                         "rope_theta": 1000000.0},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     },
+    "Qwen3MoeForCausalLM": {
+        # Qwen3-30B-A3B: Qwen3's attention (q/k norms, head_dim 128 with hidden 2048), 128 experts of width 768
+        # (not intermediate_size) with the top 8 renormalized, every block sparse, untied.
+        "qwen3-moe": ("qwen", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 48, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                               "mlp_only_layers": [], "rope_theta": 1000000.0, "bos_token_id": 151643,
+                               "eos_token_id": 151645}),
+    },
+    "MixtralForCausalLM": {
+        # Mixtral 8x7B: Mistral's attention and SentencePiece vocabulary, 8 experts of intermediate_size, top 2.
+        "mixtral": ("spm", {"num_local_experts": 4, "num_experts_per_tok": 2, "rope_theta": 1000000.0,
+                            "sliding_window": None}),
+    },
 }
 
 

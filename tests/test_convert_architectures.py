@@ -193,14 +193,18 @@ REFUSED = [
     (("Gemma2ForCausalLM", "gemma2"), {"tie_word_embeddings": False}, "tie_word_embeddings"),
     (("Phi3ForCausalLM", "phi3.5"), {"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 3,
                                                       "short_factor": [1.0] * 8}}, "rope_scaling.long_factor"),
+    (("Qwen3MoeForCausalLM", "qwen3-moe"), {"norm_topk_prob": False}, "norm_topk_prob"),
+    (("Qwen3MoeForCausalLM", "qwen3-moe"), {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    (("Qwen3MoeForCausalLM", "qwen3-moe"), {"decoder_sparse_step": 2}, "decoder_sparse_step"),
 ]
 
 
 @pytest.mark.parametrize(("case", "change", "field"), REFUSED, ids=[f for _, _, f in REFUSED])
 def test_settings_llama_cpp_cannot_honour_are_refused(case, change, field, models, tmp_path: Path) -> None:
     """A checkpoint whose config asks for what llama.cpp's runtime of the family cannot do (a query scale
-    it does not read, an untied output layer Gemma 2 ignores, LongRoPE factors of the wrong length) is
-    refused with an error naming config.json and the field, and no GGUF is written."""
+    it does not read, an untied output layer Gemma 2 ignores, LongRoPE factors of the wrong length, Qwen3-MoE
+    routing without renormalization or with dense blocks) is refused with an error naming config.json and
+    the field, and no GGUF is written."""
     from localchat.convert.checkpoint import CheckpointError
 
     folder = tmp_path / case[1]
@@ -213,3 +217,105 @@ def test_settings_llama_cpp_cannot_honour_are_refused(case, change, field, model
         convert_to_gguf(load_checkpoint(folder), tmp_path / "out.gguf", "f16", quiet=True)
     assert str(folder / "config.json") in str(err.value) and field in str(err.value)
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_unsupported_architecture_is_refused_naming_every_family(arch: str, tmp_path: Path) -> None:
+    """A checkpoint of an architecture the converter lacks is refused with an error naming config.json,
+    that architecture and the supported list, which holds every family of the table."""
+    from localchat.convert.checkpoint import CheckpointError
+
+    folder = tmp_path / "gpt-neox"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError) as err:
+        convert_to_gguf(load_checkpoint(folder), tmp_path / "out.gguf", "f16", quiet=True)
+    message = str(err.value)
+    assert str(folder / "config.json") in message and "'GPTNeoXForCausalLM' is not supported" in message
+    assert arch in message.split("supported: ", 1)[1].split(", ")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_missing_expert_is_named_and_nothing_is_written(models, tmp_path: Path) -> None:
+    """An MoE checkpoint that lacks one expert's matrix is refused before anything is written, naming the
+    stacked GGUF tensor and the missing expert's number (llama.cpp would load a shifted stack otherwise)."""
+    from safetensors.torch import load_file, save_file
+
+    from localchat.convert.checkpoint import CheckpointError
+
+    folder = tmp_path / "mixtral"
+    shutil.copytree(models(("MixtralForCausalLM", "mixtral")), folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up_exps\.weight stacks 4 tensors .* "
+                                              r"number\(s\) 3 are missing"):
+        convert_to_gguf(load_checkpoint(folder), tmp_path / "out.gguf", "f16", quiet=True)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# Measures the resident memory a conversion's writing phase adds, sampled while it runs.
+WRITE_RSS = """
+import json, resource, sys, threading, time
+from localchat.convert.checkpoint import load_checkpoint
+from localchat.convert.to_gguf import plan_gguf, write_gguf
+plan = plan_gguf(load_checkpoint(sys.argv[1]), "f32")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before, peak, done = rss(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+watcher = threading.Thread(target=watch)
+watcher.start()
+write_gguf(plan, sys.argv[2], quiet=True)
+done.set()
+watcher.join()
+print(json.dumps({"grew": peak[0] - before}))
+"""
+
+
+def test_experts_are_stacked_in_about_one_stacks_memory(tmp_path: Path) -> None:
+    """Converting an MoE checkpoint holds about one stacked expert tensor at a time: writing two layers of
+    8 experts (six 32 MB float32 stacks, 192 MB) grows memory by less than two stacks, not by a layer's
+    three or the model's six."""
+    import gguf
+    from safetensors.torch import save_file
+
+    from tests.checkpoints import example_tokenizer
+
+    hidden, width, experts, layers = 256, 4096, 8, 2
+    folder = tmp_path / "mixtral-wide"
+    folder.mkdir()
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(example_tokenizer("spm", Path()) / f, folder / f)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "hidden_size": hidden, "intermediate_size": width,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": experts, "num_experts_per_tok": 2, "vocab_size": 1000, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512}))
+    shapes = {"model.embed_tokens.weight": (1000, hidden), "lm_head.weight": (1000, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in (
+            ("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,)),
+            ("self_attn.q_proj.weight", (hidden, hidden)), ("self_attn.k_proj.weight", (hidden // 2, hidden)),
+            ("self_attn.v_proj.weight", (hidden // 2, hidden)), ("self_attn.o_proj.weight", (hidden, hidden)),
+            ("block_sparse_moe.gate.weight", (experts, hidden)))}
+        for e in range(experts):
+            expert = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+            shapes |= {expert + "w1.weight": (width, hidden), expert + "w3.weight": (width, hidden),
+                       expert + "w2.weight": (hidden, width)}
+    save_file({k: torch.randn(shape).to(torch.bfloat16) for k, shape in shapes.items()}, folder / "model.safetensors")
+    out = tmp_path / "out.gguf"
+    r = subprocess.run([sys.executable, "-c", WRITE_RSS, str(folder), str(out)], capture_output=True, text=True,
+                       timeout=300)
+    written = {t.name: list(t.shape) for t in gguf.GGUFReader(str(out)).tensors} if out.exists() else {}
+    out.unlink(missing_ok=True)
+    (folder / "model.safetensors").unlink()  # 96 MB and 192 MB: not left for pytest's kept temp folders
+    assert r.returncode == 0, r.stderr[-3000:]
+    stack = experts * width * hidden * 4
+    grew = json.loads(r.stdout.strip().splitlines()[-1])["grew"]
+    assert grew < 2 * stack, f"writing took {grew / 2**20:.0f} MB more; one stack is {stack / 2**20:.0f} MB"
+    assert written["blk.1.ffn_down_exps.weight"] == [width, hidden, experts]
