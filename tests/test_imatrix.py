@@ -121,3 +121,20 @@ def test_low_bit_types_without_an_imatrix_are_refused(quant: str, tiny: Path, ho
     err = capsys.readouterr().err
     assert f"{quant.upper()} needs an importance matrix" in err and "--no-imatrix" in err, err
     assert sorted(p.name for p in home.root.iterdir()) == before
+
+
+def test_calibration_file_chooses_the_matrix_data(tiny: Path, home: Store, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """`--calibration FILE` computes the matrix from that file (the report and the kept file name
+    it); a file that is not there is an error naming it, and the store stays empty."""
+    text = tmp_path / "mine.txt"
+    text.write_text(PROSE.read_text(encoding="utf-8"), encoding="utf-8")
+    assert cli(["convert", str(tiny), "--name", "mine", "--calibration", str(text), "--no-check", "-q"]) == 0
+    assert f"from {text}" in capsys.readouterr().out
+    kept = gguf.GGUFReader(home.root / "mine" / "mine.imatrix.gguf")
+    assert kept.get_field("imatrix.datasets").contents() == [str(text)]
+
+    assert cli(["convert", str(tiny), "--name", "gone", "--calibration", str(tmp_path / "gone.jsonl"),
+                "--no-check", "-q"]) == 1
+    assert str(tmp_path / "gone.jsonl") in capsys.readouterr().err
+    assert "gone" not in home.models() and not (home.root / "gone").exists()
