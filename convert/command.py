@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,11 +53,13 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
                 template: str | None = None, base: str | Path | None = None, store: Store | None = None,
                 keep_f16: bool = False, check: bool = True, quiet: bool = False,
                 replace: bool = False, imatrix: bool = True,
-                calibration: str | Path | None = None) -> ExportResult:
+                calibration: str | Path | None = None, size: str | None = None) -> ExportResult:
     """Convert, quantize, check and register; returns the store entry.
 
     With `imatrix` (the default) a quantized type is weighted by an importance matrix over
     `calibration` (default: localchat's chat calibration set), kept beside the GGUF.
+    `quant="auto"` with `size` ("4.0GB") chooses each layer weight's type by measured
+    sensitivity to fit that size (convert/automix.py).
 
     The disk is checked for every step before the first, the work happens in a job folder
     (`localchat.store.jobs`), and only the finished files move into `<store>/<name>/`: a
@@ -72,6 +75,7 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
     q = quant_name(quant)
     use_imatrix = imatrix and q in USES_IMATRIX
     check_imatrix(q, use_imatrix)
+    budget = _size_budget(q, size)
     name = check_name(name or _name_from(Path(source)))
     refuse_existing(store, name, replace)
     plan = plan_gguf(load_checkpoint(source, base), "f16", template=template, name=name)
@@ -87,8 +91,16 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
                                    _kept_imatrices(store))
             report.append(line)
             weights = im
+        types = None
+        if budget is not None:
+            from .automix import plan_mix
+
+            types, planned = plan_mix(f16, weights, budget)
+            mix = Counter(types.values())
+            report.append(f"auto mix for {human(budget)}: planned {human(planned)}; "
+                          + ", ".join(f"{n} {t}" for t, n in sorted(mix.items())))
         if q != "F16":
-            final = quantize(f16, work / f"{name}-{q}.gguf", q, imatrix=weights)
+            final = quantize(f16, work / f"{name}-{q}.gguf", q, imatrix=weights, types=types)
             note = fallback_note(f16, q)
             if note:
                 report.append(note)
@@ -144,6 +156,15 @@ def _move_into(store: Store, name: str, done: Path) -> ModelFile:
     listed = ModelFile(str(target.relative_to(store.root)), done.stat().st_size, sha256_file(done))
     os.replace(done, target)
     return listed
+
+
+def _size_budget(quant: str, size: str | None) -> int | None:
+    """The byte budget of `--quant auto --size`, refused without the other half."""
+    from .automix import parse_size
+
+    if (quant == "AUTO") != (size is not None):
+        raise ValueError("--quant auto needs --size (say --size 4.0GB), and --size applies only to --quant auto")
+    return parse_size(size) if size is not None else None
 
 
 def _kept_imatrices(store: Store) -> list[Path]:
@@ -251,7 +272,7 @@ def convert(args: argparse.Namespace) -> int:
         return 0
     r = export_gguf(args.path, args.quant, args.name, args.template, args.base, keep_f16=args.keep_f16,
                     check=not args.no_check, quiet=args.quiet, replace=args.replace,
-                    imatrix=not args.no_imatrix, calibration=args.calibration)
+                    imatrix=not args.no_imatrix, calibration=args.calibration, size=args.size)
     for line in r.report:
         print(f"- {line}")
     e = r.entry
@@ -272,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", help="embed this chat format (for models without a template)")
     parser.add_argument("--base", help="base model folder for a PEFT adapter")
     parser.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF in the store too")
+    parser.add_argument("--size", help="with --quant auto: the file size to fit, e.g. 4.0GB (each layer weight's "
+                                       "type chosen by its measured sensitivity)")
     parser.add_argument("--no-imatrix", action="store_true",
                         help="quantize the GGUF without an importance matrix (llama.cpp's plain quantization)")
     parser.add_argument("--calibration", help="calibration data for the importance matrix (GGUF) or GPTQ: chat "

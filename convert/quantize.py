@@ -30,11 +30,13 @@ QUANT_TYPES: dict[str, tuple[str, float]] = {
     "IQ4_XS": ("LLAMA_FTYPE_MOSTLY_IQ4_XS", 4.3),
     "Q3_K_M": ("LLAMA_FTYPE_MOSTLY_Q3_K_M", 3.9),
     "Q2_K": ("LLAMA_FTYPE_MOSTLY_Q2_K", 3.0),
+    # A per-tensor mix for a size (convert/automix.py) over Q4_K_M's ftype; the disk check's bits are its default.
+    "AUTO": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9),
 }
 # Types offered only with an importance matrix: llama.cpp quantizes them without one, but its
 # own guidance is that these low-bit types need one, and bench_quant_ppl.py measures why.
 IMATRIX_KV = "quantize.imatrix."  # llama-quantize's metadata keys for the matrix a file was quantized with
-NEEDS_IMATRIX = ("IQ4_XS", "Q3_K_M", "Q2_K")
+NEEDS_IMATRIX = ("IQ4_XS", "Q3_K_M", "Q2_K", "AUTO")
 # Types whose kernels weigh their rounding by an importance matrix (F16 is not quantized; llama.cpp's
 # Q8_0 kernel takes no weights).
 USES_IMATRIX = tuple(q for q in QUANT_TYPES if q not in ("F16", "Q8_0"))
@@ -91,13 +93,32 @@ def _with_imatrix(params: object, im: Imatrix) -> list:
     return keep + [arr, kv]
 
 
+def _with_types(params: object, types: dict[str, str]) -> list:
+    """Point `params` at llama.cpp's tensor type overrides (an exact-name pattern each; a null
+    pattern ends them); returns what they point into."""
+    import re
+
+    import llama_cpp
+    from gguf import GGMLQuantizationType
+
+    arr = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+    keep: list = [arr]
+    for o, (name, t) in zip(arr, sorted(types.items())):
+        pattern = f"^{re.escape(name)}$".encode()
+        keep.append(pattern)
+        o.pattern, o.type = pattern, int(GGMLQuantizationType[t])
+    params.tt_overrides = arr
+    return keep
+
+
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str,
              threads: int | None = None, verbose: bool = False,
-             imatrix: Imatrix | None = None) -> Path:
+             imatrix: Imatrix | None = None, types: dict[str, str] | None = None) -> Path:
     """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete.
 
     `imatrix` weighs each tensor's rounding error by its columns' importance; llama.cpp chooses
-    the same per-tensor types either way, and records the matrix under `quantize.imatrix.*`."""
+    the same per-tensor types either way, and records the matrix under `quantize.imatrix.*`.
+    `types` (tensor name -> ggml type name, `automix.plan_mix`) overrides its choices."""
     import llama_cpp
     import llama_cpp.llama  # noqa: F401 - routes llama.cpp's log through the "llama-cpp-python" logger
 
@@ -110,6 +131,8 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = False
     _keep = _with_imatrix(params, imatrix) if imatrix is not None else []  # noqa: F841 - alive for the call
+    if types:
+        _keep += _with_types(params, types)
     log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log: errors only, unless asked
     level = log.level
     log.setLevel(logging.DEBUG if verbose else logging.ERROR)

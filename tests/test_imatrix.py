@@ -138,3 +138,29 @@ def test_calibration_file_chooses_the_matrix_data(tiny: Path, home: Store, tmp_p
                 "--no-check", "-q"]) == 1
     assert str(tmp_path / "gone.jsonl") in capsys.readouterr().err
     assert "gone" not in home.models() and not (home.root / "gone").exists()
+
+
+def test_auto_mix_fits_the_size_asked_for(tiny: Path, home: Store, capsys: pytest.CaptureFixture) -> None:
+    """`--quant auto --size` gives a GGUF whose file fits the size and that llama.cpp loads (the
+    check ran on it); a smaller budget takes fewer bits, one below the smallest mix is refused
+    naming that size, and auto without --size (or --size without auto) is refused."""
+    from localchat.convert.automix import MixError, plan_mix
+    from localchat.convert.imatrix import load_imatrix
+
+    assert cli(["convert", str(tiny), "--name", "auto", "--quant", "auto", "--size", "20MB", "--keep-f16", "-q"]) == 0
+    assert "auto mix for 20.0 MB" in capsys.readouterr().out
+    assert home.get("auto").files[0].size <= 20 * 10**6
+    assert home.get("auto").eval["ppl"] > 0
+
+    f16, im = home.root / "auto" / "auto-F16.gguf", load_imatrix(home.root / "auto" / "auto.imatrix.gguf")
+    most, planned = plan_mix(f16, im, 10**10)
+    assert set(t for n, t in most.items() if n.startswith("blk.")) == {"Q8_0"}
+    fewer, smaller = plan_mix(f16, im, planned - 20_000)
+    assert smaller <= planned - 20_000 and any(fewer[n] != "Q8_0" for n in fewer if n.startswith("blk."))
+    with pytest.raises(MixError, match="the smallest mix of this model is .* MB; ask for at least that"):
+        plan_mix(f16, im, 10**6)
+
+    assert cli(["convert", str(tiny), "--name", "nosize", "--quant", "auto", "-q"]) == 1
+    assert "--quant auto needs --size" in capsys.readouterr().err
+    assert cli(["convert", str(tiny), "--name", "tiny", "--size", "4GB", "-q"]) == 1
+    assert "--size applies only to --quant auto" in capsys.readouterr().err
