@@ -80,6 +80,21 @@ def quant_ppl(b: Bench) -> list[str]:
              f"| F16 | {_v(b, 'F16_size_mb', 1)} | {_v(b, 'F16_ppl', 3)} | | | |"]
     lines += [f"| {q} | {_v(b, q + '_size_mb', 1)} | {_v(b, q + '_ppl', 3)} | {_f(b, q + '_ppl_ratio', 4)} | "
               f"{_v(b, q + '_kld', 4)} | {_f(b, q + '_top1', 1)} |" for q in s["types"]]
+    if s.get("imatrix_types"):
+        lines += ["", f"Plain llama.cpp quantization against localchat's, weighted by an importance matrix from "
+                      f"{s['imatrix_rows']} rows of {s['imatrix_row_tokens']} tokens of the chat calibration set "
+                      f"({_f(b, 'imatrix_s', 0)} in torch), on held-out text the calibration never saw: "
+                      f"{' and '.join(f'`{t}`' for t in s['held_out'])}. Same caveat: the source is {s['source']}.",
+                  "", "| type | | size MB | chat KLD | chat ppl / F16 | chat top-1 | prose KLD | prose ppl / F16 "
+                  "| prose top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+        for q in s["imatrix_types"]:
+            for side in ("plain", "imatrix"):
+                k = f"{q}_{side}_"
+                lines.append(f"| {q} | {side} | {_v(b, k + 'size_mb', 1)} | " + " | ".join(
+                    f"{_v(b, k + t + '_kld', 4)} | {_f(b, k + t + '_ppl_ratio', 4)} | {_f(b, k + t + '_top1', 1)}"
+                    for t in ("chat", "prose")) + " |")
+            lines.append(f"| {q} | KLD cut | | {_f(b, q + '_chat_kld_cut', 1)} | | | {_f(b, q + '_prose_kld_cut', 1)} "
+                         "| | |")
     return lines
 
 

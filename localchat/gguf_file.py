@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 GGUF_MAGIC = b"GGUF"
 STOP_KEY = "localchat.stop"  # stop strings that `localchat convert --template` writes with the template
+IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside a model (convert/imatrix.py): not a model
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4

@@ -86,7 +86,8 @@ def test_nearly_full_disk_refuses_convert_up_front_and_leaves_nothing(tiny: Path
     filler.unlink()
     r = localchat("convert", str(tiny), "--name", "tiny", "--no-check", "-q", home=home)
     assert r.returncode == 0, r.stderr
-    assert everything_in(home) == {"manifest.json", ".manifest.lock", "tiny", "tiny/tiny-Q4_K_M.gguf"}
+    assert everything_in(home) == {"manifest.json", ".manifest.lock", "tiny", "tiny/tiny-Q4_K_M.gguf",
+                                   "tiny/tiny.imatrix.gguf"}
 
 
 def _start_convert(tiny: Path, home: Path) -> subprocess.Popen:
@@ -236,7 +237,7 @@ def test_convert_onto_an_existing_name_needs_replace_and_replaces_cleanly(tiny: 
     err = capsys.readouterr().err
     assert "already has a model named 'tiny'" in err and "--replace" in err, err
     assert home.get("tiny") == first
-    assert sorted(p.name for p in (home.root / "tiny").iterdir()) == ["tiny-Q4_K_M.gguf"]
+    assert sorted(p.name for p in (home.root / "tiny").iterdir()) == ["tiny-Q4_K_M.gguf", "tiny.imatrix.gguf"]
 
     assert cli(["convert", str(tiny), "--name", "tiny", "--quant", "Q8_0", "--no-check", "-q", "--replace"]) == 0
     assert home.get("tiny").quant == "Q8_0"

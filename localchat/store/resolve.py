@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq
+from ..gguf_file import IMATRIX_SUFFIX
 from ..planner import Measured
 from .manifest import Store, StoreError
 
@@ -48,7 +49,7 @@ def is_gptq_folder(folder: Path) -> bool:
 
 
 def artifacts_in(folder: Path) -> list[Artifact]:
-    found = [artifact_from_gguf(p) for p in sorted(folder.glob("*.gguf"))]
+    found = [artifact_from_gguf(p) for p in sorted(folder.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
     if is_gptq_folder(folder):
         found.append(artifact_from_gptq(folder))
     return found
