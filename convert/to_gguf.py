@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -102,6 +103,26 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     return GgufPlan(ckpt, conv, w, plan, extras, outtype, report, total)
 
 
+class RowBlocks:
+    """A tensor converted to the file's type a block of rows at a time as it is written.
+
+    GGUFWriter.write_tensor_data reads only an array's `nbytes` and calls its `tofile`, so this stands in for
+    the converted array without ever holding it: converting a whole 151936 x 4096 bf16 embedding (Qwen3-8B)
+    through float32 took 3.7 GB beside the tensor itself, and the conversion peaked at 5.2 GB of RSS.
+    """
+
+    BLOCK_BYTES = 32 * 1024**2  # of float32 per block
+
+    def __init__(self, t: torch.Tensor, dtype: type) -> None:
+        self.t, self.dtype = t, np.dtype(dtype)
+        self.nbytes = t.numel() * self.dtype.itemsize
+
+    def tofile(self, f: BinaryIO) -> None:
+        row = max(1, self.t[0].numel() if self.t.ndim > 1 else 1)
+        for block in self.t.split(max(1, self.BLOCK_BYTES // (4 * row))):
+            block.to(torch.float32).numpy().astype(self.dtype, copy=False).tofile(f)
+
+
 def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False) -> ConvertResult:
     """Stream the planned tensors into `out`, which appears only when complete."""
     out = Path(out)
@@ -115,12 +136,12 @@ def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False)
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
         for g, hf_name, shape in plan.tensors:
             t = plan.extras[g] if hf_name is None else conv.transform(g, plan.ckpt.get(hf_name))
-            arr = t.to(torch.float32).numpy().astype(_out_dtype(len(shape), plan.outtype), copy=False)
-            if list(arr.shape) != list(shape):
-                raise ValueError(f"tensor {hf_name or g}: shape {list(arr.shape)} differs from its header {shape}")
-            w.write_tensor_data(arr)
-            bar.update(arr.nbytes)
-            del t, arr
+            if list(t.shape) != list(shape):
+                raise ValueError(f"tensor {hf_name or g}: shape {list(t.shape)} differs from its header {shape}")
+            data = RowBlocks(t, _out_dtype(len(shape), plan.outtype))
+            w.write_tensor_data(data)  # type: ignore[arg-type]
+            bar.update(data.nbytes)
+            del t, data
         bar.close()
         w.close()
     return ConvertResult(out, len(plan.tensors), plan.report)
