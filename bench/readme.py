@@ -120,6 +120,45 @@ def convert(b: Bench) -> list[str]:
                   f"so at most about {_f(b, 'big_bound_tok_s')}; decode / bound "
                   f"{_f(b, 'big_decode_vs_bound')}. The bound leaves out the KV cache and compute, so it is "
                   "an estimate, not a ceiling."]
+    return lines + convert_families(b) + convert_scale(b)
+
+
+def convert_families(b: Bench) -> list[str]:
+    """A row per family, when the run had them: F16 conversion of its tiny example against the reference."""
+    families = b["settings"].get("families")
+    if not families:
+        return []
+    lines = ["", "Per family, the same comparison on each architecture's first tiny example (its real config "
+             "shape at a few layers, `tests/checkpoints.py`), with the full vocabulary of the tokenizer its tests "
+             "use, so the time goes mostly to the vocabulary and metadata:", "",
+             "| architecture (example, vocabulary) | reference wall | localchat wall | wall ratio | reference RSS "
+             "| localchat RSS | RSS ratio |", "|---|---|---|---|---|---|---|"]
+    for arch, f in families.items():
+        k = arch + "_"
+        lines.append(f"| {arch} ({f['example']}, {f['vocab']} tokens) | {_f(b, k + 'ref_wall', 1, False)} | "
+                     f"{_f(b, k + 'ours_wall', 1, False)} | {_f(b, k + 'wall_ratio', 3)} | "
+                     f"{_f(b, k + 'ref_rss', 2, False)} | {_f(b, k + 'ours_rss', 2, False)} | "
+                     f"{_f(b, k + 'rss_ratio', 3)} |")
+    return lines
+
+
+def convert_scale(b: Bench) -> list[str]:
+    """The --scale shapes, when the run had them: conversion memory and the Q4_K_M file against the expected size."""
+    shapes = b["settings"].get("scale")
+    if not shapes:
+        return []
+    lines = ["", "With `--scale`, Qwen3-8B- and Llama-3.1-8B-shaped checkpoints: random weights in each real config "
+             "(layers, widths, GQA, vocabulary, untied output), made a shard at a time and deleted after measuring: "
+             "F16 conversion in its own process (goal: a peak RSS under 3 GB), "
+             "then Q4_K_M, its size set against the size llama.cpp's Q4_K_M type mix gives these tensor shapes.", "",
+             "| shape | architecture | parameters | checkpoint | F16 wall | F16 peak RSS | Q4_K_M | expected "
+             "| file / expected |", "|---|---|---|---|---|---|---|---|---|"]
+    for shape, s in shapes.items():
+        k = shape + "_"
+        lines.append(f"| {shape} | {s['architecture']} ({s['layers']} layers, {s['hidden']} wide, {s['vocab']} "
+                     f"vocabulary) | {s['params_b']:.2f} B | {_f(b, k + 'checkpoint_gb', 1)} | "
+                     f"{_f(b, k + 'f16_wall', 0)} | {_f(b, k + 'f16_rss')} | {_f(b, k + 'q4_gb', 3)} | "
+                     f"{_f(b, k + 'q4_expected_gb', 3)} | {_f(b, k + 'q4_vs_expected', 4)} |")
     return lines
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -140,10 +141,29 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     return GgufPlan(ckpt, conv, w, plan, extras, outtype, report, total)
 
 
+class RowBlocks:
+    """A tensor converted to the file's type a block of rows at a time as it is written.
+
+    GGUFWriter.write_tensor_data reads only an array's `nbytes` and calls its `tofile`, so this stands in for
+    the converted array without ever holding it: converting a whole 151936 x 4096 bf16 embedding (Qwen3-8B)
+    through float32 took 3.7 GB beside the tensor itself, and the conversion peaked at 5.2 GB of RSS.
+    """
+
+    BLOCK_BYTES = 32 * 1024**2  # of float32 per block
+
+    def __init__(self, t: torch.Tensor, dtype: type) -> None:
+        self.t, self.dtype = t, np.dtype(dtype)
+        self.nbytes = t.numel() * self.dtype.itemsize
+
+    def tofile(self, f: BinaryIO) -> None:
+        row = max(1, self.t[0].numel() if self.t.ndim > 1 else 1)
+        for block in self.t.split(max(1, self.BLOCK_BYTES // (4 * row))):
+            block.to(torch.float32).numpy().astype(self.dtype, copy=False).tofile(f)
+
+
 def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False) -> ConvertResult:
     """Stream the planned tensors into `out`, which appears only when complete."""
     out = Path(out)
-    conv = plan.conv
     check_disk(out.parent if out.parent.exists() else Path.cwd(), plan.nbytes + HEADROOM, f"writing {out.name}")
     w = plan.writer
     with atomic_path(out) as tmp:
@@ -153,7 +173,7 @@ def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False)
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
         for t in plan.tensors:
             arr = _tensor_data(plan, t)
-            w.write_tensor_data(arr)
+            w.write_tensor_data(arr)  # type: ignore[arg-type]
             bar.update(arr.nbytes)
             del arr
         bar.close()
@@ -161,24 +181,25 @@ def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False)
     return ConvertResult(out, len(plan.tensors), plan.report)
 
 
-def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> np.ndarray:
-    """The GGUF tensor `t` in its output type, laid out for llama.cpp; a stack is filled one slice at a
-    time, so it never exists twice (slices and stack) in memory."""
+def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> np.ndarray | RowBlocks:
+    """The GGUF tensor `t` in its output type, laid out for llama.cpp. A plain tensor is converted a block of
+    rows at a time as it is written (RowBlocks); a stack is filled one slice at a time, so it never exists
+    twice (slices and stack) in memory."""
     dtype = _out_dtype(plan.conv, t.name, len(t.shape), plan.outtype)
 
-    def read(x: torch.Tensor, shape: list[int], what: str) -> np.ndarray:
-        arr = x.to(torch.float32).numpy().astype(dtype, copy=False)
-        if list(arr.shape) != list(shape):
-            raise ValueError(f"tensor {what}: shape {list(arr.shape)} differs from its header {shape}")
-        return arr
+    def read(x: torch.Tensor, shape: list[int], what: str) -> torch.Tensor:
+        if list(x.shape) != list(shape):
+            raise ValueError(f"tensor {what}: shape {list(x.shape)} differs from its header {shape}")
+        return x
 
     if not t.sources:
-        return read(plan.extras[t.name], t.shape, t.name)
+        return RowBlocks(read(plan.extras[t.name], t.shape, t.name), dtype)
     if not t.stacked:
-        return read(plan.conv.transform(t.name, plan.ckpt.get(t.sources[0])), t.shape, t.sources[0])
+        return RowBlocks(read(plan.conv.transform(t.name, plan.ckpt.get(t.sources[0])), t.shape, t.sources[0]), dtype)
     out = np.empty(t.shape, dtype=dtype)
     for i, name in enumerate(t.sources):
-        out[i] = read(plan.conv.transform(t.name, plan.ckpt.get(name)), t.shape[1:], name)
+        x = read(plan.conv.transform(t.name, plan.ckpt.get(name)), t.shape[1:], name)
+        out[i] = x.to(torch.float32).numpy().astype(dtype, copy=False)
     return out
 
 

@@ -295,14 +295,14 @@ def _retokenized(src: Path, name: str, tokenizer_config: dict[str, object]) -> P
     return out
 
 
-def example_model(arch: str, variant: str, out: Path, starter: Path) -> Path:
+def example_model(arch: str, variant: str, out: Path, starter: Path, seed: int = 0) -> Path:
     """The tiny random model FAMILY_EXAMPLES[arch][variant], its vocabulary the tokenizer's full size."""
     import transformers
 
     tok_name, overrides = FAMILY_EXAMPLES[arch][variant]
     tok_dir = example_tokenizer(tok_name, starter)
     vocab = len(transformers.AutoTokenizer.from_pretrained(tok_dir))
-    return tiny_model(arch, out, tok_dir, **{"vocab_size": vocab, **overrides})
+    return tiny_model(arch, out, tok_dir, seed, **{"vocab_size": vocab, **overrides})
 
 
 def llama_cpp_template(name: str) -> str:

@@ -275,3 +275,38 @@ def test_sentencepiece_llama2_style_model(tmp_path: Path) -> None:
     llm.close()
     ref = hf_logits(folder, ids)
     assert np.abs(got - ref).max() < F32_ATOL and (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _peak_rss_converting(folder: Path, out: Path) -> int:
+    """Peak RSS in bytes of a process that converts `folder` to an F16 GGUF, as the process reads it itself
+    (VmHWM): wait4's ru_maxrss of a child starts from its parent's peak on Linux, here pytest's."""
+    code = ("from localchat.convert.checkpoint import load_checkpoint\n"
+            "from localchat.convert.to_gguf import convert_to_gguf\n"
+            f"convert_to_gguf(load_checkpoint({str(folder)!r}), {str(out)!r}, 'f16', quiet=True)\n"
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+def test_a_wide_tensor_is_converted_without_whole_copies(real_hf: Path, tmp_path: Path) -> None:
+    """Conversion memory grows by about the largest tensor, not copies of it: a bf16 checkpoint whose embedding is
+    49152 x 2048 (an 8B model's 151936 x 4096, scaled down) peaks less than 2.5 times that tensor above the same
+    model 64 wide. Converting each tensor whole through float32 made four copies of it (Qwen3-8B peaked at
+    5.2 GB of RSS that way, against a 3 GB goal)."""
+    from safetensors.torch import load_file, save_file
+
+    peaks, wide_bytes = [], 0
+    for hidden in (64, 2048):
+        folder = tiny_model("LlamaForCausalLM", tmp_path / f"h{hidden}", real_hf, hidden_size=hidden,
+                            tie_word_embeddings=True)
+        weights = folder / "model.safetensors"
+        state = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+        save_file(state, str(weights), metadata={"format": "pt"})
+        wide_bytes = state["model.embed_tokens.weight"].nbytes
+        peaks.append(_peak_rss_converting(folder, tmp_path / f"h{hidden}.gguf"))
+        embd = next(t for t in read_gguf(tmp_path / f"h{hidden}.gguf").tensors if t.name == "token_embd.weight")
+        assert embd.shape[0] == hidden and embd.type_name == "F16"
+    growth = peaks[1] - peaks[0]
+    assert growth < 2.5 * wide_bytes, (f"{growth / 1e6:.0f} MB more for a {wide_bytes / 1e6:.0f} MB tensor", peaks)
