@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -251,11 +253,13 @@ def test_a_missing_expert_is_named_and_nothing_is_written(models, tmp_path: Path
 
 # Measures the resident memory a conversion's writing phase adds, sampled while it runs.
 WRITE_RSS = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 from localchat.convert.checkpoint import load_checkpoint
 from localchat.convert.to_gguf import plan_gguf, write_gguf
 plan = plan_gguf(load_checkpoint(sys.argv[1]), "f32")
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def rss():  # anonymous memory only: the checkpoint's mmapped pages are the page cache, not our copies
+    line = next(x for x in open("/proc/self/status") if x.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
 before, peak, done = rss(), [0], threading.Event()
 def watch():
     while not done.is_set():
