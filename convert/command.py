@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
+from localchat.gguf_file import read_gguf
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
+from localchat.store.manifest import gguf_defaults
 from localchat.store.jobs import job_folder
 
 from .quantize import QUANT_TYPES, fallback_note, quant_name, quantize, quantized_bytes
@@ -84,7 +86,8 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
             report.append(f"smoke chat: {SMOKE_PROMPT!r} -> {smoke[:120]!r}")
         files = [_move_into(store, name, f) for f in [final] + ([f16] if keep_f16 and final != f16 else [])]
     entry = ModelEntry(name=name, format="gguf", quant=q, files=files,
-                       source=f"convert:{Path(source).resolve().name}", sha256=files[0].sha256, eval=figures)
+                       source=f"convert:{Path(source).resolve().name}", sha256=files[0].sha256, eval=figures,
+                       defaults=gguf_defaults(read_gguf(store.path_of(files[0].path))))  # read back from the file
     if template:
         entry.defaults["chat_format"] = template
     kept = _gptq_beside(store, name)

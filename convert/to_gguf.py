@@ -18,10 +18,11 @@ import torch
 from tqdm import tqdm
 
 from localchat.fsutil import HEADROOM, atomic_path, check_disk
-from localchat.gguf_file import STOP_KEY
+from localchat.engine.settings import preset_text
+from localchat.gguf_file import SAMPLING_KEYS, STOP_KEY
 from localchat.templates import get_format
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_generation_preset
 from .gguf import ArchConverter, converter_for
 from .tokenizer import load_vocab, write_vocab
 
@@ -75,6 +76,10 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     elif not vocab.chat_template:
         report.append("the checkpoint has no chat template; pass --template NAME to embed one")
 
+    preset = read_generation_preset(ckpt.folder) or read_generation_preset(ckpt.tokenizer_dir or ckpt.folder)
+    if preset:
+        report.append(f"sampling defaults from generation_config.json: {preset_text(preset)}")
+
     plan: list[tuple[str, str | None, list[int]]] = []
     for hf_name in ckpt.names():
         g = conv.gguf_name(hf_name)
@@ -93,6 +98,8 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     write_vocab(w, vocab)
     if stops:
         w.add_array(STOP_KEY, list(stops))
+    for field_name, value in preset.items():  # general.sampling.*, as llama.cpp's gguf-py names them
+        (w.add_int32 if field_name == "top_k" else w.add_float32)(SAMPLING_KEYS[field_name], value)
     total = 0
     for g, hf_name, shape in plan:
         dtype = _out_dtype(len(shape), outtype)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats
-from ..engine.settings import SamplingSettings
+from ..engine.settings import SamplingSettings, model_settings
 from ..templates import DEFAULT_FORMAT, Prompt, get_format, render_prompt
 
 Message = dict[str, str]
@@ -57,6 +57,21 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.last_stats: GenerationStats | None = None
         self.last_dropped = 0
+
+    @classmethod
+    def for_model(cls, backend: Backend, defaults: Mapping[str, Any], system: str | None = None,
+                  chat_format: str | None = None, settings: SamplingSettings | None = None) -> "ChatSession":
+        """A session with a model's own defaults (its store entry's): system prompt, chat format and
+        sampling preset, each unless the caller gives its own (a system prompt of "": none).
+        Every front end starts here."""
+        return cls(backend, system=defaults.get("system") if system is None else system,
+                   chat_format=chat_format or defaults.get("chat_format"),
+                   settings=settings or model_settings(defaults))
+
+    def with_system(self, messages: list[Message]) -> list[Message]:
+        """`messages` behind the session's system prompt, unless they bring their own."""
+        own = messages[:1] and messages[0]["role"] == "system"
+        return messages if own else [m for m in self.messages if m["role"] == "system"] + messages
 
     def render(self, messages: list[Message]) -> Prompt:
         """The prompt for `messages`, knowing which parts are message text (tokenized as text)."""

@@ -228,7 +228,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         ticket = await mgr().ticket(req.model)
         try:
             try:
-                settings_ = req.sampling()
+                settings_ = req.sampling(ticket.model.settings)
             except ValueError as exc:
                 param = str(exc).split("=")[0].split(" ")[0]
                 raise ServerError(400, str(exc), "invalid_value", param) from None
@@ -308,12 +308,9 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
         def build(ticket: Ticket) -> tuple[PromptLike, tuple[str, ...]]:
             model = ticket.model
-            system = model.defaults.get("system")
-            msgs = messages if (messages[0]["role"] == "system" or not system) else \
-                [{"role": "system", "content": system}] + messages
-            session = ChatSession(model.backend, chat_format=model.defaults.get("chat_format"))
+            session = ChatSession.for_model(model.backend, model.defaults)
             try:
-                prompt = session.render(msgs)
+                prompt = session.render(session.with_system(messages))
             except TemplateError as exc:
                 raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
                                   "messages") from None
