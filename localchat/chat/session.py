@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats
+from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings, model_settings
 from ..templates import DEFAULT_FORMAT, Prompt, get_format, render_prompt
 
@@ -40,6 +40,16 @@ def resolve_template(backend: Backend, chat_format: str | None) -> ResolvedTempl
     return ResolvedTemplate(fmt.template, fmt.stop, f"chat format {fmt.name!r}",
                             notice=f"the model has no chat template; using {fmt.name!r} "
                                    "(choose another with --chat-format)")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One answer to generate: the prompt, the stop strings that end it, and the grammar it must
+    follow (JSON to a schema, a tool call), if any."""
+
+    prompt: PromptLike
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None
 
 
 def validate_messages(messages: list[Message]) -> None:
@@ -78,6 +88,11 @@ class ChatSession:
         t = self.backend.template
         return render_prompt(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
                              origin=self.template.origin, locate=self.backend.special.occurs_in)
+
+    def turn(self, messages: list[Message], grammar: str | None = None) -> Turn:
+        """The next answer to `messages` (behind the session's system prompt), as the server asks for it:
+        the whole conversation, no turn dropped (a request that does not fit is refused instead)."""
+        return Turn(self.render(self.with_system(messages)), self.template.stop, grammar)
 
     def reserve_for(self, settings: SamplingSettings) -> int:
         """Tokens kept free for the answer."""

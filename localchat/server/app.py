@@ -23,7 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..chat.session import ChatSession
+from ..chat.session import ChatSession, Turn
+from ..chat.structured import ShapeError
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..hostguard import header_dict
@@ -120,7 +121,8 @@ class TicketStreamingResponse(StreamingResponse):
             self.ticket.release()
 
 
-async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings) -> AsyncIterator[Chunk]:
+async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings,
+                   grammar: str | None = None) -> AsyncIterator[Chunk]:
     """Run one generation on the ticket's model in a thread, in queue order.
 
     The worker thread, not this generator, releases the model's lock when llama.cpp is
@@ -144,7 +146,7 @@ async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSetting
 
     def work() -> None:
         try:
-            for chunk in model.backend.stream(prompt, settings, cancel):
+            for chunk in model.backend.stream(prompt, settings, cancel, grammar=grammar):
                 post(chunk)
         except Exception as exc:  # handed to the request that caused it
             post(exc)
@@ -223,8 +225,8 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
              "created": int(datetime.fromisoformat(e.added).timestamp())}
             for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
-    async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
-                      ) -> tuple[Ticket, PromptLike, SamplingSettings]:
+    async def prepare(req: ChatRequest | CompletionRequest, build_turn: Any
+                      ) -> tuple[Ticket, Turn, SamplingSettings]:
         ticket = await mgr().ticket(req.model)
         try:
             try:
@@ -237,21 +239,21 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
                 raise ServerError(400, f"max_tokens={settings_.max_tokens} exceeds the model's context "
                                        f"of {n_ctx} tokens", "invalid_value", "max_tokens")
             # Off the event loop: a slow chat template must not stall other requests.
-            prompt, stops = await asyncio.to_thread(build_prompt, ticket)
-            settings_ = settings_.with_stops(stops)
+            turn = await asyncio.to_thread(build_turn, ticket)
+            settings_ = settings_.with_stops(turn.stop)
             try:
-                n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, prompt)
+                n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, turn.prompt)
             except Exception as exc:
                 raise ServerError(400, f"cannot tokenize the prompt: {exc}", "invalid_prompt") from None
             if n_prompt >= n_ctx:
                 raise ServerError(400, f"the prompt takes {n_prompt} tokens; the model's context holds "
                                        f"{n_ctx}", "context_length_exceeded", "messages")
-            return ticket, prompt, settings_
+            return ticket, turn, settings_
         except BaseException:
             ticket.release()
             raise
 
-    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: PromptLike,
+    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, turn: Turn,
                       settings_: SamplingSettings, chat: bool) -> Any:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -269,7 +271,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         if not req.stream:
             try:
                 parts, stats = [], None
-                async for chunk in generate(ticket, prompt, settings_):
+                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
                     parts.append(chunk.text)
                     stats = chunk.stats or stats
             finally:
@@ -287,7 +289,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             stats = None
             first = True
             try:
-                async for chunk in generate(ticket, prompt, settings_):
+                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
                     stats = chunk.stats or stats
                     if chunk.text or first:
                         yield sse({**head, "object": chunk_obj, "choices": [choice(chunk.text, None, first)]})
@@ -305,25 +307,28 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [m.as_dict() for m in req.messages]
+        try:
+            grammar = req.response_format.grammar() if req.response_format else None
+        except ShapeError as exc:
+            raise ServerError(400, str(exc), "invalid_schema", exc.param) from None
 
-        def build(ticket: Ticket) -> tuple[PromptLike, tuple[str, ...]]:
+        def build(ticket: Ticket) -> Turn:
             model = ticket.model
             session = ChatSession.for_model(model.backend, model.defaults)
             try:
-                prompt = session.render(session.with_system(messages))
+                return session.turn(messages, grammar)
             except TemplateError as exc:
                 raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
                                   "messages") from None
             except ValueError as exc:
                 raise ServerError(400, str(exc), "invalid_messages", "messages") from None
-            return prompt, session.template.stop
 
-        ticket, prompt, settings_ = await prepare(req, build)
-        return await respond(req, ticket, prompt, settings_, chat=True)
+        ticket, turn, settings_ = await prepare(req, build)
+        return await respond(req, ticket, turn, settings_, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        ticket, prompt, settings_ = await prepare(req, lambda t: (req.text, ()))
-        return await respond(req, ticket, prompt, settings_, chat=False)
+        ticket, turn, settings_ = await prepare(req, lambda t: Turn(req.text))
+        return await respond(req, ticket, turn, settings_, chat=False)
 
     return app

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..chat.structured import ANY_OBJECT, json_grammar
 from ..engine.settings import SamplingSettings
 
 
@@ -78,8 +79,36 @@ class SamplingFields(BaseModel):
         return SamplingSettings(**merged)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+    def grammar(self) -> str | None:
+        """The grammar the answer must follow (None: free text); ShapeError names the bad field."""
+        if self.type == "json_object":
+            return json_grammar(ANY_OBJECT, "response_format")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json_grammar(self.json_schema.schema_, "response_format.json_schema.schema")
+        return None
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
