@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat.session import ChatSession, Turn
 from ..chat.structured import ShapeError
+from ..chat.tools import ToolCall
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..hostguard import header_dict
@@ -174,7 +175,9 @@ def usage(stats: GenerationStats | None) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def finish(stats: GenerationStats | None) -> str:
+def finish(stats: GenerationStats | None, calls: list[ToolCall] = ()) -> str:  # type: ignore[assignment]
+    if calls:
+        return "tool_calls"
     return "length" if stats and stats.finish_reason == "length" else "stop"
 
 
@@ -260,12 +263,17 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": created, "model": req.model}
 
-        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        reader = turn.reader()  # tools offered: the answer is read for calls as it comes
+
+        def choice(text: str | None, reason: str | None, first: bool = False,
+                   calls: list[ToolCall] = ()) -> dict[str, Any]:  # type: ignore[assignment]
             if not chat:
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(calls)]
             return {"index": 0, "delta": delta, "finish_reason": reason}
 
         if not req.stream:
@@ -276,10 +284,16 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
                     stats = chunk.stats or stats
             finally:
                 ticket.release()
-            text = "".join(parts)
-            body = ({"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish(stats), "logprobs": None} if chat else
-                    {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(stats)})
+            text, calls = "".join(parts), []
+            if reader is not None:
+                text = reader.feed(text)
+                tail, calls = reader.finish()
+                text += tail
+            message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
+            body = ({"index": 0, "message": message, "finish_reason": finish(stats, calls), "logprobs": None}
+                    if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(stats)})
             return {**head, "object": obj, "choices": [body], "usage": usage(stats)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -291,13 +305,19 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             try:
                 async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
                     stats = chunk.stats or stats
-                    if chunk.text or first:
-                        yield sse({**head, "object": chunk_obj, "choices": [choice(chunk.text, None, first)]})
+                    text = reader.feed(chunk.text) if reader is not None else chunk.text
+                    if text or first:
+                        yield sse({**head, "object": chunk_obj, "choices": [choice(text, None, first)]})
                         first = False
             except ContextOverflow as exc:
                 yield sse(error_body(str(exc), "context_length_exceeded"))
                 return
-            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats))]})
+            calls: list[ToolCall] = []
+            if reader is not None:
+                tail, calls = reader.finish()
+                if tail or calls:
+                    yield sse({**head, "object": chunk_obj, "choices": [choice(tail, None, calls=calls)]})
+            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats, calls))]})
             if include_usage:
                 yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stats)})
             yield "data: [DONE]\n\n"
@@ -306,17 +326,22 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
-        messages = [m.as_dict() for m in req.messages]
+        try:
+            messages = [m.as_dict(f"messages[{i}]") for i, m in enumerate(req.messages)]
+        except ValueError as exc:
+            raise ServerError(400, str(exc), "invalid_messages", str(exc).split(":")[0]) from None
         try:
             grammar = req.response_format.grammar() if req.response_format else None
+            tools = req.tool_use()
         except ShapeError as exc:
-            raise ServerError(400, str(exc), "invalid_schema", exc.param) from None
+            raise ServerError(400, str(exc), "invalid_schema" if "schema" in exc.param or "parameters" in exc.param
+                              else "invalid_value", exc.param) from None
 
         def build(ticket: Ticket) -> Turn:
             model = ticket.model
             session = ChatSession.for_model(model.backend, model.defaults)
             try:
-                return session.turn(messages, grammar)
+                return session.turn(messages, grammar, tools)
             except TemplateError as exc:
                 raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
                                   "messages") from None
