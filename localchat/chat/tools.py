@@ -96,20 +96,21 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-def parse_calls(fmt: ToolFormat, text: str, names: set[str]) -> list[ToolCall] | None:
-    """The calls in `text` (what follows the start of the first one), or None when it does not hold
-    well-formed calls to offered tools (then it is plain text)."""
+def parse_calls(fmt: ToolFormat, text: str, names: set[str]) -> tuple[list[ToolCall], str] | None:
+    """The calls in `text` (what follows the start of the first one) and any text after them, or None
+    when it does not start with well-formed calls to offered tools (then it is plain text)."""
     decoder, pos, calls = json.JSONDecoder(), 0, []
     skip = [s.strip() for s in (fmt.open, fmt.close, ";") if s.strip()]
     while True:
         while pos < len(text) and (text[pos].isspace() or any(text.startswith(s, pos) for s in skip)):
             pos += 1 if text[pos].isspace() else len(next(s for s in skip if text.startswith(s, pos)))
         if pos >= len(text):
-            return calls or None
+            return (calls, "") if calls else None
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            return None
+            return (calls, text[pos:]) if calls else None  # a remark after the calls stays text
+        pos = end
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict) or item.get("name") not in names:
                 return None
@@ -163,9 +164,10 @@ class CallReader:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The text still held, and the calls (none: the held call text is shown as text)."""
-        calls = parse_calls(self.fmt, self._call, self.names) if self._in_call else None
-        if calls:
-            return self._held, calls
+        found = parse_calls(self.fmt, self._call, self.names) if self._in_call else None
+        if found:
+            calls, rest = found
+            return self._held + rest, calls
         return self._held + self._call, []
 
 
