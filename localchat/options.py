@@ -57,7 +57,8 @@ def validate(obj: Any) -> None:
             raise ValueError(f"{f.name}={value!r} is out of range [{lo}, {hi}]")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, only: Sequence[str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
+                  only: Sequence[str] | None = None) -> None:
     """Flags for the fields of `cls` (those named in `only`, if given)."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):

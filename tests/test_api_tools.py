@@ -221,8 +221,9 @@ def test_bad_tools_get_400_naming_the_field(server: Server, kw: dict, field: str
 
 
 @pytest.mark.parametrize("fmt, answer", [
-    (HERMES, 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n'
-             '</tool_call>\n<tool_call>\n{"name": "celsius_to_fahrenheit", "arguments": {"celsius": 3}}\n</tool_call>'),
+    (HERMES, 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", '
+             '"unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "celsius_to_fahrenheit", '
+             '"arguments": {"celsius": 3}}\n</tool_call>'),
     (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}; '
              '{"name": "celsius_to_fahrenheit", "parameters": {"celsius": 3}}'),
     (MISTRAL, '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}, '

@@ -290,8 +290,8 @@ def test_generation_config_sampling_goes_into_the_gguf_and_the_store_and_applies
     shutil.copytree(real_hf, src)
     (src / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.8, "top_k": 1, "repetition_penalty": 1.05}))
-    r = subprocess.run([sys.executable, "-m", "localchat", "convert", str(src), "--name", "tuned", "--quant", "f16",
-                        "--no-check", "-q"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "localchat", "convert", str(src), "--name", "tuned",
+                        "--quant", "f16", "--no-check", "-q"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "sampling defaults from generation_config.json: temp 0.6, top_p 0.8, top_k 1" in r.stdout
     gguf_path = home.path_of(home.get("tuned").files[0].path)
@@ -302,7 +302,8 @@ def test_generation_config_sampling_goes_into_the_gguf_and_the_store_and_applies
     assert meta[keys.SAMPLING_PENALTY_REPEAT] == pytest.approx(1.05)
     assert home.get("tuned").defaults["sampling"] == {"temperature": 0.6, "top_k": 1, "top_p": 0.8,
                                                       "repeat_penalty": 1.05}
-    info = subprocess.run([sys.executable, "-m", "localchat", "info", str(gguf_path)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "localchat", "info", str(gguf_path)], capture_output=True,
+                          text=True)
     assert "sampling defaults: temp 0.6, top_k 1, top_p 0.8, repeat_penalty 1.05" in info.stdout
     listed = subprocess.run([sys.executable, "-m", "localchat", "list"], capture_output=True, text=True).stdout
     assert "temp 0.6, top_k 1, top_p 0.8, repeat_penalty 1.05" in listed

@@ -98,7 +98,8 @@ class ChatSession:
         return render_prompt(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
                              origin=self.template.origin, locate=self.backend.special.occurs_in, **extra)
 
-    def turn(self, messages: list[dict[str, Any]], grammar: str | None = None, tools: ToolUse | None = None) -> Turn:
+    def turn(self, messages: list[dict[str, Any]], grammar: str | None = None,
+             tools: ToolUse | None = None) -> Turn:
         """The next answer to `messages` (behind the session's system prompt), as the server asks for it:
         the whole conversation, no turn dropped (a request that does not fit is refused instead).
 
@@ -112,14 +113,16 @@ class ChatSession:
             fmt, prompt = HERMES, self.render(generic_messages(self.with_system(messages), use))
         else:
             self._refuse_control_tokens(messages, use)  # the request's own indices in the error
-            prompt = self.render(self.with_system(messages), **({"tools": list(use.tools)} if use.offered else {}))
+            extra = {"tools": list(use.tools)} if use.offered else {}
+            prompt = self.render(self.with_system(messages), **extra)
         return Turn(prompt, self.template.stop, use.grammar(fmt) or grammar, use if use.offered else None, fmt)
 
     def _refuse_control_tokens(self, messages: list[dict[str, Any]], use: ToolUse) -> None:
         """Tool definitions and calls that a template writes as JSON are not message text, so a control
         token in them would be markup: refused, naming where it is."""
         parts = [(f"tools[{i}]", t) for i, t in enumerate(use.tools)] if use.offered else []
-        parts += [(f"messages[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(messages) if m.get("tool_calls")]
+        parts += [(f"messages[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(messages)
+                  if m.get("tool_calls")]
         for where, value in parts:
             if token := self.backend.special.first_in(json.dumps(value, ensure_ascii=False)):
                 raise ValueError(f"{where} holds {token!r}, a control token of this model; refused")

@@ -273,8 +273,9 @@ def sampler_chain(llm: llama_cpp.Llama, *, top_k: int, top_p: float, min_p: floa
                   grammar: str | None = None) -> _internals.LlamaSampler:
     """Penalties, grammar, then greedy, or temperature, top-k, top-p, min-p and a draw."""
     chain = _internals.LlamaSampler()
-    chain.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.last_n_tokens_size, penalty_repeat=repeat_penalty,
-                        penalty_freq=frequency_penalty, penalty_present=presence_penalty)
+    chain.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.last_n_tokens_size,
+                        penalty_repeat=repeat_penalty, penalty_freq=frequency_penalty,
+                        penalty_present=presence_penalty)
     if grammar is not None:
         chain.add_grammar(llm._model, llama_cpp.LlamaGrammar.from_string(grammar))
     if temp <= 0:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-import json
 
 from ..chat.structured import ANY_OBJECT, ShapeError, json_grammar
 from ..chat.tools import HERMES, ToolUse
