@@ -84,6 +84,42 @@ def read_config(folder: Path) -> HFConfig:
     return HFConfig(path, data)
 
 
+# generation_config.json's sampling fields, by the SamplingSettings field each becomes; the ones
+# a GGUF can carry (localchat.gguf_file.SAMPLING_KEYS).
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repeat_penalty"}
+
+
+def read_generation_preset(folder: Path) -> dict[str, Any]:
+    """The sampling settings the checkpoint's authors ship in `generation_config.json`, as
+    SamplingSettings fields; {} without the file. ``do_sample: false`` (greedy in transformers)
+    becomes temperature 0. A value out of range is refused, naming the file and the field."""
+    from localchat.engine.settings import SamplingSettings
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    preset: dict[str, Any] = {}
+    for hf_name, name in GENERATION_FIELDS.items():
+        value = data.get(hf_name)
+        if value is None:
+            continue
+        try:
+            SamplingSettings(**{name: value})
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {str(exc).replace(name, hf_name, 1)}") from None
+        preset[name] = value
+    if data.get("do_sample") is False and preset:  # transformers decodes greedily then
+        preset = {"temperature": 0.0, **{k: v for k, v in preset.items() if k == "repeat_penalty"}}
+    return preset
+
+
 @dataclass
 class _Source:
     """Where one tensor lives: a file and its name there."""

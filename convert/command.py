@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
+from localchat.gguf_file import read_gguf
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
+from localchat.store.manifest import gguf_defaults
 from localchat.store.jobs import job_folder
 
 from .quantize import (NEEDS_IMATRIX, QUANT_TYPES, USES_IMATRIX, check_imatrix, fallback_note, quant_name, quantize,
@@ -117,7 +119,8 @@ def export_gguf(source: str | Path, quant: str = DEFAULT_QUANT, name: str | None
         if weights is not None:  # in `extra`, not `files`: kept with the model, never run as one
             extra[IMATRIX_KEY] = _move_into(store, name, work / f"{name}{SUFFIX}").path
     entry = ModelEntry(name=name, format="gguf", quant=q, files=files, extra=extra,
-                       source=f"convert:{Path(source).resolve().name}", sha256=files[0].sha256, eval=figures)
+                       source=f"convert:{Path(source).resolve().name}", sha256=files[0].sha256, eval=figures,
+                       defaults=gguf_defaults(read_gguf(store.path_of(files[0].path))))  # read back from the file
     if template:
         entry.defaults["chat_format"] = template
     kept = _gptq_beside(store, name)

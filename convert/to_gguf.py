@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from localchat.fsutil import HEADROOM, atomic_path, check_disk
-from localchat.gguf_file import STOP_KEY
+from localchat.engine.settings import preset_text
+from localchat.gguf_file import SAMPLING_KEYS, STOP_KEY
 from localchat.templates import get_format
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, read_generation_preset
 from .gguf import ArchConverter, converter_for
 from .tokenizer import load_vocab, write_vocab
 
@@ -120,6 +121,10 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     elif not vocab.chat_template:
         report.append("the checkpoint has no chat template; pass --template NAME to embed one")
 
+    preset = read_generation_preset(ckpt.folder) or read_generation_preset(ckpt.tokenizer_dir or ckpt.folder)
+    if preset:
+        report.append(f"sampling defaults from generation_config.json: {preset_text(preset)}")
+
     plan = _plan_tensors(ckpt, conv, report)
     extras = conv.extra_tensors()
     plan += [PlannedTensor(g, (), list(t.shape)) for g, t in extras.items()]
@@ -132,6 +137,8 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     write_vocab(w, vocab)
     if stops:
         w.add_array(STOP_KEY, list(stops))
+    for field_name, value in preset.items():  # general.sampling.*, as llama.cpp's gguf-py names them
+        (w.add_int32 if field_name == "top_k" else w.add_float32)(SAMPLING_KEYS[field_name], value)
     total = 0
     for t in plan:
         dtype = _out_dtype(conv, t.name, len(t.shape), outtype)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq
-from ..gguf_file import IMATRIX_SUFFIX
+from ..gguf_file import IMATRIX_SUFFIX, read_gguf
 from ..planner import Measured
-from .manifest import Store, StoreError
+from .manifest import Store, StoreError, gguf_defaults
 
 
 class ModelNotFound(LookupError):
@@ -92,8 +92,9 @@ def resolve_model(spec: str, store: Store) -> ResolvedModel:
                              f"convert it with `localchat convert`")
         return ResolvedModel(spec, artifacts, "store", dict(entry.defaults), measured_of(entry.extra))
     path = Path(spec).expanduser()
-    if path.is_file():
-        return ResolvedModel(path.stem, [artifact_from_gguf(path)], str(path))
+    if path.is_file():  # a file outside the store: its own sampling preset, if it has one
+        header = read_gguf(path)
+        return ResolvedModel(path.stem, [artifact_from_gguf(path, header)], str(path), gguf_defaults(header))
     if path.is_dir():
         found = artifacts_in(path)
         if not found:
