@@ -92,7 +92,7 @@ def calibration_texts(tok: Any, dataset: str | Path | None = None) -> list[str]:
                            add_generation_prompt=False, origin="the model's chat template")
 
     if dataset is not None:
-        from localchat.finetune.data import load_dataset
+        from localchat.datasets import load_dataset
 
         ds = load_dataset(dataset, held_out=0.0)  # every row checked, errors name file:line
         return [render(list(ex.messages)) if ex.messages else ex.text for ex in ds.train]

@@ -18,7 +18,7 @@ from pathlib import Path
 from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
-from .data import load_dataset
+from localchat.datasets import load_dataset
 from .settings import TrainSettings
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

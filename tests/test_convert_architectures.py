@@ -155,7 +155,7 @@ def test_lora_fine_tune_adapts_the_family_and_llama_cpp_applies_it(arch: str, va
     from peft import PeftModel
 
     from localchat.convert.lora_gguf import export_lora_gguf
-    from localchat.finetune.data import load_dataset
+    from localchat.datasets import load_dataset
     from localchat.finetune.settings import TrainSettings
     from localchat.finetune.train import train
 
