@@ -43,7 +43,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "quant_ppl": ("bench_quant_ppl", [],  # ~3 min: 5 quantizations and evaluations of the starter
                   ["--types", "Q8_0", "Q4_K_M", "--chars", "3000"]),
     # ~12 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
-    # 4 x 2 starter conversions, a 13.5 GB conversion, a Q4_K_M quantization, 4 x (decode + bandwidth)
+    # 4 x 2 starter conversions, a 13.5 GB conversion, a Q4_K_M quantization, 4 x (decode + bandwidth),
+    # then the fine-tune export rows (~10 min, 18 GB of disk at the peak, all deleted after): merge + F16 +
+    # Q4_K_M, the merged folder (13.5 GB) and that Q4_K_M dequantized back to bf16
     "convert": ("bench_convert", ["--big"],
                 ["--rounds", "1", "--big", "--shape", "small", "--decode-tokens", "4"]),
     "gptq": ("bench_gptq", [],  # ~5 min: GPTQ with its scale search, RTN, 3 texts x 2 evaluations
