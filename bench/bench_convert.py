@@ -16,8 +16,13 @@
    weights), each made a shard at a time, converted (peak RSS under 3 GB), quantized to
    Q4_K_M and set against the size llama.cpp's Q4_K_M type mix gives their tensors, then
    deleted (one at a time: each needs ~37 GB of disk at its peak).
+4. `--big` (or `--finetune-export` alone): `localchat finetune`'s export path on that
+   checkpoint with a random rank-16 adapter on every linear layer: base + adapter merged
+   tensor by tensor into the GGUF writer, then Q4_K_M, with peak RSS under 4 GB; then
+   `--save-merged`'s folder, and that Q4_K_M dequantized back to bf16 as a GGUF-only base is
+   for training. Each in its own process; everything they write is deleted.
 
-    python bench/bench_convert.py [--big [--shape small]] [--scale SHAPE ...] [--checkpoint DIR] [--rounds 3]
+    python bench/bench_convert.py [--big [--shape small]] [--scale SHAPE ...] [--finetune-export] [--checkpoint DIR] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from results import alternate, figure, fmt, ratio, report  # noqa: E402
 
-from tests.checkpoints import CACHE, TOKENIZER_FILES, example_tokenizer, starter_hf  # noqa: E402
+from tests.checkpoints import CACHE, TOKENIZER_FILES, example_tokenizer, random_adapter, starter_hf  # noqa: E402
 
 # Real checkpoints' shapes (their config.json, weights random) with the tokenizer each ships with: a
 # tests.checkpoints.example_tokenizer name ("spm" is a toy SentencePiece model; LLaMA-2's is not offline).
@@ -180,6 +185,42 @@ def make_checkpoint(folder: Path, shape: str, shard_gb: float = 2.0) -> Path:
             shutil.copy(src / f, tmp / f)
     os.replace(tmp, folder)
     return folder
+
+
+def finetune_export(ckpt: Path, workdir: Path) -> dict[str, dict]:
+    """The fine-tune export path at this size, each step in its own process so its peak RSS is its
+    own. The export runs without its after-export check: that is llama.cpp scoring the F16 file
+    (mapped, so its pages count as RSS), not the merge or the quantization measured here."""
+    adapter = random_adapter(ckpt, workdir / "ft-adapter", r=16)
+    store, merged, dequantized = workdir / "ft-store", workdir / "ft-merged", workdir / "ft-dequantized"
+    q4 = store / "big-ft" / "big-ft-Q4_K_M.gguf"
+    steps = {
+        "export": ("from localchat.finetune.command import export_finetuned; from localchat.store import Store; "
+                   f"export_finetuned(Path({str(ckpt)!r}), Path({str(adapter)!r}), 'big-ft', 'Q4_K_M', "
+                   f"Store({str(store)!r}), quiet=True, check=False)"),
+        "merged": ("from localchat.finetune.command import write_merged; "
+                   f"write_merged(Path({str(ckpt)!r}), Path({str(adapter)!r}), Path({str(merged)!r}))"),
+        "dequant": ("import torch; from localchat.convert.from_gguf import gguf_to_hf; "
+                    f"gguf_to_hf(Path({str(q4)!r}), Path({str(dequantized)!r}), torch.bfloat16)"),
+    }
+    figures: dict[str, dict] = {}
+    try:
+        for step, code in steps.items():
+            wall, rss = run_measured([sys.executable, "-c", "from pathlib import Path; " + code])
+            out = {"export": q4, "merged": merged, "dequant": dequantized}[step]
+            size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.glob("*.safetensors"))) / 1e9
+            figures.update({f"big_ft_{step}_wall": figure(wall, "s"), f"big_ft_{step}_rss": figure(rss, "GB"),
+                            f"big_ft_{step}_gb": figure(size, "GB")})
+            print(f"fine-tune {step}: {wall:.0f} s, peak RSS {rss:.2f} GB, writes {size:.2f} GB"
+                  + (f" (goal: under 4 GB) {'PASS' if rss < 4 else 'FAIL'}" if step == "export" else ""))
+            if step == "merged":
+                shutil.rmtree(merged)
+    finally:
+        for folder in (store, merged, dequantized, adapter):
+            shutil.rmtree(folder, ignore_errors=True)
+    figures["big_ft_export_rss"]["note"] = ("merge + F16 GGUF + Q4_K_M, rank-16 adapter on every linear "
+                                            "layer, after-export check off; goal: under 4 GB")
+    return figures
 
 
 def bandwidth_gbs(readers: int, gb: float = 1.0, trials: int = 5) -> float:
@@ -373,6 +414,12 @@ def convert_and_quantize(ckpt: Path, f16: Path, q4: Path, key: str,
             f"{key}_q4_vs_expected": figure(actual / expected, "x", "file size / expected size")}
 
 
+def big_finetune(args: argparse.Namespace) -> dict[str, dict]:
+    big = make_checkpoint(CACHE / f"{args.shape}-shaped-random", args.shape)
+    print(f"\nfine-tune export of the {args.shape}-shaped checkpoint with a random rank-16 adapter:")
+    return finetune_export(big, args.workdir)
+
+
 def big_run(args: argparse.Namespace) -> dict[str, dict]:
     """The 7B-shaped checkpoint (cached): F16 conversion, Q4_K_M, decode against the bandwidth bound."""
     q4 = args.workdir / f"{args.shape}-Q4_K_M.gguf"  # kept, so --decode-only can measure again
@@ -439,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", choices=list(SHAPES), default="llama2-7b",
                     help="with --big: the checkpoint's shape (small: a quick check of this path)")
     ap.add_argument("--decode-only", action="store_true", help="with --big: reuse the kept Q4_K_M file")
+    ap.add_argument("--finetune-export", action="store_true", help="the fine-tune export rows only, on the "
+                    "--shape checkpoint (--big runs them too)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--scale", nargs="+", choices=list(SHAPES), default=[], metavar="SHAPE",
                     help="also make, convert and quantize these shapes one at a time (qwen3-8b, llama3.1-8b: "
@@ -462,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"checkpoint": args.checkpoint.name, "rounds": args.rounds, "threads": args.threads,
                 "big": args.big or args.decode_only, "shape": args.shape if args.big or args.decode_only else None,
                 "decode_tokens": args.decode_tokens}
+    if args.finetune_export and not args.big:  # those rows alone
+        return report({**settings, "shape": args.shape}, big_finetune(args))
     print(f"F16 conversion of {args.checkpoint.name}, median (min-max) of {args.rounds} alternating rounds:")
     figures = compare_f16(args.checkpoint, args.workdir, args.rounds)
     if not args.no_families:
@@ -469,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict:
         figures.update(more)
     if args.big or args.decode_only:
         figures.update(big_run(args))
+    if args.big:
+        figures.update(big_finetune(args))
     if args.scale:
         settings["scale"] = {}
         for shape in args.scale:  # one at a time: each alone fills most of a shared disk

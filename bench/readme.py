@@ -120,6 +120,15 @@ def convert(b: Bench) -> list[str]:
                   f"so at most about {_f(b, 'big_bound_tok_s')}; decode / bound "
                   f"{_f(b, 'big_decode_vs_bound')}. The bound leaves out the KV cache and compute, so it is "
                   "an estimate, not a ceiling."]
+        if "big_ft_export_wall" in b["figures"]:
+            lines += ["", "`localchat finetune`'s export path on that checkpoint with a random rank-16 adapter on "
+                      "every linear layer (base + adapter merged tensor by tensor into the GGUF writer, then "
+                      f"Q4_K_M, the after-export check off) takes {_f(b, 'big_ft_export_wall', 0)} at a peak RSS "
+                      f"of {_f(b, 'big_ft_export_rss')} (goal: under 4 GB). `--save-merged`'s folder "
+                      f"({_f(b, 'big_ft_merged_gb', 1)}) takes {_f(b, 'big_ft_merged_wall', 0)} at "
+                      f"{_f(b, 'big_ft_merged_rss')}; dequantizing the Q4_K_M file back to bf16, as a GGUF-only "
+                      f"base is for training ({_f(b, 'big_ft_dequant_gb', 1)}), takes "
+                      f"{_f(b, 'big_ft_dequant_wall', 0)} at {_f(b, 'big_ft_dequant_rss')}."]
     return lines + convert_families(b) + convert_scale(b)
 
 

@@ -25,10 +25,12 @@ LLAMA_CPP_PARTS = ("convert_hf_to_gguf.py", "gguf-py", "conversion", "models")  
 
 
 def starter_hf(gguf_path: Path) -> Path:
-    """The starter model as an HF checkpoint folder (config, safetensors, tokenizer)."""
+    """The starter model as an HF checkpoint folder (config, float32 safetensors, tokenizer)."""
+    import torch
+
     from localchat.convert.from_gguf import gguf_to_hf
 
-    return gguf_to_hf(gguf_path, CACHE / f"smollm2-135m-instruct-hf-v{STARTER_HF_VERSION}")
+    return gguf_to_hf(gguf_path, CACHE / f"smollm2-135m-instruct-hf-v{STARTER_HF_VERSION}", dtype=torch.float32)
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -63,6 +65,37 @@ def tiny_model(arch: str, out: Path, tokenizer_from: Path, seed: int = 0, **over
     for f in TOKENIZER_FILES:
         if (tokenizer_from / f).is_file():
             shutil.copy(tokenizer_from / f, out / f)
+    return out
+
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def random_adapter(base: Path, out: Path, r: int = 16, alpha: int = 32, b_std: float = 0.05,
+                   seed: int = 0) -> Path:
+    """A PEFT LoRA adapter folder of rank `r` on every linear layer of a LLaMA-family block, written
+    from the base's safetensors headers alone (a 7B base is never loaded): A ~ N(0, 1/in), as
+    PEFT's init is about, and B ~ N(0, b_std) instead of PEFT's zeros, so the adapter changes the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from localchat.convert.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(base)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ckpt.names():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in LLAMA_LINEAR and len(ckpt.shape(name)) == 2:
+            rows, cols = ckpt.shape(name)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, cols, generator=gen) / cols ** 0.5
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, r, generator=gen) * b_std
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": list(LLAMA_LINEAR), "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base)}, indent=2))
     return out
 
 

@@ -78,7 +78,7 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak(tmp_path: Path, starte
     data = tmp_path / "chats.jsonl"
     data.write_text(Path(__file__).parents[1].joinpath("localchat/data/eval_chats.jsonl").read_text() * 2)
     out = tmp_path / "out"
-    code = ("import sys; from pathlib import Path; from localchat.finetune.data import load_dataset; "
+    code = ("import sys; from pathlib import Path; from localchat.datasets import load_dataset; "
             "from localchat.finetune.settings import TrainSettings; from localchat.finetune.train import train; "
             "train(Path(sys.argv[1]), load_dataset(sys.argv[2], held_out=0.0), Path(sys.argv[3]), "
             "TrainSettings(epochs=1.0, min_updates=1, held_out=0.0), quiet=True)")

@@ -46,22 +46,6 @@ def localchat(*args: str, home: Path, **kw: object) -> subprocess.CompletedProce
                           env=env, timeout=600, **kw)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
-    """A real 200 MB file system (tmpfs), so free space is what the kernel says, not a mock."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command to make a small file system")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_nearly_full_disk_refuses_convert_up_front_and_leaves_nothing(tiny: Path, small_disk: Path,
                                                                       tmp_path: Path) -> None:
     """Case 1: a disk where the F16 fits but F16 + Q4 does not. The convert used to write the
