@@ -75,13 +75,18 @@ def read_config(folder: Path) -> HFConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
+    return HFConfig(path, read_json_object(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; a bad one is refused naming the file and line."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return HFConfig(path, data)
+    return data
 
 
 # generation_config.json's sampling fields, by the SamplingSettings field each becomes; the ones
@@ -99,12 +104,7 @@ def read_generation_preset(folder: Path) -> dict[str, Any]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
     preset: dict[str, Any] = {}
     for hf_name, name in GENERATION_FIELDS.items():
         value = data.get(hf_name)
