@@ -143,12 +143,15 @@ def test_lora_fine_tune_adapts_the_family_and_llama_cpp_applies_it(arch: str, va
                                                                    tmp_path: Path) -> None:
     """`localchat finetune` on the family's checkpoint folder, with no --target, adapts every linear layer the
     family declares and exports: the merged model's GGUF in the store gives the merged checkpoint's logits in
-    llama.cpp, and the adapter as a GGUF LoRA applied over our base file gives them too (so the family's names
+    llama.cpp (as PEFT merges it), and the adapter as a GGUF LoRA applied over our base file gives them too (so the family's names
     and row orders hold for merged weights and for adapters)."""
     import llama_cpp
 
     from localchat.convert.lora_gguf import export_lora_gguf
+    from peft import PeftModel
+
     from localchat.finetune.command import finetune
+    from localchat.finetune.lora_layers import no_gptq_dispatch
     from localchat.finetune.settings import TrainSettings
     from localchat.store import Store
 
@@ -165,7 +168,9 @@ def test_lora_fine_tune_adapts_the_family_and_llama_cpp_applies_it(arch: str, va
     assert set(config["target_modules"]) == set(converter_for(read_config(folder)).lora_modules())
 
     ids = _ids(folder)[:24]
-    merged = transformers.AutoModelForCausalLM.from_pretrained(run.out / "merged", dtype=torch.float32).eval()
+    with no_gptq_dispatch():  # the reference: PEFT's own merge (the export wrote no merged folder)
+        merged = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32), adapter).merge_and_unload().eval()
     plain = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = merged(torch.tensor([ids])).logits[0].numpy()
