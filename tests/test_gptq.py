@@ -291,7 +291,9 @@ def test_gptq_beside_a_gguf_makes_one_model_with_both(tmp_path: Path, source: Pa
     export_gguf(src, "Q4_0", name="tiny", store=store, check=False, quiet=True, replace=True)
     e = store.get("tiny")
     assert e.quant == "Q4_0 + GPTQ-4bit-g32"
-    assert sorted(p.name for p in store.model_dir("tiny").iterdir()) == ["gptq", "tiny-Q4_0.gguf"]
+    # Q4_0 is importance-weighted: its matrix is kept beside the model for the next quantization.
+    assert sorted(p.name for p in store.model_dir("tiny").iterdir()) == ["gptq", "tiny-Q4_0.gguf",
+                                                                         "tiny.imatrix.gguf"]
     assert {a.format for a in resolve_model("tiny", store).artifacts} == {"gguf", "gptq"}
 
 
