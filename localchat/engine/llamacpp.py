@@ -117,9 +117,7 @@ class LlamaCppBackend(Backend):
         self.header = header or read_gguf(path)  # never hand llama.cpp a bad file
         self.name = plan.backend
         n_layers = plan.artifact.dims.n_layers
-        gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
-        if plan.backend == "llamacpp-cpu":
-            gpu_layers = 0
+        gpu_layers = -1 if plan.gpu_layers and plan.gpu_layers >= n_layers else plan.gpu_layers  # -1: all
         with LlamaErrors() as errors, without_chat_formatters():
             try:
                 self.llm = llama_cpp.Llama(
