@@ -145,6 +145,7 @@ class Device:
     usable: int  # bytes a plan may take on it (0 on the CPU)
     where: str  # for the reasons
     unified: bool = False  # its memory is RAM too
+    gpus: tuple[Accelerator, ...] = ()  # all of its library's here, for a backend that splits a model
 
 
 def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None) -> _Fit | None:
@@ -197,7 +198,8 @@ class BackendSpec:
     library: str  # CPU, or the library of the accelerators it runs on ("cuda", "metal", "rocm")
     installed: Callable[[Runtimes], bool]  # the runtime it needs is there, built for `library`
     missing: str  # the reason when `installed` says no; {device} is the device's name
-    fit: Callable[[Artifact, int, int, Device, int | None], _Fit | None]  # (artifact, context, RAM, device, layers)
+    # Memory: (artifact, context, usable RAM, device, GPU layers wanted) -> the fit, or None.
+    fit: Callable[[Artifact, int, int, Device, int | None], _Fit | None]
     explain: str  # the plan's reason: {part} layers on the GPU, {where} it runs, {limit} usable there
     engine: str  # "module:Class" that runs it, imported only when chosen (torch only for GPTQ)
     fallback: str = ""  # a CPU row's reason when it comes first and nothing else says why
@@ -258,13 +260,15 @@ def _device(report: HardwareReport, spec: BackendSpec) -> Device | None:
     and how much it may take there; None when this machine has no such accelerator."""
     if spec.library == CPU:
         return Device(report.cpu.model, 0, "CPU")
-    gpu = max(report.on(spec.library), key=lambda g: g.free_bytes, default=None)
+    gpus = report.on(spec.library)
+    gpu = max(gpus, key=lambda g: g.free_bytes, default=None)
     if gpu is None:
         return None
     if gpu.unified:
         usable = unified_budget(report, gpu)
-        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", unified=True)
-    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)")
+        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True, gpus)
+    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)",
+                  gpus=gpus)
 
 
 def device_name(report: HardwareReport, backend: str) -> str:

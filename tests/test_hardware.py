@@ -121,7 +121,8 @@ def test_llama_cpp_build_is_recorded_as_its_ggml_backends() -> None:
     assert bool(gpu) == bool(llama_cpp.llama_supports_gpu_offload()), backends
 
 
-def test_a_failing_llama_cpp_backend_probe_is_reported_and_keeps_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_llama_cpp_backend_probe_is_reported_and_keeps_the_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A llama.cpp whose ggml registry cannot be read is still used on the CPU; the report says why
     its GPU backends are unknown."""
     import localchat.hardware as hw
@@ -166,7 +167,8 @@ def test_a_report_saved_before_the_accelerator_list_still_plans(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`doctor --json` files written by earlier versions (an `nvidia` list, an `apple` entry, one
     GPU-offload flag) read as accelerators and a llama.cpp built for their GPUs' libraries."""
-    old = {"cpu": {"model": "x86", "physical_cores": 8, "logical_cores": 16, "arch": "x86_64", "simd": ["avx2"]},
+    old = {"cpu": {"model": "x86", "physical_cores": 8, "logical_cores": 16, "arch": "x86_64",
+                   "simd": ["avx2"]},
            "memory": {"total_bytes": 64 * GIB, "available_bytes": 60 * GIB},
            "nvidia": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "vram_total_bytes": 80 * GIB,
                        "vram_free_bytes": 79 * GIB, "compute_capability": "9.0", "driver": "550.54"}],
@@ -178,7 +180,8 @@ def test_a_report_saved_before_the_accelerator_list_still_plans(tmp_path: Path,
     path.write_text(json.dumps(old))
     monkeypatch.setenv(ENV_REPORT, str(path))
     r = probe()
-    assert r.accelerators == (Accelerator("cuda", 0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, "9.0", "550.54"),)
+    h100 = Accelerator("cuda", 0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, "9.0", "550.54")
+    assert r.accelerators == (h100,)
     assert r.runtimes.llama_cpp_backends == ("cpu", "cuda")
     assert plan(r, [Q4]).backend == "llamacpp-cuda"
     mac = dict(old, nvidia=[], apple={"chip": "Apple M2", "unified_memory_bytes": 16 * GIB, "metal": True},

@@ -38,9 +38,9 @@ def cuda(name: str, total_gb: float, free_gb: float, cc: str) -> Accelerator:
 
 
 def mac(chip: str, mem_gb: int, free_gb: float) -> HardwareReport:
+    gpu = Accelerator("metal", 0, chip, mem_gb * GIB, mem_gb * GIB, unified=True)
     return HardwareReport(cpu=CpuInfo(chip, 8, 8, "arm64", ("neon", "dotprod")),
-                          memory=MemoryInfo(mem_gb * GIB, int(free_gb * GIB)),
-                          accelerators=(Accelerator("metal", 0, chip, mem_gb * GIB, mem_gb * GIB, unified=True),),
+                          memory=MemoryInfo(mem_gb * GIB, int(free_gb * GIB)), accelerators=(gpu,),
                           runtimes=METAL_LLAMA)
 
 
@@ -255,7 +255,7 @@ def test_a_new_row_in_the_table_is_all_a_backend_needs(monkeypatch: pytest.Monke
                          engine="tests.test_planner:_FakeVulkanEngine")
     monkeypatch.setattr(planner, "BACKEND_TABLE", planner.BACKEND_TABLE + (vulkan,))
     arc = pc(32, 24.0, (Accelerator("vulkan", 0, "Intel Arc A770", 16 * GIB, 15 * GIB),),
-             runtimes=Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("vulkan", "cpu")))
+             runtimes=Runtimes(True, "0.3.36", ("vulkan", "cpu")))
 
     p = plan(arc, [Q4])
     assert p.backend == "llamacpp-vulkan" and p.gpu_layers == 32

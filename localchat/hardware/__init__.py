@@ -25,8 +25,8 @@ from .runtimes import probe_llama_cpp_backends, probe_runtimes
 
 T = TypeVar("T")
 
-__all__ = ["ENV_REPORT", "GIB", "Accelerator", "CpuInfo", "HardwareReport", "MemoryInfo", "ProbeError", "Runtimes",
-           "load_report", "probe", "probe_machine"]
+__all__ = ["ENV_REPORT", "GIB", "Accelerator", "CpuInfo", "HardwareReport", "MemoryInfo", "ProbeError",
+           "Runtimes", "load_report", "probe", "probe_machine"]
 
 ENV_REPORT = "LOCALCHAT_HARDWARE_REPORT"
 
