@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "chats": ("localchat.commands.chats", None, "saved chats: list, export to Markdown, make a dataset"),
     "ui": ("localchat.commands.ui", "ui", "the desktop chat app in your browser (127.0.0.1)"),
     "serve": ("localchat.commands.serve", "serve", "serve the store over an OpenAI-compatible API"),
+    "setup-vllm": ("localchat.commands.setup_vllm", None,
+                   "make the separate environment `serve --engine vllm` runs vLLM from"),
     "check-vllm": ("localchat.commands.check_vllm", None,
                    "whether vLLM serves a GPTQ folder with its fast Marlin kernels, and why not"),
     "convert": ("localchat.convert.command", "convert",

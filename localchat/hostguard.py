@@ -85,6 +85,18 @@ class HostGuardMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class VllmHostGuard(HostGuardMiddleware):
+    """The same guard inside vLLM's server (`serve --engine vllm` passes it as --middleware): vLLM
+    builds middleware from the app alone, so the policy comes from $LOCALCHAT_VLLM_GUARD, which
+    localchat sets for the child ({"bind": ..., "hosts": [...], "origins": [...]})."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        import os
+
+        cfg = json.loads(os.environ.get("LOCALCHAT_VLLM_GUARD") or '{"bind": "127.0.0.1"}')
+        super().__init__(app, HostGuard(cfg["bind"], cfg.get("hosts", ()), cfg.get("origins", ())))
+
+
 @dataclass(frozen=True)
 class GuardedOptions(Options):
     """The flags of a service behind a HostGuard; subclasses add `host`, the address they bind."""
