@@ -184,3 +184,79 @@ print(json.dumps([asyncio.run(call("127.0.0.1:8123")), asyncio.run(call("evil.ex
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [200, 403]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (VLLM_VENV / "bin" / "python").is_file(),
+                    reason=f"no vLLM environment at {VLLM_VENV}: make one with "
+                           f"`localchat setup-vllm --venv {VLLM_VENV} --no-cuda` (vLLM's CPU build, ~6 GB)")
+def test_vllm_answers_like_llama_cpp_f16(hf_store: Store, tmp_path: Path) -> None:
+    """`localchat serve --engine vllm` on the starter's HF checkpoint (vLLM's CPU build, float32) answers
+    through the `openai` client with the same greedy tokens as our llama.cpp backend on the F16 GGUF of
+    the same checkpoint (the first 8 at least); behind our rules: 401 without the key, 403 for a foreign
+    Host, the model listed under its store name."""
+    import signal
+    import time
+
+    import httpx
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from localchat.chat import ChatSession
+    from localchat.convert.checkpoint import load_checkpoint
+    from localchat.convert.to_gguf import convert_to_gguf
+    from localchat.engine import SamplingSettings
+    from localchat.planner import Overrides
+    from localchat.runtime import open_model
+
+    from .conftest import free_port
+
+    system, question = "You are a helpful assistant.", "What is the capital of France?"
+    folder = hf_store.model_dir("smol-hf")
+    f16 = convert_to_gguf(load_checkpoint(folder), tmp_path / "smol-f16.gguf", "f16", quiet=True).path
+    loaded = open_model(str(f16), Overrides(context=2048))
+    try:
+        ours = ChatSession(loaded.backend, system=system).ask(
+            question, SamplingSettings(temperature=0.0, max_tokens=16, repeat_penalty=1.0))
+    finally:
+        loaded.backend.close()
+
+    port = free_port()
+    log = tmp_path / "vllm.log"
+    env = {**os.environ, "LOCALCHAT_HOME": str(hf_store.root), ENV_PYTHON: str(VLLM_VENV / "bin" / "python")}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "localchat", "serve", "--engine", "vllm", "--model", "smol-hf",
+                                 "--port", str(port), "--api-key", "k"], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600  # ~50 s on an idle machine; vLLM's CPU build compiles nothing (eager)
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("vLLM did not start in 600 s:\n" + log.read_text()[-4000:])
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"Host": "evil.example", "Authorization": "Bearer k"},
+                         timeout=10).status_code == 403
+        client = OpenAI(base_url=f"{base}/v1", api_key="k")
+        assert [m.id for m in client.models.list().data] == ["smol-hf"]
+        reply = client.chat.completions.create(
+            model="smol-hf", messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            temperature=0, max_tokens=16, extra_body={"repetition_penalty": 1.0})
+        theirs = reply.choices[0].message.content
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # localchat, vLLM and its engine process: the group we started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    tok = AutoTokenizer.from_pretrained(folder)
+    a, b = (tok(t.strip(), add_special_tokens=False)["input_ids"] for t in (ours, theirs))
+    assert a[:8] == b[:8], (ours, theirs)
