@@ -20,6 +20,7 @@ from localchat.server.settings import ServerSettings
 from localchat.store import ModelEntry, ModelFile, Store
 
 from .checkpoints import CACHE, starter_hf
+from .conftest import link_or_copy
 
 VLLM_VENV = CACHE / "vllm-venv"
 GiB = 1024**3
@@ -71,8 +72,7 @@ def hf_store(tmp_path: Path, starter_gguf: Path) -> Store:
     src = starter_hf(starter_gguf)
     files = []
     for p in sorted(src.iterdir()):
-        os.link(p, folder / p.name) if p.stat().st_dev == folder.stat().st_dev else \
-            (folder / p.name).write_bytes(p.read_bytes())
+        link_or_copy(p, folder / p.name)
         files.append(ModelFile(str((folder / p.name).relative_to(store.root)), p.stat().st_size, ""))
     store.add(ModelEntry(name="smol-hf", format="hf", quant="source", source="test", files=files))
     return store
