@@ -22,7 +22,7 @@ endif
 # Browser tests drive Debian's chromium with Playwright (never Playwright's own download).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup chat ui test bench doctor screenshots clean lock
+.PHONY: setup chat ui test bench doctor screenshots clean lock vllm
 
 # The core (llama.cpp, no torch) is all `make chat` needs; `make test` adds the dev extras.
 $(CORE): pyproject.toml $(LOCK)
@@ -72,6 +72,11 @@ screenshots: $(DEV) $(CHROMIUM) setup
 bench: $(DEV) $(CHROMIUM) setup
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS); status=$$?; \
 		$(BIN)/python bench/readme.py && exit $$status
+
+# vLLM in its own environment (it pins its own torch), for `localchat serve --engine vllm`.
+vllm: $(CORE)
+	command -v uv >/dev/null || $(BIN)/python -m pip install -q uv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/localchat setup-vllm
 
 clean:
 	rm -rf $(VENV) build *.egg-info
