@@ -225,11 +225,11 @@ def _guard_path(scratch: Path) -> Path:
 
 
 def cuda_gpus() -> list[int]:
-    """Total memory of each CUDA GPU vLLM will see (CUDA_VISIBLE_DEVICES applied).
-    HOOK for the backend table (#17): the accelerator list replaces this read of the report."""
+    """Total memory of each CUDA GPU vLLM will see (CUDA_VISIBLE_DEVICES applied), from the
+    hardware report's one list of accelerators."""
     from ..hardware import probe
 
-    gpus = {g.index: g.vram_total_bytes for g in probe().nvidia}
+    gpus = {g.index: g.total_bytes for g in probe().on("cuda")}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return list(gpus.values())
