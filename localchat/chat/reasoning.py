@@ -23,8 +23,8 @@ class ThoughtSplitter:
     """Splits an answer, fed piece by piece as it streams, into (thoughts, text).
 
     Only a ``<think>`` block at the very start of the answer is thoughts; a tag later on is
-    text the model wrote about tags. A piece that may be the start of a tag is held back
-    until the next one says whether it is.
+    text the model wrote about tags. A piece that may be the start of a tag (or space
+    before one) is held back until the next one says whether it is.
     """
 
     def __init__(self, thinking: bool = False) -> None:
@@ -48,9 +48,9 @@ class ThoughtSplitter:
             buf = self._trimmed(buf)
             end = buf.find(CLOSE)
             if end < 0:
-                keep = _partial_tag(buf, CLOSE)
-                self._held = buf[len(buf) - keep:]
-                return buf[:len(buf) - keep], ""
+                out = buf[:len(buf) - _partial_tag(buf, CLOSE)].rstrip()  # the space before a close is neither
+                self._held = buf[len(out):]
+                return out, ""
             thoughts, buf = buf[:end].rstrip(), buf[end + len(CLOSE):]
             self.state, self._trim = "text", True
         return thoughts, self._trimmed(buf)
