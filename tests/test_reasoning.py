@@ -46,3 +46,34 @@ def test_without_thoughts_cuts_assistant_turns_only() -> None:
                 {"role": "assistant", "content": "<think>x</think>Hello.", "reasoning_content": "x"},
                 {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]
     assert without_thoughts(messages) == [messages[0], {"role": "assistant", "content": "Hello."}, messages[2]]
+
+
+def test_earlier_thoughts_stay_out_of_a_chat_sessions_context(starter_backend) -> None:
+    """ChatSession (the CLI's and the app's path): an earlier answer's thoughts take no tokens of the prompt."""
+    from localchat.chat import ChatSession
+    from localchat.engine.settings import SamplingSettings
+
+    session = ChatSession(starter_backend)
+    one = SamplingSettings(max_tokens=1, temperature=0)
+
+    def prompt_tokens(answer: str) -> int:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": "And now?"}]
+        list(session.stream_reply(turns, one))
+        return session.last_stats.prompt_tokens
+
+    assert prompt_tokens("<think>\nA greeting; answer kindly and at length.\n</think>\n\nHello!") == \
+        prompt_tokens("Hello!")
+
+
+def test_the_app_folds_thoughts_into_their_own_bubble() -> None:
+    """The app's chat shows a saved answer's thoughts in a folded "Thoughts" bubble before the answer."""
+    from localchat.store.chats import Conversation
+    from localchat.ui.chat_tab import _bubbles
+
+    conv = Conversation(messages=[{"role": "user", "content": "2+2?"},
+                                  {"role": "assistant", "content": "<think>Add them.</think>\n4"}])
+    assert _bubbles(conv) == [{"role": "user", "content": "2+2?"},
+                              {"role": "assistant", "content": "Add them.",
+                               "metadata": {"title": "Thoughts", "status": "done"}},
+                              {"role": "assistant", "content": "4"}]

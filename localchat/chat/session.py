@@ -156,7 +156,8 @@ class ChatSession:
         """Answer the conversation `messages` (not stored); sets last_stats and last_dropped.
 
         With `continue_last`, the last message is an unfinished assistant answer and the
-        model carries on from its last word instead of starting a new turn.
+        model carries on from its last word instead of starting a new turn. Earlier answers'
+        thoughts are left out.
         """
         validate_messages(messages)
         s = (settings or self.settings).with_stops(self.template.stop)
@@ -165,7 +166,8 @@ class ChatSession:
             if not messages or messages[-1]["role"] != "assistant":
                 raise ValueError("there is no answer to continue: the last message is not the assistant's")
             messages, partial = messages[:-1], Prompt.message_text(messages[-1]["content"])
-        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s) + self.backend.count_tokens(partial))
+        prompt, self.last_dropped = self.fit(without_thoughts(messages),
+                                             self.reserve_for(s) + self.backend.count_tokens(partial))
         prompt += partial  # the answer so far is message text too
         for chunk in self.backend.stream(prompt, s, cancel, lstrip=not continue_last):
             if chunk.stats:

@@ -273,7 +273,8 @@ class LlamaCppBackend(Backend):
                 if not text or not tokens:
                     raise ValueError(f"input[{i}]: empty text has no embedding")
                 if len(tokens) > size and not truncate:
-                    raise ValueError(f"input[{i}] takes {len(tokens)} tokens; an embedding takes at most {size}")
+                    raise ValueError(f"input[{i}] takes {len(tokens)} tokens; an embedding takes at most "
+                                     f"{size}")
                 ids.append(tokens[:size])
             vectors: list[list[float]] = []
             batch = _internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=EMBED_SEQS, verbose=False)

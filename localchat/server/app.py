@@ -25,7 +25,6 @@ from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -124,7 +123,8 @@ def replay(messages: list[Message], receive: Receive) -> Receive:
 class TicketStreamingResponse(StreamingResponse):
     """Releases the request's queue ticket however the response ends."""
 
-    def __init__(self, content: AsyncIterator[str], ticket: Ticket, media_type: str = "text/event-stream") -> None:
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket,
+                 media_type: str = "text/event-stream") -> None:
         super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.ticket = ticket
@@ -387,8 +387,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
                 async for piece in answer(ticket, turn, settings_, thoughts=chat):
                     if piece.stats is not None:  # the last piece: its calls come before the finish
                         last = piece
-                        break
-                    if piece.text or piece.reasoning or first:
+                    elif piece.text or piece.reasoning or first:
                         yield sse({**head, "object": chunk_obj, "choices": [choice(piece, None, first)]})
                         first = False
             except ContextOverflow as exc:
@@ -396,7 +395,8 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
                 return
             if last.text or last.reasoning or last.calls:
                 yield sse({**head, "object": chunk_obj, "choices": [choice(last)]})
-            yield sse({**head, "object": chunk_obj, "choices": [choice(Piece(), finish(last.stats, last.calls))]})
+            done = choice(Piece(), finish(last.stats, last.calls))
+            yield sse({**head, "object": chunk_obj, "choices": [done]})
             if include_usage:
                 yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(last.stats)})
             yield "data: [DONE]\n\n"
@@ -448,23 +448,28 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         try:
             vectors, n_tokens = await on_model(ticket, lambda: ticket.model.backend.embed(texts, truncate))
         except CannotEmbed as exc:
-            raise ServerError(400, f"model {name!r} cannot embed: {exc}", "model_cannot_embed", "model") from None
+            raise ServerError(400, f"model {name!r} cannot embed: {exc}", "model_cannot_embed",
+                              "model") from None
         except ValueError as exc:
             raise ServerError(400, str(exc), "invalid_value", "input") from None
         finally:
             ticket.release()
         if dimensions is not None and vectors and dimensions != len(vectors[0]):
-            raise ServerError(400, f"dimensions={dimensions}: model {name!r} gives {len(vectors[0])}-dimensional "
-                                   "embeddings, and cannot shorten them", "invalid_value", "dimensions")
+            raise ServerError(400, f"dimensions={dimensions}: model {name!r} gives {len(vectors[0])}-"
+                                   "dimensional embeddings, and cannot shorten them", "invalid_value",
+                              "dimensions")
         return vectors, n_tokens
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
         vectors, n_tokens = await embed(req.model, req.texts, dimensions=req.dimensions)
-        as_b64 = req.encoding_format == "base64"  # what the openai client asks for by default
+
+        def encoded(v: list[float]) -> str | list[float]:  # base64: what the openai client asks for by default
+            little_endian_f32 = np.asarray(v, "<f4").tobytes()
+            return v if req.encoding_format == "float" else base64.b64encode(little_endian_f32).decode()
+
         return {"object": "list", "model": req.model,
-                "data": [{"object": "embedding", "index": i,
-                          "embedding": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if as_b64 else v}
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)}
                          for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 

@@ -333,7 +333,8 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
     async def tags() -> dict[str, Any]:
         entries = pipe.store.models()
         return {"models": [{"name": n, "model": n, "modified_at": entries[n].added, "size": entries[n].size,
-                            "digest": entries[n].sha256, "details": details(n)[0]} for n in pipe.manager().names()]}
+                            "digest": entries[n].sha256, "details": details(n)[0]}
+                           for n in pipe.manager().names()]}
 
     @router.post("/api/show")
     async def show(req: ShowBody) -> dict[str, Any]:
@@ -357,7 +358,8 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
         out = []
         for m in pipe.manager().loaded.values():
             expires = m.expires
-            until = wall + (timedelta(days=365 * 100) if expires is None else timedelta(seconds=expires - clock))
+            left = timedelta(days=365 * 100) if expires is None else timedelta(seconds=expires - clock)
+            until = wall + left
             entry = pipe.store.models().get(m.name)
             out.append({"name": m.name, "model": m.name, "digest": entry.sha256 if entry else "",
                         "size": m.plan.memory.host_bytes + m.plan.memory.device_bytes,
