@@ -1,7 +1,8 @@
-"""`localchat serve`: the models in the store over an OpenAI-compatible API on 127.0.0.1.
+"""`localchat serve`: the models in the store over an OpenAI-compatible API (and Ollama's) on 127.0.0.1.
 
 Editors, agents and scripts that speak the OpenAI API point their base URL at
-http://127.0.0.1:PORT/v1. Binding any other address needs --api-key.
+http://127.0.0.1:PORT/v1; those that speak Ollama's point OLLAMA_HOST at http://127.0.0.1:PORT.
+Binding any other address needs --api-key.
 """
 
 from __future__ import annotations
