@@ -62,7 +62,6 @@ class LoadedModel:
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds it stays loaded once idle (None: until the server stops)
-    loaded_at: float = field(default_factory=time.monotonic)
 
     @property
     def expires(self) -> float | None:
