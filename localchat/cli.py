@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "import": ("localchat.commands.import_gguf", None, "add a GGUF file you already have to the store"),
     "chats": ("localchat.commands.chats", None, "saved chats: list, export to Markdown, make a dataset"),
     "ui": ("localchat.commands.ui", "ui", "the desktop chat app in your browser (127.0.0.1)"),
-    "serve": ("localchat.commands.serve", "serve", "serve the store over an OpenAI-compatible API"),
+    "serve": ("localchat.commands.serve", "serve", "serve the store over an OpenAI-compatible API and Ollama's"),
     "setup-vllm": ("localchat.commands.setup_vllm", None,
                    "make the separate environment `serve --engine vllm` runs vLLM from"),
     "check-vllm": ("localchat.commands.check_vllm", None,

@@ -126,3 +126,12 @@ def test_chats_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert json.loads((tmp_path / "d.jsonl").read_text())["messages"][-1]["content"] == "Biscuit."
     assert cli(["chats", "export", "../../etc/passwd"]) == 1
     assert "not a chat id" in capsys.readouterr().err
+
+
+def test_dataset_leaves_out_thoughts(tmp_path: Path) -> None:
+    """A reasoning model's <think>…</think> in a saved answer does not go into the training set."""
+    h = ChatHistory(tmp_path)
+    c = _conv("What is my cat called?", "<think>\nThe user told me earlier.\n</think>\n\nBiscuit.")
+    h.save(c)
+    rows = load_dataset(write_dataset(h, [c.id], tmp_path / "ds.jsonl"), held_out=0.0)
+    assert rows.train[0].messages[-1] == {"role": "assistant", "content": "Biscuit."}

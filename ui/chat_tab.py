@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from localchat.chat.reasoning import split_thoughts
 from localchat.engine.settings import SamplingSettings, model_settings
 from localchat.store.chats import ChatError, Conversation
 
@@ -21,8 +22,17 @@ UPDATE_EVERY_S = 0.1
 OVERFLOW_POLICY = "when the context is full, the oldest turns are left out and the system prompt is kept"
 
 
-def _bubbles(conv: Conversation) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"]} for m in conv.messages]
+def _bubbles(conv: Conversation) -> list[dict[str, Any]]:
+    """The chat as the Chatbot shows it: a reasoning model's thoughts in a folded bubble of their own
+    before its answer (they are kept in the saved chat, and left out of the model's context)."""
+    out: list[dict[str, Any]] = []
+    for m in conv.messages:
+        thoughts, text = split_thoughts(m["content"]) if m["role"] == "assistant" else ("", m["content"])
+        if thoughts:
+            folded = {"title": "Thoughts", "status": "done"}
+            out.append({"role": "assistant", "content": thoughts, "metadata": folded})
+        out.append({"role": m["role"], "content": text})
+    return out
 
 
 def chat_choices(ctx: AppContext) -> list[tuple[str, str]]:

@@ -1,8 +1,9 @@
-"""`localchat serve`: the models in the store over an OpenAI-compatible API on 127.0.0.1.
+"""`localchat serve`: the models in the store over an OpenAI-compatible API (and Ollama's) on 127.0.0.1.
 
 Editors, agents and scripts that speak the OpenAI API point their base URL at
-http://127.0.0.1:PORT/v1. Binding any other address needs --api-key. `--engine vllm --model NAME`
-serves one model through vLLM instead (many concurrent users on CUDA GPUs), behind the same rules.
+http://127.0.0.1:PORT/v1; those that speak Ollama's point OLLAMA_HOST at http://127.0.0.1:PORT.
+Binding any other address needs --api-key. `--engine vllm --model NAME` serves one model through vLLM
+instead (many concurrent users on CUDA GPUs), behind the same rules.
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ class ContextOverflow(ValueError):
     """The prompt alone does not fit the context window."""
 
 
+class CannotEmbed(ValueError):
+    """The model's backend gives no embeddings."""
+
+
 class SpecialTokens:
     """The strings a tokenizer reads as control tokens only when told to parse special tokens.
 
@@ -182,6 +186,12 @@ class Backend(ABC):
             stats = chunk.stats or stats
         assert stats is not None
         return "".join(parts), stats
+
+    def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """Unit-length embeddings of `texts` and the tokens they took; ValueError names the input
+        (``input[i]``) that is too long (unless `truncate`) or empty. CannotEmbed where the
+        backend has no pooled output."""
+        raise CannotEmbed(f"the {self.name} backend gives no embeddings")
 
     def close(self) -> None:
         """Free the model's memory."""

@@ -23,17 +23,21 @@ import time
 from typing import Any, Iterator
 
 import llama_cpp
+import numpy as np
 from llama_cpp._logger import llama_log_callback as default_log_callback
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
 from llama_cpp import _internals
 
-from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
+from .backend import (Backend, CannotEmbed, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike,
+                      SpecialTokens)
 from .settings import SamplingSettings
 from .stops import StopFilter
 
 DEFAULT_BATCH = 512
+EMBED_CONTEXT = 2048  # tokens one embedding decode holds (the longest input, or several short ones)
+EMBED_SEQS = 16  # inputs packed into one embedding decode
 GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h, enum ggml_log_level
 _log_lock = threading.Lock()  # llama.cpp has one log callback per process
 
@@ -142,6 +146,7 @@ class LlamaCppBackend(Backend):
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
         self._grammar: str | None = None
+        self._embedder: _internals.LlamaContext | None = None  # made on the first embedding request
         self.llm._init_sampler = self._sampler  # type: ignore[method-assign]  # generate() builds ours
 
     def _sampler(self, *, top_k: int, top_p: float, min_p: float, temp: float, repeat_penalty: float,
@@ -249,6 +254,63 @@ class LlamaCppBackend(Backend):
                                 completion_tokens=n, ttft_s=t_first - t0, decode_s=t_last - t_first,
                                 finish_reason=finish)
         yield Chunk(tail.lstrip() if not started and lstrip else tail, stats)
+
+    def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """Mean-pooled, unit-length embeddings, several inputs per decode.
+
+        They come from a second llama.cpp context on the same weights (no second copy): pooling
+        is fixed when a context is made, a causal LM's own context pools nothing, and an embedding
+        decode there would throw away the KV cache the next chat turn reuses.
+        """
+        with self._busy:
+            ctx = self._embedding_context()
+            size = ctx.params.n_ctx
+            ids = []
+            for i, text in enumerate(texts):
+                tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+                if not text or not tokens:
+                    raise ValueError(f"input[{i}]: empty text has no embedding")
+                if len(tokens) > size and not truncate:
+                    raise ValueError(f"input[{i}] takes {len(tokens)} tokens; an embedding takes at most "
+                                     f"{size}")
+                ids.append(tokens[:size])
+            vectors: list[list[float]] = []
+            batch = _internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=EMBED_SEQS, verbose=False)
+            try:
+                start = 0
+                while start < len(ids):
+                    end, used = start, 0
+                    while end < len(ids) and end - start < EMBED_SEQS and used + len(ids[end]) <= size:
+                        used += len(ids[end])
+                        end += 1
+                    batch.reset()
+                    for seq, tokens in enumerate(ids[start:end]):
+                        batch.add_sequence(tokens, seq, True)
+                    ctx.kv_cache_clear()
+                    ctx.decode(batch)
+                    n_embd = self.llm.n_embd()
+                    for seq in range(end - start):
+                        v = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq), (n_embd,))
+                        vectors.append((v / (np.linalg.norm(v) or 1.0)).tolist())
+                    start = end
+            finally:
+                batch.close()
+            return vectors, sum(map(len, ids))
+
+    def _embedding_context(self) -> _internals.LlamaContext:
+        if self._embedder is None:
+            p = llama_cpp.llama_context_default_params()
+            p.n_ctx = p.n_batch = p.n_ubatch = min(EMBED_CONTEXT, self.n_ctx)
+            p.n_seq_max, p.kv_unified = EMBED_SEQS, True  # the inputs of a decode share its cells
+            p.n_threads = p.n_threads_batch = self.llm.n_threads
+            p.embeddings, p.pooling_type = True, llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            with LlamaErrors() as errors:
+                try:  # freed with the model (the context registers itself on it)
+                    self._embedder = _internals.LlamaContext(model=self.llm._model, params=p, verbose=False)
+                except ValueError as exc:
+                    raise CannotEmbed(f"llama.cpp cannot make an embedding context for this model: "
+                                      f"{errors.reason() or exc}") from None
+        return self._embedder
 
     def close(self) -> None:
         self.llm.close()

@@ -1,7 +1,8 @@
 """The models a server keeps loaded, and the fair queue in front of each.
 
 A model loads on first use and stays; when another one needs the memory (or the
-`max_models` cap is reached) the least recently used idle model is unloaded. Each model
+`max_models` cap is reached) the least recently used idle model is unloaded, and any model
+idle for its keep-alive (the server's, or what the last request set) is unloaded by `reap`. Each model
 runs one generation at a time behind a FIFO lock; `Ticket`s count the requests waiting
 or running so a full queue is refused up front instead of piling up.
 """
@@ -25,6 +26,11 @@ from .settings import ServerSettings
 
 
 RUNNABLE_FORMATS = ("gguf", "gptq", "lora")  # store formats a backend can serve ("hf" needs converting first)
+
+
+def keep_alive_seconds(seconds: float) -> float | None:
+    """A keep-alive as LoadedModel holds it: negative means until the server stops (None)."""
+    return None if seconds < 0 else seconds
 
 
 class ServerError(Exception):
@@ -55,6 +61,12 @@ class LoadedModel:
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "localchat-decode"))
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None  # seconds it stays loaded once idle (None: until the server stops)
+
+    @property
+    def expires(self) -> float | None:
+        """When (time.monotonic) an idle model unloads; None: never."""
+        return None if self.keep_alive is None else self.last_used + self.keep_alive
 
     @property
     def idle(self) -> bool:
@@ -129,9 +141,24 @@ class ModelManager:
                 backend = await asyncio.to_thread(load_backend, p)
             except Exception as exc:
                 raise load_failed(name, exc) from None
-            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset)
+            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset,
+                                keep_alive=keep_alive_seconds(self.settings.keep_alive))
             self.loaded[name] = model
             return model
+
+    def reap(self) -> list[str]:
+        """Unload the idle models whose keep-alive has run out; their names."""
+        now = time.monotonic()
+        gone = [m.name for m in self.loaded.values() if m.idle and m.expires is not None and m.expires <= now]
+        for name in gone:
+            self.unload(name)
+        return gone
+
+    async def reap_forever(self, every: float = 0.25) -> None:
+        """`reap` until cancelled (the app's lifespan runs it)."""
+        while True:
+            await asyncio.sleep(every)
+            self.reap()
 
     def unload(self, name: str) -> None:
         model = self.loaded.pop(name)

@@ -21,6 +21,8 @@ class ServerSettings(GuardedOptions):
     max_models: int = option(2, "models kept loaded at once (least recently used unloads first)", 1, 64)
     context: int | None = option(None, "context size for loaded models (default: the planner's)", 128, 1 << 20)
     threads: int | None = option(None, "CPU threads per model (default: physical cores)", 1, 1024)
+    keep_alive: float = option(300.0, "seconds an idle model stays loaded (negative: until the server stops; "
+                                      "an Ollama request's keep_alive overrides it)", -1.0, 1e9)
 
     def __post_init__(self) -> None:
         super().__post_init__()

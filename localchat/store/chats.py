@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..chat.reasoning import without_thoughts
 from ..fsutil import atomic_write_text
 
 CHAT_VERSION = 1
@@ -150,7 +151,7 @@ def write_dataset(history: ChatHistory, chat_ids: list[str], out: str | Path) ->
     rows = []
     for chat_id in chat_ids:
         conv = history.load(chat_id)
-        msgs = [m for m in conv.full_messages() if m["content"].strip()]
+        msgs = [m for m in without_thoughts(conv.full_messages()) if m["content"].strip()]
         if not any(m["role"] == "assistant" for m in msgs):
             raise ChatError(f"chat {chat_id} ({conv.title!r}) has no assistant answer to learn from")
         rows.append({"messages": msgs})
