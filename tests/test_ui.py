@@ -24,6 +24,7 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from localchat.store import Store  # noqa: E402
+from localchat.store.chats import ChatHistory  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui.settings import UISettings  # noqa: E402
 
@@ -91,14 +92,26 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: object, app: App) -> Iterator[object]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
-    pg = ctx.new_page()
+def open_page(context: object, app: App) -> object:
+    pg = context.new_page()
     pg.set_default_timeout(60_000)
     pg.goto(app.url)
     pg.wait_for_selector("#message textarea")
-    yield pg
+    return pg
+
+
+@pytest.fixture
+def page(browser: object, app: App) -> Iterator[object]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    yield open_page(ctx, app)
+    ctx.close()
+
+
+@pytest.fixture
+def laptop(browser: object, app: App) -> Iterator[object]:
+    """The app at 1280x800, a common laptop screen."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield open_page(ctx, app)
     ctx.close()
 
 
@@ -312,5 +325,114 @@ def test_import_runs_as_a_job_and_lands_in_the_model_list(page: object, starter_
                            timeout=120_000)
     page.wait_for_function("document.querySelector('#models-table').innerText.includes('imported')")
     page.get_by_role("tab", name="Chat").click()
-    page.click("#refresh-models")
-    pick(page, "model-picker", "imported")
+    pick(page, "model-picker", "imported")  # no Refresh: the picker follows the store
+
+
+def saved_titles(home: Path) -> dict[str, str]:
+    return {c.id: c.title for c in ChatHistory(home / "chats").list()}
+
+
+def in_viewport(page: object, selector: str) -> bool:
+    return page.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                         ".getBoundingClientRect(); return r.height > 0 && r.top >= 0 && "
+                         "r.bottom <= window.innerHeight; })()")
+
+
+def test_two_tabs_and_a_reload_keep_three_chats(app: App, browser: object) -> None:
+    """Each tab, and the page after a reload, starts its own chat: three conversations leave three
+    saved chats (one id fixed at start made every tab overwrite the same file)."""
+    before = saved_titles(app.home)
+    ctx = browser.new_context()
+    one, two = open_page(ctx, app), open_page(ctx, app)
+    ask(one, "Name a red fruit.")
+    ask(two, "Name a green vegetable.")
+    one.reload()
+    one.wait_for_selector("#message textarea")
+    assert one.locator("#chatbot [data-testid='bot']").count() == 0  # a fresh chat after the reload
+    ask(one, "Name a blue flower.")
+    ctx.close()
+    new = {i: t for i, t in saved_titles(app.home).items() if i not in before}
+    assert sorted(new.values()) == ["Name a blue flower.", "Name a green vegetable.", "Name a red fruit."]
+
+
+def test_delete_can_be_undone(page: object, app: App) -> None:
+    """Delete removes the chat from disk and the list, and Undo puts it back with its messages."""
+    ask(page, "Name a yellow fruit.")
+    chat_id = next(i for i, t in saved_titles(app.home).items() if t == "Name a yellow fruit.")
+    page.click("#delete-chat")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('deleted')")
+    assert chat_id not in saved_titles(app.home) and page.locator("#chatbot [data-testid='user']").count() == 0
+    page.click("#undo-delete")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('restored')")
+    assert saved_titles(app.home)[chat_id] == "Name a yellow fruit."
+    assert "Name a yellow fruit." in page.inner_text("#chatbot")
+
+
+def picker_options(page: object) -> list[str]:
+    page.click("#model-picker input")
+    names = page.get_by_role("option").all_inner_texts()
+    page.evaluate("document.activeElement.blur()")  # closes the list; the next click opens it afresh
+    return [n.replace("✓", "").strip() for n in names]
+
+
+def test_model_imported_from_the_command_line_appears_and_a_deleted_one_goes(page: object, app: App,
+                                                                              starter_gguf: Path) -> None:
+    """A model imported outside the app (here through the store, as `localchat import` does) shows in
+    the picker without Refresh; deleting the picked model moves the picker off it with a clear note."""
+    assert "from-cli" not in picker_options(page)
+    import_gguf(Store(app.home), starter_gguf, name="from-cli")
+    deadline = time.time() + 10
+    while "from-cli" not in picker_options(page):
+        assert time.time() < deadline, "the imported model never appeared in the picker"
+        time.sleep(0.5)
+    pick(page, "model-picker", "from-cli")
+    Store(app.home).remove("from-cli")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('removed from the store')")
+    assert "“from-cli” was removed from the store" in status(page)
+    assert page.input_value("#model-picker input") != "from-cli" and "from-cli" not in picker_options(page)
+
+
+def test_status_and_errors_are_in_view_at_1280x800(laptop: object) -> None:
+    """At 1280x800 the speed line after an answer, an error, and the message box are all on screen."""
+    ask(laptop, "Say hi.")
+    assert in_viewport(laptop, "#chat-status") and in_viewport(laptop, "#message textarea")
+    laptop.click("#continue")  # the answer is complete or cut: either way a status line answers
+    laptop.fill("#message textarea", "")
+    laptop.click("#edit-last")
+    laptop.click("#regenerate")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('nothing to regenerate')")
+    assert in_viewport(laptop, "#chat-status")
+
+
+def test_no_button_text_overflows(laptop: object) -> None:
+    """Every visible button in every tab holds its text (the Chat tab's "Refresh" did not)."""
+    for tab in ("Chat", "Models", "Fine-tune"):
+        laptop.get_by_role("tab", name=tab).first.click()
+        laptop.wait_for_timeout(300)
+        over = laptop.evaluate("[...document.querySelectorAll('button')].filter(b => b.offsetParent !== null"
+                               " && b.scrollWidth > b.clientWidth).map(b => b.innerText.trim())")
+        assert over == [], f"{tab}: {over}"
+
+
+def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
+    """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
+    open_settings(laptop)
+    set_number(laptop, "max-tokens", "2048")
+    laptop.fill("#message textarea", "Write a very long story about a dragon who learns to cook. Make it long.")
+    laptop.click("#send")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')")
+    assert laptop.locator("#send").is_disabled()
+    laptop.keyboard.press("Escape")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                             timeout=15_000)
+    assert "cancelled" in status(laptop)
+    laptop.wait_for_function("!document.querySelector('#send').disabled")
+
+
+def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: App) -> None:
+    """On a 390-px wide phone the message box is within the first screen (the sidebar goes below)."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    pg = open_page(ctx, app)
+    assert in_viewport(pg, "#message textarea")
+    assert pg.locator("#chat-side").bounding_box()["y"] > pg.locator("#message").bounding_box()["y"]
+    ctx.close()

@@ -17,6 +17,7 @@ from localchat.store.chats import ChatError, write_dataset
 
 from . import job_panel
 from .context import AppContext
+from .jobs import JobRunner
 
 DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
 
@@ -36,7 +37,11 @@ def check_dataset(path: str | Path) -> str:
     return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
 
 
-def loss_frame(ctx: AppContext, name: str) -> pd.DataFrame:
+def loss_frame(ctx: AppContext, jobs: JobRunner) -> pd.DataFrame:
+    """The loss of the fine-tune that runs (or ran last), one row per logged update, numeric columns:
+    an empty frame of object columns would make the plot's axis categorical for good."""
+    job = jobs.current
+    name = job.target if job is not None else ""
     log = ctx.store.root / name / "finetune" / "loss.jsonl" if name else None
     rows = []
     if log is not None and log.is_file():
@@ -49,10 +54,11 @@ def loss_frame(ctx: AppContext, name: str) -> pd.DataFrame:
                 rows.append({"update": r["step"], "loss": r["loss"], "series": "train"})
             elif "held_out_loss" in r:
                 rows.append({"update": r["step"], "loss": r["held_out_loss"], "series": "held out"})
-    return pd.DataFrame(rows, columns=["update", "loss", "series"])
+    frame = pd.DataFrame(rows, columns=["update", "loss", "series"])
+    return frame.astype({"update": "int64", "loss": "float64", "series": "string"})
 
 
-def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox, gr.Dropdown, gr.CheckboxGroup]:
+def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown, gr.CheckboxGroup]:
     gr.Markdown("Teach a model your own domain with LoRA (`localchat finetune`). The result is a new "
                 "model in the store, ready in the Chat tab.")
     dataset_path = gr.State("")
@@ -75,7 +81,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
                                      "at load time)", value=False)
             start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
     panel = job_panel.build("finetune")
-    plot = gr.LinePlot(loss_frame(ctx, ""), x="update", y="loss", color="series", title="Loss",
+    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
 
     def on_upload(path: str | None) -> tuple:
@@ -123,11 +129,11 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
         args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
                 "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)] + (["--lora-gguf"] if as_lora else [])
         try:
-            ctx.jobs.start(f"fine-tune {n}", args)
+            ctx.jobs.start(f"fine-tune {n}", args, target=n)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
         return f"started fine-tune of {b} into {n}", n
 
     start.click(do_start, [dataset_path, base, name, epochs, lr, rank, lora], [check, name])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
-    return panel, plot, name, base, chats
+    return panel, plot, base, chats

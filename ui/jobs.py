@@ -31,6 +31,7 @@ class Job:
     percent: int | None = None
     stage: str = ""
     ended: float | None = None
+    target: str = ""  # the model a fine-tune makes: the tab plots its loss, whatever the Name box says
 
     @property
     def running(self) -> bool:
@@ -65,14 +66,14 @@ class JobRunner:
         self.current: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, title: str, args: list[str]) -> Job:
+    def start(self, title: str, args: list[str], target: str = "") -> Job:
         with self._lock:
             if self.current is not None and self.current.running:
                 raise RuntimeError(f"{self.current.title} is still running; wait for it or stop it first")
             argv = [sys.executable, "-m", "localchat", *args]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
                                     stdin=subprocess.DEVNULL)
-            job = Job(title, argv, proc)
+            job = Job(title, argv, proc, target=target)
             threading.Thread(target=self._read, args=(job,), daemon=True).start()
             self.current = job
             return job
