@@ -436,3 +436,51 @@ def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: A
     assert in_viewport(pg, "#message textarea")
     assert pg.locator("#chat-side").bounding_box()["y"] > pg.locator("#message").bounding_box()["y"]
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def empty_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The app over a store with no model at all: what a new user meets."""
+    a = App(tmp_path_factory.mktemp("empty") / "home")
+    a.start()
+    yield a
+    a.stop()
+
+
+def test_first_run_offers_the_starter_and_the_ways_to_add_a_model(browser: object, empty_app: App) -> None:
+    """With an empty store the chat area explains itself: install the starter, or pull, import or
+    convert; sending says what to do instead of nothing happening."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = open_page(ctx, empty_app)
+    box = pg.locator("#first-run")
+    box.wait_for()
+    text = box.inner_text()
+    assert "No model yet" in text and all(w in text for w in ("Pull", "Import GGUF", "Convert"))
+    assert pg.locator("#install-starter").is_visible() and in_viewport(pg, "#install-starter")
+    pg.fill("#message textarea", "Hello?")
+    pg.click("#send")
+    pg.wait_for_function("document.querySelector('#chat-status').innerText.includes('install the starter')")
+    ctx.close()
+
+
+def test_convert_accepts_a_local_folder(page: object, app: App, starter_gguf: Path,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A checkpoint folder typed into Convert becomes a new GGUF model named after the folder (never
+    after a store entry), listed in the table and in the Chat tab's picker."""
+    from .checkpoints import starter_hf, tiny_model
+
+    folder = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "tiny-llama", starter_hf(starter_gguf))
+    before = set(Store(app.home).models())
+    page.get_by_role("tab", name="Models").click()
+    page.get_by_role("tab", name="Convert / quantize").click()
+    page.fill("#convert-path textarea, #convert-path input", str(folder))
+    pick(page, "convert-quant", "Q8_0")
+    page.click("#convert")
+    page.wait_for_function("document.querySelector('#models-note').innerText.includes('started')")
+    page.wait_for_function("document.querySelector('#models-job-status').innerText.includes('done in')",
+                           timeout=300_000)
+    models = Store(app.home).models()
+    assert set(models) == before | {"tiny-llama-q8_0"} and models["tiny-llama-q8_0"].quant == "Q8_0"
+    page.wait_for_function("document.querySelector('#models-table').innerText.includes('tiny-llama-q8_0')")
+    page.get_by_role("tab", name="Chat").click()
+    assert "tiny-llama-q8_0" in picker_options(page)

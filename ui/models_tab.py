@@ -63,7 +63,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             cpath = gr.Textbox(label="…or a checkpoint folder on this computer (config.json and safetensors)",
                                placeholder="~/models/my-model", elem_id="convert-path")
             to = gr.Radio(["gguf", "gptq"], value="gguf", label="Output format")
-            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type")
+            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type", elem_id="convert-quant")
             cname = gr.Textbox(label="Name of the result (optional)", elem_id="convert-name")
             convert_btn = gr.Button("Convert", variant="primary", elem_id="convert")
         with gr.Tab("Delete"):
