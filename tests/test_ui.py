@@ -484,3 +484,48 @@ def test_convert_accepts_a_local_folder(page: object, app: App, starter_gguf: Pa
     page.wait_for_function("document.querySelector('#models-table').innerText.includes('tiny-llama-q8_0')")
     page.get_by_role("tab", name="Chat").click()
     assert "tiny-llama-q8_0" in picker_options(page)
+
+
+def wait_answered(page: object, before: str) -> None:
+    page.wait_for_function(f"document.querySelector('#chat-status').innerText !== {json.dumps(before)}"
+                           " && /tokens, .*(stop|length)/.test(document.querySelector('#chat-status').innerText)")
+
+
+def wait_label(page: object, text: str) -> None:
+    """Wait until the ‹ k/n › row says `text` (the row is not in the page while hidden)."""
+    page.wait_for_function(f"(document.querySelector('#version-label') || {{innerText: ''}}).innerText.trim()"
+                           f" === {json.dumps(text)}")
+
+
+def test_regenerate_and_edit_keep_versions_to_page_through(page: object, app: App) -> None:
+    """Regenerate keeps the earlier answer (‹ 1/2 › pages back to it) and Edit starts a branch whose
+    original question comes back with ‹; the saved chat holds every version."""
+    open_settings(page)
+    set_number(page, "max-tokens", "24")
+    first, _ = ask(page, "Name an animal that lives in the sea.")
+    before = status(page)
+    page.click("#regenerate")
+    wait_answered(page, before)
+    wait_label(page, "answer version 2/2")
+    second = last_answer(page)
+    page.click("#version-prev")
+    wait_label(page, "answer version 1/2")
+    assert last_answer(page) == first
+    page.click("#version-next")
+    wait_label(page, "answer version 2/2")
+    assert last_answer(page) == second
+
+    page.click("#edit-last")
+    page.wait_for_function("document.querySelector('#message textarea').value.endsWith('in the sea.')")
+    page.fill("#message textarea", "Name an animal that lives in the desert.")
+    before = status(page)
+    page.click("#send")
+    wait_answered(page, before)
+    wait_label(page, "question version 2/2")
+    assert "desert" in page.inner_text("#chatbot") and "sea" not in page.inner_text("#chatbot")
+    page.click("#version-prev")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('lives in the sea')")
+    assert last_answer(page) == second  # the branch point keeps the answer shown when it was left
+    conv = next(c for c in ChatHistory(app.home / "chats").list() if c.title == "Name an animal that lives in the sea.")
+    saved = ChatHistory(app.home / "chats").load(conv.id)
+    assert len(saved.versions["0"]["tails"]) == 2 and saved.messages[0]["content"].endswith("sea.")

@@ -62,6 +62,17 @@ def _settings(preset: SamplingSettings, temperature: float, top_p: float, max_to
                    seed=seed)
 
 
+def pager(conv: Conversation) -> tuple:
+    """The ‹ k/n › row under the chat, for the last place with versions (a regenerated answer, an
+    edited question); hidden while there is none."""
+    i = conv.branch_point()
+    if i is None:
+        return gr.update(visible=False), ""
+    v = conv.versions[str(i)]
+    what = "answer" if i < len(conv.messages) and conv.messages[i]["role"] == "assistant" else "question"
+    return gr.update(visible=True), f"{what} version {v['at'] + 1}/{len(v['tails'])}"
+
+
 def first_model(ctx: AppContext) -> str | None:
     """The model a new chat starts on: the starter where the store has it, else the first one."""
     models = ctx.chat_models()
@@ -112,6 +123,10 @@ def build(ctx: AppContext) -> ChatParts:
                 starter_btn = gr.Button("Install the starter model", variant="primary", elem_id="install-starter")
                 panel = job_panel.build("chat")
             chatbot = gr.Chatbot(elem_id="chatbot", label="Chat")
+            with gr.Row(visible=False, elem_id="versions") as version_row:
+                prev_btn = gr.Button("‹", size="sm", scale=0, min_width=60, elem_id="version-prev")
+                version_label = gr.Markdown(elem_id="version-label")
+                next_btn = gr.Button("›", size="sm", scale=0, min_width=60, elem_id="version-next")
             with gr.Row(equal_height=True):
                 msg = gr.Textbox(placeholder="Ask something… (Enter sends, Esc stops)", show_label=False,
                                  scale=5, elem_id="message", autofocus=True)
@@ -145,9 +160,8 @@ def build(ctx: AppContext) -> ChatParts:
         conv.model, conv.system = model, system.strip()
         if mode == "send":
             conv.messages.append({"role": "user", "content": text})
-        elif mode == "regenerate":
-            while conv.messages and conv.messages[-1]["role"] == "assistant":
-                conv.messages.pop()
+        elif mode == "regenerate" and conv.messages[-1]["role"] == "assistant":
+            conv.fork(len(conv.messages) - 1)  # the answer it replaces stays a version to page back to
         if mode != "continue":
             conv.messages.append({"role": "assistant", "content": ""})
         reply = conv.messages[-1]
@@ -155,8 +169,8 @@ def build(ctx: AppContext) -> ChatParts:
         cancel = threading.Event()
         ctx.cancels[key] = cancel
         loading = ctx.slot.name != model
-        yield (_bubbles(conv), "", f"loading {model} …" if loading else "…", gr.skip(), conv, gr.skip(), gr.skip(),
-               gr.update(interactive=False))
+        note = f"loading {model} …" if loading else "…"
+        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), gr.update(interactive=False)
         session = ctx.slot.session(model, conv.system or None)
         history = conv.full_messages()
         if mode != "continue":
@@ -231,9 +245,11 @@ def build(ctx: AppContext) -> ChatParts:
 
     inputs = [msg, conv_state, model_dd, system_box, *sampling]
     # Progress hidden: the status line and the Send button show the busy state, not pulsing borders.
+    pager_out = [version_row, version_label]
+    then_pager = {"fn": pager, "inputs": [conv_state], "outputs": pager_out}
     for trigger in (send_btn.click, msg.submit):
-        trigger(guarded("send"), inputs, outputs, show_progress="hidden")
-    regen_btn.click(guarded("regenerate"), inputs, outputs, show_progress="hidden")
+        trigger(guarded("send"), inputs, outputs, show_progress="hidden").then(**then_pager)
+    regen_btn.click(guarded("regenerate"), inputs, outputs, show_progress="hidden").then(**then_pager)
     cont_btn.click(guarded("continue"), inputs, outputs, show_progress="hidden")
 
     def stop(request: gr.Request) -> None:
@@ -248,18 +264,31 @@ def build(ctx: AppContext) -> ChatParts:
         if idx is None:
             return gr.skip(), gr.skip(), "no question to edit yet", conv
         text = conv.messages[idx]["content"]
-        conv.messages = conv.messages[:idx]
-        return _bubbles(conv), text, "edit the question and send it again", conv
+        conv.fork(idx)  # the question and its answers stay a version: sending the edit starts a branch
+        return _bubbles(conv), text, "edit the question and send it again (‹ pages back to the original)", conv
 
-    edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state])
+    edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state]).then(**then_pager)
+
+    def page(conv: Conversation, step: int) -> tuple:
+        i = conv.branch_point()
+        if i is None:
+            return gr.skip(), conv, *pager(conv)
+        conv.show_version(i, conv.versions[str(i)]["at"] + step)
+        if conv.messages:
+            ctx.history.save(conv)  # reopened later, the chat shows the version picked last
+        return _bubbles(conv), conv, *pager(conv)
+
+    prev_btn.click(lambda c: page(c, -1), [conv_state], [chatbot, conv_state, *pager_out])
+    next_btn.click(lambda c: page(c, 1), [conv_state], [chatbot, conv_state, *pager_out])
 
     def new_chat(model: str, system: str) -> tuple:
         conv = Conversation(model=model or "", system=system)
         return [], conv, gr.update(value=None), conv.title, "", ""
 
-    new_btn.click(new_chat, [model_dd, system_box], [chatbot, conv_state, chat_list, title_box, status, budget])
+    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget]
+    new_btn.click(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
     # The chat's trash icon starts a new chat: the cleared one stays saved and is not sent again.
-    chatbot.clear(new_chat, [model_dd, system_box], [chatbot, conv_state, chat_list, title_box, status, budget])
+    chatbot.clear(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
 
     def open_chat(chat_id: str | None, model: str) -> tuple:
         if not chat_id:
@@ -271,7 +300,8 @@ def build(ctx: AppContext) -> ChatParts:
         pick = conv.model if conv.model in ctx.chat_models() else model
         return _bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”"
 
-    chat_list.input(open_chat, [chat_list, model_dd], [chatbot, conv_state, title_box, system_box, model_dd, status])
+    chat_list.input(open_chat, [chat_list, model_dd],
+                    [chatbot, conv_state, title_box, system_box, model_dd, status]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
         try:
@@ -293,7 +323,7 @@ def build(ctx: AppContext) -> ChatParts:
                 f"deleted “{conv.title}”: Undo brings it back", conv, gr.update(visible=True))
 
     delete_outputs = [chatbot, conv_state, chat_list, title_box, status, deleted, undo_btn]
-    delete_btn.click(delete, [conv_state, model_dd, system_box], delete_outputs)
+    delete_btn.click(delete, [conv_state, model_dd, system_box], delete_outputs).then(**then_pager)
 
     def undo(gone: Conversation | None) -> tuple:
         if gone is None:
@@ -302,7 +332,7 @@ def build(ctx: AppContext) -> ChatParts:
         return (_bubbles(gone), gone, gr.update(choices=chat_choices(ctx), value=gone.id), gone.title,
                 f"restored “{gone.title}”", None, gr.update(visible=False))
 
-    undo_btn.click(undo, [deleted], delete_outputs)
+    undo_btn.click(undo, [deleted], delete_outputs).then(**then_pager)
 
     def export(conv: Conversation) -> tuple:
         if not conv.messages:
