@@ -225,7 +225,7 @@ def build(ctx: AppContext) -> ChatParts:
                 yield refuse("no model: install the starter above, or pull or import one in the Models tab")
                 return
             if model not in ctx.chat_models():
-                yield refuse(f"Error: “{model}” is no longer in the store (deleted?): pick another model")
+                yield refuse(f"Error: “{model}” was removed from the store: pick another model")
                 return
             if mode in ("regenerate", "continue") and not conv.messages:
                 yield refuse(f"nothing to {mode} yet: ask something first")
@@ -348,7 +348,7 @@ def build(ctx: AppContext) -> ChatParts:
         if not name:
             return "no model", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if name not in ctx.chat_models():
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: “{name}” is no longer in the store"
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: “{name}” was removed from the store"
         d = preset(name)
         return ctx.plan_text(name), default_system(name), d.temperature, d.top_p, ""
 
