@@ -48,3 +48,27 @@ def test_progress_bars_become_a_percentage() -> None:
     runner._line(job, "converting:  57%|█████     | 155/272 [00:04<00:03]")
     assert job.percent == 57 and job.stage == "converting"
     assert sum("%|" in line for line in job.lines) == 1  # a bar redraws one line
+
+
+def test_the_log_leaves_out_import_banners_and_per_tensor_fallback_warnings() -> None:
+    """GPTQModel's banner, torch's import notes and llama.cpp's per-tensor fallback warnings stay out
+    of the job log; the command's own lines, and its summary of the fallback, stay in."""
+    runner = JobRunner()
+    job = runner.start("noise", ["--help"])
+    _wait(runner)
+    job.lines.clear()
+    for line in ["WARN  Python GIL is enabled: Multi-gpu quant acceleration for MoE models is sub-optimal",
+                 "INFO  ENV: Auto setting CUDA_DEVICE_ORDER=PCI_BUS_ID for correctness.", "INFO",
+                 "W1130 05:55:02.559000 10897 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum",
+                 "┌─────────────┐ ┌────────────────────────┐", "│ GPT-QModel  │ -> │ ▓▓▓▓ 16bit │",
+                 "└─────────────┘ └────────────────────────┘", "GPT-QModel   : 7.6.0", "Torch        : 2.14.1",
+                 "warning: blk.0.ffn_up.weight - ncols 64 not divisible by 256 (required for type q4_K) -> "
+                 "falling back to q5_0",
+                 "llama_model_quantize_impl: WARNING: 15 of 21 tensor(s) required fallback quantization",
+                 "- trained 30 updates: loss 10.371, held-out loss 10.174",
+                 "- 16 of 21 tensors have rows that are not a multiple of 256, so llama.cpp stored them in a "
+                 "fallback type (Q5_0/Q8_0) instead of Q4_K_M's K-quants"]:
+        runner._line(job, line)
+    assert job.log().splitlines() == ["- trained 30 updates: loss 10.371, held-out loss 10.174",
+                                      "- 16 of 21 tensors have rows that are not a multiple of 256, so llama.cpp "
+                                      "stored them in a fallback type (Q5_0/Q8_0) instead of Q4_K_M's K-quants"]

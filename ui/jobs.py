@@ -18,6 +18,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 _PERCENT = re.compile(r"(\d{1,3})%\|")
+# Lines the log leaves out: GPTQModel's import banner, torch's import notes, and llama.cpp's
+# per-tensor fallback warnings (the command's own summary says what they mean for the model).
+_NOISE = re.compile(r"^(INFO|WARN)(\s+(ENV:|Python GIL)|$)|^[┌│└]|^(GPT-QModel|Transformers|Torch|Triton)\s+:"
+                    r"|^W\d{4} .*torch/|^Failed to load CPU gemm"
+                    r"|^warning: blk\..*falling back to|^llama_model_quantize_impl: WARNING: .*fallback")
 _TAIL_LINES = 40
 
 
@@ -53,6 +58,11 @@ class Job:
             return f"{self.title}: stopped after {elapsed:.0f} s"
         err = next((l for l in reversed(self.lines) if "error" in l.lower()), self.lines[-1] if self.lines else "")
         return f"Error: {self.title}: failed ({err or f'exit code {rc}'})"
+
+    @property
+    def args(self) -> list[str]:
+        """The `localchat` command line the job runs (what a user would type after `localchat`)."""
+        return self.argv[3:]
 
     def log(self) -> str:
         return "\n".join(self.lines)
@@ -92,7 +102,7 @@ class JobRunner:
 
     @staticmethod
     def _line(job: Job, line: str) -> None:
-        if not line:
+        if not line or _NOISE.search(line):
             return
         m = _PERCENT.search(line)
         if m:
