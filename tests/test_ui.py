@@ -529,3 +529,77 @@ def test_regenerate_and_edit_keep_versions_to_page_through(page: object, app: Ap
     conv = next(c for c in ChatHistory(app.home / "chats").list() if c.title == "Name an animal that lives in the sea.")
     saved = ChatHistory(app.home / "chats").load(conv.id)
     assert len(saved.versions["0"]["tails"]) == 2 and saved.messages[0]["content"].endswith("sea.")
+
+
+def plot_frames(page: object) -> list[dict]:
+    """Start collecting the loss plot's data as the server sends it to the page (the plot is drawn on a
+    canvas, so its points are counted in what it is given to draw)."""
+    frames: list[dict] = []
+
+    def find(node: object) -> None:
+        if isinstance(node, dict):
+            if "datatypes" in node and "update" in node.get("datatypes", {}):
+                frames.append(node)
+                return
+            for v in node.values():
+                find(v)
+        elif isinstance(node, list):
+            for v in node:
+                find(v)
+
+    def on_response(resp: object) -> None:
+        if "/run/predict" in resp.url or "/queue/data" in resp.url:
+            try:
+                find(resp.json())
+            except Exception:
+                pass  # a stream or a body already gone
+
+    page.on("response", on_response)
+    return frames
+
+
+def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
+        page: object, app: App, starter_gguf: Path, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The loss plot of a running fine-tune has one point per logged update on a numeric x axis, and
+    keeps following the job when the Name box changes; after Stop job, Resume goes on from the checkpoint."""
+    from .checkpoints import starter_hf, tiny_model
+
+    base = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftbase") / "tiny-base", starter_hf(starter_gguf))
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."}) + "\n"
+                            for i in range(12)))
+    frames = plot_frames(page)
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.set_input_files("#dataset-file input[type=file]", str(data))
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('OK')")
+    page.fill("#finetune-base-path textarea, #finetune-base-path input", str(base))
+    page.fill("#finetune-name textarea, #finetune-name input", "ft-plot")
+    set_number(page, "finetune-epochs", "20")
+    page.click("#finetune-start")
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('started')")
+    log = app.home / "ft-plot" / "finetune" / "loss.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 4):
+        assert time.time() < deadline, page.inner_text("#finetune-job-log")
+        time.sleep(0.5)
+    page.fill("#finetune-name textarea, #finetune-name input", "something-else")  # the plot stays on the job
+    page.click("#finetune-job-stop")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
+                           timeout=120_000)
+    updates = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
+    deadline = time.time() + 30
+    while not frames or sum(r[2] == "train" for r in frames[-1]["data"]) != len(updates):
+        assert time.time() < deadline, (len(updates), frames[-1]["data"] if frames else None)
+        time.sleep(0.5)
+    last = frames[-1]
+    assert last["datatypes"]["update"] == "quantitative" and last["datatypes"]["loss"] == "quantitative"
+    assert [r[0] for r in last["data"] if r[2] == "train"] == [u["step"] for u in updates]
+    assert page.locator("#loss-plot canvas, #loss-plot svg").count() >= 1
+
+    page.click("#finetune-resume")
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('resumed')")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('(resumed): running')")
+    page.click("#finetune-job-stop")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
+                           timeout=120_000)

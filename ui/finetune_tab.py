@@ -85,7 +85,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             base_path = gr.Textbox(label="…or a Hugging Face checkpoint folder on this computer",
                                    placeholder="~/models/my-model", elem_id="finetune-base-path")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
-            epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs")
+            epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs", elem_id="finetune-epochs")
             lr = gr.Number(value=2e-4, label="Learning rate")
             rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
