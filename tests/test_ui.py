@@ -600,6 +600,11 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.click("#finetune-resume")
     page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('resumed')")
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('(resumed): running')")
+    deadline = time.time() + 240  # it goes on from the checkpoint: later updates join the same log
+    while not any(json.loads(line).get("step", 0) > updates[-1]["step"] for line in log.read_text().splitlines()
+                  if '"loss"' in line):
+        assert time.time() < deadline, page.inner_text("#finetune-job-log")
+        time.sleep(0.5)
     page.click("#finetune-job-stop")
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
