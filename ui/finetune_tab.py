@@ -92,7 +92,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
                                      "at load time)", value=False)
             with gr.Row():
                 start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
-                resume = gr.Button("Resume the stopped fine-tune", elem_id="finetune-resume")
+                resume = gr.Button("Resume", elem_id="finetune-resume")
     panel = job_panel.build("finetune")
     plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
