@@ -1,8 +1,8 @@
 """`localchat ui` in a real browser: headless Debian Chromium driven by Playwright, against
 the app running as its own process on the real starter model.
 
-Screenshots of each tab land in a temp folder, or in docs/ with LOCALCHAT_SCREENSHOTS=docs
-(`make screenshots`).
+Screenshots of each tab land in a temp folder; the README's come from a real session
+(docs/screenshots.py), never from these tests and their temp paths.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="Debian chromium is not installed (`make test` installs it)")]
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 FINAL = re.compile(r"\d+ tokens, .*(stop|length|cancelled)")
 SECOND = "second-model"
 
@@ -116,9 +115,7 @@ def laptop(browser: object, app: App) -> Iterator[object]:
 
 
 def shot(page: object, name: str, tmp_path: Path) -> Path:
-    folder = DOCS if os.environ.get("LOCALCHAT_SCREENSHOTS") == "docs" else tmp_path
-    folder.mkdir(exist_ok=True)
-    path = folder / f"ui-{name}.png"
+    path = tmp_path / f"ui-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
     return path
@@ -469,7 +466,8 @@ def test_convert_accepts_a_local_folder(page: object, app: App, starter_gguf: Pa
     after a store entry), listed in the table and in the Chat tab's picker."""
     from .checkpoints import starter_hf, tiny_model
 
-    folder = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "tiny-llama", starter_hf(starter_gguf))
+    folder = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "tiny-llama",
+                        starter_hf(starter_gguf))
     before = set(Store(app.home).models())
     page.get_by_role("tab", name="Models").click()
     page.get_by_role("tab", name="Convert / quantize").click()
@@ -526,8 +524,8 @@ def test_regenerate_and_edit_keep_versions_to_page_through(page: object, app: Ap
     page.click("#version-prev")
     page.wait_for_function("document.querySelector('#chatbot').innerText.includes('lives in the sea')")
     assert last_answer(page) == second  # the branch point keeps the answer shown when it was left
-    conv = next(c for c in ChatHistory(app.home / "chats").list() if c.title == "Name an animal that lives in the sea.")
-    saved = ChatHistory(app.home / "chats").load(conv.id)
+    history = ChatHistory(app.home / "chats")
+    saved = history.load(next(c.id for c in history.list() if c.title == "Name an animal that lives in the sea."))
     assert len(saved.versions["0"]["tails"]) == 2 and saved.messages[0]["content"].endswith("sea.")
 
 
@@ -565,10 +563,11 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     keeps following the job when the Name box changes; after Stop job, Resume goes on from the checkpoint."""
     from .checkpoints import starter_hf, tiny_model
 
-    base = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftbase") / "tiny-base", starter_hf(starter_gguf))
+    base = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftbase") / "tiny-base",
+                      starter_hf(starter_gguf))
     data = tmp_path / "cats.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."}) + "\n"
-                            for i in range(12)))
+    rows = [{"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     frames = plot_frames(page)
     page.get_by_role("tab", name="Fine-tune").click()
     page.set_input_files("#dataset-file input[type=file]", str(data))
@@ -599,7 +598,8 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
 
     page.click("#finetune-resume")
     page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('resumed')")
-    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('(resumed): running')")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText"
+                           ".includes('(resumed): running')")
     deadline = time.time() + 240  # it goes on from the checkpoint: later updates join the same log
     while not any(json.loads(line).get("step", 0) > updates[-1]["step"] for line in log.read_text().splitlines()
                   if '"loss"' in line):
