@@ -191,7 +191,9 @@ def test_stop_ends_a_long_answer(page: object) -> None:
     page.fill("#message textarea", "Write a very long story about a dragon who learns to cook. Make it long.")
     page.click("#send")
     page.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')")
-    time.sleep(1.0)
+    # some of the answer first, however slowly a busy machine decodes
+    page.wait_for_function("(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                           " return b.length && b[b.length - 1].innerText.length > 40; })()")
     t = time.time()
     page.click("#stop")
     page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
@@ -475,8 +477,8 @@ def test_convert_accepts_a_local_folder(page: object, app: App, starter_gguf: Pa
     pick(page, "convert-quant", "Q8_0")
     page.click("#convert")
     page.wait_for_function("document.querySelector('#models-note').innerText.includes('started')")
-    page.wait_for_function("document.querySelector('#models-job-status').innerText.includes('done in')",
-                           timeout=300_000)
+    page.wait_for_function("document.querySelector('#models-job-status').innerText"
+                           ".includes('as tiny-llama-q8_0: done in')", timeout=300_000)
     models = Store(app.home).models()
     assert set(models) == before | {"tiny-llama-q8_0"} and models["tiny-llama-q8_0"].quant == "Q8_0"
     page.wait_for_function("document.querySelector('#models-table').innerText.includes('tiny-llama-q8_0')")
@@ -608,3 +610,17 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.click("#finetune-job-stop")
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
+
+
+def test_the_chats_trash_icon_starts_a_new_chat(page: object, app: App) -> None:
+    """The chat's trash icon clears the screen for good: the next question starts a new saved chat
+    instead of bringing the cleared conversation back."""
+    before = saved_titles(app.home)
+    ask(page, "Name a purple fruit.")
+    page.locator("#chatbot button[aria-label='Clear'], #chatbot button[title='Clear']").first.click()
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length === 0")
+    ask(page, "Name an orange vegetable.")
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+    new = {i: t for i, t in saved_titles(app.home).items() if i not in before}
+    assert sorted(new.values()) == ["Name a purple fruit.", "Name an orange vegetable."]
+    assert page.locator("#chatbot button[aria-label='Share'], #chatbot button[title='Share']").count() == 0

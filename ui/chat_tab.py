@@ -37,6 +37,10 @@ FIRST_RUN = ("### No model yet\nInstall the starter model (SmolLM2-135M-Instruct
              "Hugging Face, *Import GGUF* (a file on this computer) or *Convert* a checkpoint folder.")
 
 
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
+
+
 def _bubbles(conv: Conversation) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in conv.messages]
 
@@ -122,7 +126,9 @@ def build(ctx: AppContext) -> ChatParts:
                 gr.Markdown(FIRST_RUN)
                 starter_btn = gr.Button("Install the starter model", variant="primary", elem_id="install-starter")
                 panel = job_panel.build("chat")
-            chatbot = gr.Chatbot(elem_id="chatbot", label="Chat")
+            # No share icon (there is nowhere to share to offline); inline math renders as well as $$…$$.
+            chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", buttons=["copy", "copy_all"],
+                                 latex_delimiters=LATEX)
             with gr.Row(visible=False, elem_id="versions") as version_row:
                 prev_btn = gr.Button("‹", size="sm", scale=0, min_width=60, elem_id="version-prev")
                 version_label = gr.Markdown(elem_id="version-label")
