@@ -72,3 +72,20 @@ def test_the_log_leaves_out_import_banners_and_per_tensor_fallback_warnings() ->
     assert job.log().splitlines() == ["- trained 30 updates: loss 10.371, held-out loss 10.174",
                                       "- 16 of 21 tensors have rows that are not a multiple of 256, so llama.cpp "
                                       "stored them in a fallback type (Q5_0/Q8_0) instead of Q4_K_M's K-quants"]
+
+
+def test_a_fine_tune_shows_one_bar_over_its_stages() -> None:
+    """The stages of a fine-tune (loading, training, converting) fill one bar that never runs back,
+    where a job without stages shows each bar as it comes."""
+    from localchat.ui.finetune_tab import PHASES
+
+    runner = JobRunner()
+    job = runner.start("ft", ["--help"], target="t1", phases=PHASES)
+    _wait(runner)
+    seen = []
+    for line in ["Loading weights: 100%|██████████| 3/3", "training:  50%|█████     | 15/30",
+                 "training: 100%|██████████| 30/30", "Loading weights:  10%|█         | 1/3",
+                 "converting to t1-F16.gguf:  50%|█████     | 10/21"]:
+        runner._line(job, line)
+        seen.append(job.percent)
+    assert seen == [5, 45, 85, 85, 90]

@@ -20,6 +20,9 @@ from .context import AppContext
 from .jobs import JobRunner
 
 DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
+# The stages of `localchat finetune` that draw a bar, and their share of the job's one bar (training
+# is most of the time; the export's checks after converting draw none).
+PHASES = {"Loading weights": (0, 5), "training": (5, 85), "converting": (85, 95)}
 EXAMPLES = """One row of each format the trainer reads (a file holds many such rows):
 
 - **Alpaca** (`.json` array or `.jsonl`): `{"instruction": "What is my cat called?", "input": "", "output": "Biscuit."}`
@@ -148,7 +151,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
         args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
                 "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)] + (["--lora-gguf"] if as_lora else [])
         try:
-            ctx.jobs.start(f"fine-tune {n}", args, target=n)
+            ctx.jobs.start(f"fine-tune {n}", args, target=n, phases=PHASES)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
         return f"started fine-tune of {b} into {n}", n
@@ -162,7 +165,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             return "Error: no stopped fine-tune to resume (a finished one is in the store already)"
         args = job.args + ([] if "--resume" in job.args else ["--resume"])
         try:
-            ctx.jobs.start(f"fine-tune {job.target} (resumed)", args, target=job.target)
+            ctx.jobs.start(f"fine-tune {job.target} (resumed)", args, target=job.target, phases=PHASES)
         except RuntimeError as exc:
             return f"Error: {exc}"
         return f"resumed the fine-tune of {job.target} from its last checkpoint"

@@ -37,6 +37,9 @@ class Job:
     stage: str = ""
     ended: float | None = None
     target: str = ""  # the model a fine-tune makes: the tab plots its loss, whatever the Name box says
+    # Where each stage's own bar sits in the job's one bar: {"training": (5, 85), ...}; a job without
+    # it shows each bar as it comes. With it the bar never runs backwards when the next stage starts.
+    phases: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -76,14 +79,15 @@ class JobRunner:
         self.current: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, title: str, args: list[str], target: str = "") -> Job:
+    def start(self, title: str, args: list[str], target: str = "",
+              phases: dict[str, tuple[int, int]] | None = None) -> Job:
         with self._lock:
             if self.current is not None and self.current.running:
                 raise RuntimeError(f"{self.current.title} is still running; wait for it or stop it first")
             argv = [sys.executable, "-m", "localchat", *args]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
                                     stdin=subprocess.DEVNULL)
-            job = Job(title, argv, proc, target=target)
+            job = Job(title, argv, proc, target=target, phases=phases or {})
             threading.Thread(target=self._read, args=(job,), daemon=True).start()
             self.current = job
             return job
@@ -106,8 +110,13 @@ class JobRunner:
             return
         m = _PERCENT.search(line)
         if m:
-            job.percent = min(100, int(m.group(1)))
+            pct = min(100, int(m.group(1)))
             job.stage = line.split("|")[0].rstrip(": 0123456789%")[:60]
+            span = next((v for k, v in job.phases.items() if job.stage.startswith(k)), None)
+            if span:
+                job.percent = max(job.percent or 0, span[0] + (span[1] - span[0]) * pct // 100)
+            elif not job.phases:
+                job.percent = pct
             if job.lines and _PERCENT.search(job.lines[-1]):
                 job.lines[-1] = line  # a progress bar redraws one line
                 return
