@@ -63,9 +63,9 @@ doctor: setup
 test: $(DEV) $(CHROMIUM) setup
 	$(BIN)/python -m pytest -q tests
 
-# Re-take the screenshots of each tab in docs/ (the README links them).
+# Re-take the screenshots of each tab in docs/ (the README links them) from a real session.
 screenshots: $(DEV) $(CHROMIUM) setup
-	LOCALCHAT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py
+	$(BIN)/python docs/screenshots.py --out docs
 
 # Every benchmark into bench/results.json, then README.md's benchmark section from it (also when a
 # bench failed: the README says so). BENCH_ARGS="--only NAME"; BENCH_QUICK=1 for the smallest settings.
