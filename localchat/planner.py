@@ -37,6 +37,9 @@ METAL_SMALL_FRACTION, METAL_LARGE_FRACTION, METAL_LARGE_FROM = 0.66, 0.75, 36 * 
 GPTQ_OVERHEAD_BYTES = 700 * 1024**2
 # torch, transformers and GPTQModel loaded in the process, for GPTQ on the CPU.
 GPTQ_CPU_OVERHEAD_BYTES = 1024**3
+# Bytes per value of llama.cpp's KV cache types (a q8_0 block: 32 values in 34 bytes, q4_0: in 18).
+# Quantized V needs flash attention, which the llama.cpp backend turns on for these.
+KV_CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class PlanError(RuntimeError):
@@ -50,6 +53,8 @@ class Overrides:
     gpu_layers: int | None = None
     threads: int | None = None
     quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
+    kv_cache: str | None = None  # a KV_CACHE_TYPES name (llama.cpp only); default f16
+    parallel: int | None = None  # sequences decoded at once (`localchat serve`), each with the full context
 
 
 @dataclass(frozen=True)
@@ -88,15 +93,18 @@ class Plan:
     threads: int
     memory: MemoryEstimate
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    kv_cache: str = "f16"  # the KV cache's type (KV_CACHE_TYPES)
+    slots: int = 1  # sequences decoded at once, each with `context` tokens of KV cache
 
     def describe(self) -> str:
+        slots = f" in each of {self.slots} parallel slots" if self.slots > 1 else ""
         lines = [f"backend: {self.backend}", f"model:   {self.artifact.label}",
-                 f"context: {self.context} tokens", f"threads: {self.threads}"]
+                 f"context: {self.context} tokens{slots}", f"threads: {self.threads}"]
         if self.backend != "llamacpp-cpu":
             lines.append(f"gpu layers: {self.gpu_layers}/{self.artifact.dims.n_layers}")
         m = self.memory
         lines.append(f"memory:  {gb(m.total_bytes)} (weights {gb(m.weights_bytes)}, KV cache "
-                     f"{gb(m.kv_bytes)}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
+                     f"{gb(m.kv_bytes)} {self.kv_cache}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
                      f"GPU {gb(m.device_bytes)}")
         lines += [f"why:     {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -104,6 +112,11 @@ class Plan:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def kv_cache_bytes(a: Artifact, context: int, kv_cache: str = "f16", slots: int = 1) -> int:
+    """The KV cache of `slots` sequences of `context` tokens each, in the given cache type."""
+    return int(a.dims.kv_bytes(context, 1) * KV_CACHE_TYPES[kv_cache]) * slots
 
 
 def _compute_bytes(a: Artifact, context: int) -> int:
@@ -140,10 +153,10 @@ class _Fit:
 
 
 def _fit_llamacpp(a: Artifact, context: int, host: int, device: int, unified: bool,
-                  want_layers: int | None) -> _Fit | None:
+                  want_layers: int | None, kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     """Most layers that fit on the device (all when it can), with the rest in RAM."""
     n = a.dims.n_layers or 1
-    kv = a.dims.kv_bytes(context)
+    kv = kv_cache_bytes(a, context, kv_cache, slots)
     compute = _compute_bytes(a, context)
     other = max(a.size_bytes - a.layer_bytes * n, 0)  # embeddings and output head
     per_layer = a.layer_bytes + kv // n
@@ -309,6 +322,12 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             raise PlanError(f"no artifact with quant {o.quant!r}; the model has: "
                             + ", ".join(a.quant for a in artifacts))
         artifacts = chosen
+    kv_cache = o.kv_cache or "f16"
+    if kv_cache not in KV_CACHE_TYPES:
+        raise PlanError(f"unknown KV cache type {kv_cache!r}; valid: {', '.join(KV_CACHE_TYPES)}")
+    slots = o.parallel or 1
+    if slots < 1:
+        raise PlanError(f"parallel must be at least 1, got {slots}")
     reasons: list[str] = []
     order = _candidates(report, artifacts, o, reasons)
     if not o.backend:
@@ -338,7 +357,8 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                         fit = _fit_gptq_cpu(a, ctx, host)
                     else:
                         layers = 0 if not on_gpu else o.gpu_layers
-                        fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal", layers)
+                        fit = _fit_llamacpp(a, ctx, host, device, backend == "llamacpp-metal", layers,
+                                            kv_cache, slots)
                     # A GPU backend with nothing on the GPU is the CPU backend: leave it to that.
                     if fit is None or (on_gpu and fit.gpu_layers == 0):
                         continue
@@ -360,7 +380,14 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
-                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why))
+                    llama = backend.startswith("llamacpp")
+                    if llama and (slots > 1 or kv_cache != "f16"):
+                        why.append(f"KV cache {gb(fit.memory.kv_bytes)}: {slots} slot(s) of {ctx} tokens in "
+                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else ""))
+                    elif not llama and (slots > 1 or kv_cache != "f16"):
+                        why.append(f"{backend} decodes one sequence at a time with an f16 KV cache")
+                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
+                                kv_cache if llama else "f16", slots if llama else 1)
             if full_offload:
                 reasons.append(f"{backend} cannot hold the whole model on {where}")
 
