@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union
 
 import llama_cpp
 from llama_cpp import _internals
@@ -40,6 +40,23 @@ if TYPE_CHECKING:
     from .llamacpp import AnswerText, LlamaCppBackend
 
 Emit = Callable[[Union[Chunk, BaseException, None]], None]  # a chunk, the error that ended it, None: done
+
+
+class Engine(Protocol):
+    """What the server and the app decode through (`Backend.engine`)."""
+
+    slots: int
+
+    def submit(self, prompt: PromptLike, settings: SamplingSettings, emit: Emit,
+               cancel: threading.Event | None = None, lstrip: bool = True, grammar: str | None = None) -> None:
+        """Queue a request; `emit` gets its chunks from the engine's thread, then None."""
+
+    def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
+               lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
+        """The answer as `Backend.stream` gives it."""
+
+    def close(self) -> None:
+        """Stop decoding; requests still waiting or running end with an error."""
 
 
 class EngineClosed(RuntimeError):
@@ -130,7 +147,7 @@ class DecodeEngine:
     """Continuous batching on one llama.cpp context (see the module's docstring)."""
 
     def __init__(self, backend: LlamaCppBackend, slots: int) -> None:
-        from .llamacpp import DEFAULT_BATCH
+        from .llamacpp import DEFAULT_BATCH, LlamaErrors
 
         self.backend, self.slots = backend, slots
         self.n_ctx = backend.n_ctx  # per sequence
@@ -140,7 +157,9 @@ class DecodeEngine:
         params.n_seq_max = slots
         params.kv_unified = False  # a cache stream per sequence: each attends over its own tokens only
         self.n_batch = params.n_batch = params.n_ubatch = min(DEFAULT_BATCH, self.n_ctx * slots)
-        self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        with LlamaErrors() as log:
+            self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.kv_bytes = log.kv_bytes  # the KV cache of all slots, as llama.cpp allocated it
         if llm._lora_adapter is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
             scales = (ctypes.c_float * 1)(llm.lora_scale)
@@ -188,6 +207,8 @@ class DecodeEngine:
     def close(self) -> None:
         """Stop the step loop (requests still waiting or running get EngineClosed) and free the context."""
         with self._wake:
+            if self._closing:
+                return
             self._closing = True
             self._wake.notify()
         self._thread.join()
@@ -229,7 +250,7 @@ class DecodeEngine:
             if not free:
                 return
             req = self._inbox.popleft()
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, req.tokens), -s.last_used))
+            slot = max(free, key=lambda s: (self._reuse(s, req.tokens), -s.last_used))
             # At least the last prompt token is evaluated again: its logits give the first token.
             keep = min(common_prefix(slot.tokens, req.tokens), len(req.tokens) - 1)
             if req.settings.seed is not None:
@@ -247,6 +268,14 @@ class DecodeEngine:
                                          presence_penalty=s.presence_penalty, grammar=req.grammar, seed=seed)
             slot.request, slot.tokens, slot.pending = req, req.tokens[:keep], req.tokens[keep:]
             slot.cached, slot.next = keep, -1
+
+    @staticmethod
+    def _reuse(slot: _Slot, tokens: list[int]) -> int:
+        """Cached tokens `tokens` would reuse in `slot`, counted only where they are at least half
+        of what the slot holds: a new chat that shares just the system prompt with a conversation
+        takes the slot unused longest rather than wiping that conversation's history."""
+        shared = common_prefix(slot.tokens, tokens)
+        return shared if 2 * shared >= len(slot.tokens) else 0
 
     def _step(self) -> None:
         """One llama_decode: a token for every decoding slot, then prompt chunks while room is left."""

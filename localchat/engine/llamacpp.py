@@ -36,10 +36,18 @@ from .stops import StopFilter
 DEFAULT_BATCH = 512
 GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h, enum ggml_log_level
 _log_lock = threading.Lock()  # llama.cpp has one log callback per process
+_KV_BUFFER = re.compile(r"KV buffer size =\s*([\d.]+) MiB")  # llama_kv_cache's line as a context is made
+
+
+def kv_cache_args(kv_cache: str) -> dict[str, Any]:
+    """`Llama` arguments for a KV cache type (planner.KV_CACHE_TYPES): llama.cpp quantizes the V
+    cache only with flash attention, so that comes on with a quantized cache."""
+    kind = getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
+    return {"type_k": kind, "type_v": kind, "flash_attn": kv_cache != "f16"}
 
 
 class LlamaErrors:
-    """Collects the error lines llama.cpp logs inside a `with` block.
+    """Collects the error lines llama.cpp logs inside a `with` block, and the KV cache it allocates.
 
     A load that fails reaches Python as a bare "Failed to load model from file", and with
     verbose=False llama-cpp-python sends llama.cpp's own reason (an unknown architecture, a
@@ -49,12 +57,15 @@ class LlamaErrors:
     def __init__(self) -> None:
         self._text: list[str] = []
         self._last_level = 0
+        self.kv_bytes = 0  # the KV cache buffers llama.cpp reports allocating, on every device
         self._callback = llama_cpp.llama_log_callback(self._collect)  # kept alive while installed
 
     def _collect(self, level: int, chunk: bytes, _: ctypes.c_void_p) -> None:
         error = level == GGML_LOG_LEVEL_ERROR
         if error or (level == GGML_LOG_LEVEL_CONT and self._last_level == GGML_LOG_LEVEL_ERROR):
             self._text.append(chunk.decode("utf-8", "replace"))
+        elif kv := _KV_BUFFER.search(chunk.decode("utf-8", "replace")):
+            self.kv_bytes += int(float(kv.group(1)) * 1024**2)
         if level != GGML_LOG_LEVEL_CONT:
             self._last_level = level
 
@@ -120,20 +131,18 @@ class LlamaCppBackend(Backend):
         gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
         if plan.backend == "llamacpp-cpu":
             gpu_layers = 0
-        self.plan = plan
-        kv_type = getattr(llama_cpp, f"GGML_TYPE_{plan.kv_cache.upper()}")
         with LlamaErrors() as errors, without_chat_formatters():
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
                     n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
-                    lora_path=plan.artifact.lora_path, verbose=False, type_k=kv_type, type_v=kv_type,
-                    flash_attn=plan.kv_cache != "f16",  # llama.cpp quantizes V only with flash attention
+                    lora_path=plan.artifact.lora_path, verbose=False, **kv_cache_args(plan.kv_cache),
                 )
             except (ValueError, RuntimeError) as exc:  # "Failed to load model from file: PATH", no reason
                 reason = errors.reason()
                 raise type(exc)(f"{exc} (llama.cpp: {reason})" if reason else str(exc)) from None
         self.n_ctx = self.llm.n_ctx()
+        self.kv_bytes = errors.kv_bytes  # as llama.cpp allocated it (the engine's context replaces it)
         self._vocab = self.llm._model.vocab
         self._add_bos = bool(self.header.metadata.get("tokenizer.ggml.add_bos_token", True))
         self.template = ModelTemplate(
