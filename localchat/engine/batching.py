@@ -227,7 +227,13 @@ class DecodeEngine:
                         break
                     self._admit()
                 if self._active():
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as exc:  # those in the batch get the error; the loop goes on
+                        for slot in self._active():
+                            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+                            slot.tokens = []
+                            self._leave(slot, exc)
         finally:
             gone = EngineClosed("the model was unloaded")
             for slot in self._active():
@@ -309,12 +315,7 @@ class DecodeEngine:
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
         self.steps += 1
         if rc != 0:
-            error = RuntimeError(f"llama_decode failed ({rc}) with {len(active)} sequences in the batch")
-            for slot in active:
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-                slot.tokens = []
-                self._leave(slot, error)
-            return
+            raise RuntimeError(f"llama_decode failed ({rc}) with {len(active)} sequences in the batch")
         for slot, i in sample_at:
             req = slot.request
             assert req is not None and slot.sampler is not None
