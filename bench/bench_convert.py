@@ -68,6 +68,10 @@ LLAMA31_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
                   bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=False,
                   torch_dtype="bfloat16")
 
+# TinyLlama-1.1B's shape (LLaMA-2 blocks, GQA 32/4, 22 layers): the ~1B model bench_serve batches.
+LLAMA_1B = {**LLAMA2_7B, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048}
+
 
 def shrunk(c: dict) -> dict:
     """The same architecture, tokenizer and vocabulary at a few layers: runs a shape's path in a minute
@@ -79,6 +83,7 @@ def shrunk(c: dict) -> dict:
 # name: (config, tokenizer). --big decodes with its shape; --scale shapes are converted, quantized and measured.
 SHAPES: dict[str, tuple[dict, str]] = {
     "llama2-7b": (LLAMA2_7B, "spm"), "qwen3-8b": (QWEN3_8B, "qwen"), "llama3.1-8b": (LLAMA31_8B, "llama3"),
+    "llama-1b": (LLAMA_1B, "spm"),
     "small": (shrunk(LLAMA2_7B), "spm"), "qwen3-small": (shrunk(QWEN3_8B), "qwen"),
     "llama3.1-small": (shrunk(LLAMA31_8B), "llama3")}
 PEAK_RSS_GOAL_GB = 3.0

@@ -57,8 +57,9 @@ def serve(b: Bench) -> list[str]:
     clients = ", ".join(map(str, s["clients"][:-1])) + (" and " if len(s["clients"]) > 1 else "") + str(s["clients"][-1])
     lines = [f"`bench/bench_serve.py`: `localchat serve` under {clients} concurrent "
              f"streaming clients (the `openai` package, {s['max_tokens']} tokens an answer) against the same "
-             f"requests generated in-process one after another, no HTTP; {s['rounds']} alternating rounds. "
-             "Requests to one model queue fairly, so time to first token grows with the queue.", "",
+             f"requests generated in-process one after another on the one-sequence path, no HTTP; "
+             f"{s['rounds']} alternating rounds. The server decodes up to {s.get('parallel', 1)} requests in "
+             "one llama.cpp batch (continuous batching).", "",
              "| clients | requests | server tok/s | in-process tok/s | server / in-process | TTFT p50 "
              "| TTFT p95 |", "|---|---|---|---|---|---|---|"]
     for c in s["clients"]:

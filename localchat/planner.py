@@ -36,6 +36,9 @@ METAL_SMALL_FRACTION, METAL_LARGE_FRACTION, METAL_LARGE_FROM = 0.66, 0.75, 36 * 
 GPTQ_OVERHEAD_BYTES = 700 * 1024**2
 # torch, transformers and GPTQModel loaded in the process, for GPTQ on the CPU.
 GPTQ_CPU_OVERHEAD_BYTES = 1024**3
+# Bytes per value of llama.cpp's KV cache types (a q8_0 block: 32 values in 34 bytes, q4_0: in 18).
+# Quantized V needs flash attention, which the llama.cpp backend turns on for these.
+KV_CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class PlanError(RuntimeError):
@@ -49,6 +52,8 @@ class Overrides:
     gpu_layers: int | None = None
     threads: int | None = None
     quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
+    kv_cache: str | None = None  # a KV_CACHE_TYPES name (llama.cpp only); default f16
+    parallel: int | None = None  # sequences decoded at once (`localchat serve`), each with the full context
 
 
 @dataclass(frozen=True)
@@ -87,15 +92,18 @@ class Plan:
     threads: int
     memory: MemoryEstimate
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    kv_cache: str = "f16"  # the KV cache's type (KV_CACHE_TYPES)
+    slots: int = 1  # sequences decoded at once, each with `context` tokens of KV cache
 
     def describe(self) -> str:
+        slots = f" in each of {self.slots} parallel slots" if self.slots > 1 else ""
         lines = [f"backend: {self.backend}", f"model:   {self.artifact.label}",
-                 f"context: {self.context} tokens", f"threads: {self.threads}"]
+                 f"context: {self.context} tokens{slots}", f"threads: {self.threads}"]
         if self.gpu_layers:
             lines.append(f"gpu layers: {self.gpu_layers}/{self.artifact.dims.n_layers}")
         m = self.memory
         lines.append(f"memory:  {gb(m.total_bytes)} (weights {gb(m.weights_bytes)}, KV cache "
-                     f"{gb(m.kv_bytes)}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
+                     f"{gb(m.kv_bytes)} {self.kv_cache}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
                      f"GPU {gb(m.device_bytes)}")
         lines += [f"why:     {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -103,6 +111,11 @@ class Plan:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def kv_cache_bytes(a: Artifact, context: int, kv_cache: str = "f16", slots: int = 1) -> int:
+    """The KV cache of `slots` sequences of `context` tokens each, in the given cache type."""
+    return int(a.dims.kv_bytes(context, 1) * KV_CACHE_TYPES[kv_cache]) * slots
 
 
 def _compute_bytes(a: Artifact, context: int) -> int:
@@ -148,11 +161,12 @@ class Device:
     gpus: tuple[Accelerator, ...] = ()  # all of its library's here, for a backend that splits a model
 
 
-def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None) -> _Fit | None:
+def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+                  kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     """Most layers that fit on the device (all when it can), with the rest in RAM."""
     device, unified = on.usable, on.unified
     n = a.dims.n_layers or 1
-    kv = a.dims.kv_bytes(context)
+    kv = kv_cache_bytes(a, context, kv_cache, slots)
     compute = _compute_bytes(a, context)
     other = max(a.size_bytes - a.layer_bytes * n, 0)  # embeddings and output head
     per_layer = a.layer_bytes + kv // n
@@ -170,7 +184,8 @@ def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers:
     return None
 
 
-def _fit_gptq(a: Artifact, context: int, host: int, on: Device, want_layers: int | None) -> _Fit | None:
+def _fit_gptq(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+              kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     """All or nothing: the whole checkpoint on the GPU (torch keeps only a little in RAM)."""
     device = on.usable
     kv, compute = a.dims.kv_bytes(context), _compute_bytes(a, context) + GPTQ_OVERHEAD_BYTES
@@ -180,7 +195,8 @@ def _fit_gptq(a: Artifact, context: int, host: int, on: Device, want_layers: int
     return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, kv, compute, 512 * 1024**2, need))
 
 
-def _fit_gptq_cpu(a: Artifact, context: int, host: int, on: Device, want_layers: int | None) -> _Fit | None:
+def _fit_gptq_cpu(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+                  kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     kv, compute = a.dims.kv_bytes(context), _compute_bytes(a, context) + GPTQ_CPU_OVERHEAD_BYTES
     need = a.size_bytes + kv + compute
     return _Fit(0, MemoryEstimate(a.size_bytes, kv, compute, need, 0)) if need <= host else None
@@ -199,10 +215,12 @@ class BackendSpec:
     installed: Callable[[Runtimes], bool]  # the runtime it needs is there, built for `library`
     missing: str  # the reason when `installed` says no; {device} is the device's name
     # Memory: (artifact, context, usable RAM, device, GPU layers wanted) -> the fit, or None.
-    fit: Callable[[Artifact, int, int, Device, int | None], _Fit | None]
+    # (artifact, context, RAM, device, layers, KV cache type, slots)
+    fit: Callable[[Artifact, int, int, Device, int | None, str, int], _Fit | None]
     explain: str  # the plan's reason: {part} layers on the GPU, {where} it runs, {limit} usable there
     engine: str  # "module:Class" that runs it, imported only when chosen (torch only for GPTQ)
     fallback: str = ""  # a CPU row's reason when it comes first and nothing else says why
+    batches: bool = False  # decodes several sequences at once (`--parallel`) with a quantizable KV cache
 
 
 def _llama_cpp_built_for(library: str) -> Callable[[Runtimes], bool]:
@@ -226,13 +244,13 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("llamacpp-cuda", "gguf", "cuda", _llama_cpp_built_for("cuda"),
                 "{device} found, but llama-cpp-python was built without GPU support "
                 "(reinstall with CMAKE_ARGS=-DGGML_CUDA=on)", _fit_llamacpp,
-                explain="{part} layers offloaded to {where}", engine=_LLAMA_CPP),
+                explain="{part} layers offloaded to {where}", engine=_LLAMA_CPP, batches=True),
     BackendSpec("llamacpp-metal", "gguf", "metal", _llama_cpp_built_for("metal"),
                 "{device} found, but llama-cpp-python was built without Metal", _fit_llamacpp,
                 explain="Apple Silicon: {part} layers on Metal, within its {limit} working-set limit",
-                engine=_LLAMA_CPP),
+                engine=_LLAMA_CPP, batches=True),
     BackendSpec("llamacpp-cpu", "gguf", CPU, _llama_cpp_built_for(CPU), "llama-cpp-python is not installed",
-                _fit_llamacpp, explain="weights and KV cache in RAM", engine=_LLAMA_CPP,
+                _fit_llamacpp, explain="weights and KV cache in RAM", engine=_LLAMA_CPP, batches=True,
                 fallback="no GPU found (no NVIDIA or AMD GPU, not Apple Silicon): llama.cpp on the CPU"),
     # Last on the CPU: slow, but the same checkpoint runs everywhere (and `localchat bench` can time it).
     BackendSpec("gptq-cpu", "gptq", CPU, _gptq_installed, _NO_GPTQ, _fit_gptq_cpu,
@@ -242,7 +260,7 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("llamacpp-rocm", "gguf", "rocm", _llama_cpp_built_for("rocm"),
                 "{device} found, but llama-cpp-python was built without ROCm "
                 "(reinstall with CMAKE_ARGS=-DGGML_HIP=on)", _fit_llamacpp,
-                explain="{part} layers offloaded to {where}", engine=_LLAMA_CPP),
+                explain="{part} layers offloaded to {where}", engine=_LLAMA_CPP, batches=True),
 )
 BACKENDS = tuple(spec.name for spec in BACKEND_TABLE)  # for command-line choices
 
@@ -366,6 +384,12 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             raise PlanError(f"no artifact with quant {o.quant!r}; the model has: "
                             + ", ".join(a.quant for a in artifacts))
         artifacts = chosen
+    kv_cache = o.kv_cache or "f16"
+    if kv_cache not in KV_CACHE_TYPES:
+        raise PlanError(f"unknown KV cache type {kv_cache!r}; valid: {', '.join(KV_CACHE_TYPES)}")
+    slots = o.parallel or 1
+    if slots < 1:
+        raise PlanError(f"parallel must be at least 1, got {slots}")
     reasons: list[str] = []
     order = _candidates(report, artifacts, o, reasons)
     if not o.backend:
@@ -382,6 +406,7 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             if full_offload and not on_gpu:
                 continue
             device = _device(report, spec)
+            kv = (kv_cache, slots) if spec.batches else ("f16", 1)  # what this backend's KV cache will be
             assert device is not None  # `_candidates` keeps only backends with a device here
             # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
             # CPU memory bandwidth, so the smallest file is the fastest.
@@ -390,7 +415,7 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             for a in options:
                 want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
                 for ctx in (_contexts(want)[1:] if shrink else [want]):
-                    fit = spec.fit(a, ctx, host, device, o.gpu_layers if on_gpu else 0)
+                    fit = spec.fit(a, ctx, host, device, o.gpu_layers if on_gpu else 0, *kv)
                     # A GPU backend with nothing on the GPU is the CPU backend: leave it to that.
                     if fit is None or (on_gpu and fit.gpu_layers == 0):
                         continue
@@ -412,7 +437,13 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device.usable)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
-                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why))
+                    if spec.batches and (slots > 1 or kv_cache != "f16"):
+                        why.append(f"KV cache {gb(fit.memory.kv_bytes)}: {slots} slot(s) of {ctx} tokens in "
+                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else ""))
+                    elif not spec.batches and (slots > 1 or kv_cache != "f16"):
+                        why.append(f"{backend} decodes one sequence at a time with an f16 KV cache")
+                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
+                                *kv)
             if full_offload:
                 reasons.append(f"{backend} cannot hold the whole model on {device.where}")
 

@@ -13,7 +13,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 from ..templates.prompt import Prompt
 from .settings import SamplingSettings
@@ -192,6 +192,13 @@ class Backend(ABC):
         (``input[i]``) that is too long (unless `truncate`) or empty. CannotEmbed where the
         backend has no pooled output."""
         raise CannotEmbed(f"the {self.name} backend gives no embeddings")
+
+    def engine(self, slots: int) -> Any:
+        """What decodes for many callers (the server, the app): here one answer at a time, in order;
+        the llama.cpp backend batches up to `slots` (engine/batching.py)."""
+        from .batching import SerialEngine
+
+        return SerialEngine(self)
 
     def close(self) -> None:
         """Free the model's memory."""

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API over the model store, whichever backend the planner picks.
 
-Generation runs in a worker thread per request, one at a time per model behind a FIFO
-lock; chunks cross to the event loop through a queue. When a streaming client goes away
-the response is cancelled, the cancel flag stops llama.cpp within a token, and the
-model's lock is free for the next request at once.
+Generation runs on each model's engine (engine/batching.py: llama.cpp decodes up to
+`--parallel` requests in one batch, the rest wait their turn in arrival order); chunks cross
+to the event loop through a queue. When a streaming client goes away the response is
+cancelled, and the cancel flag frees its slot within a step.
 
 Every API shape (OpenAI's here, Ollama's in `ollama.py`) runs the same steps: `prepare`
 takes a place in the model's queue and builds the turn, `answer` streams it as `Piece`s
@@ -138,49 +138,32 @@ class TicketStreamingResponse(StreamingResponse):
 
 async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings,
                    grammar: str | None = None) -> AsyncIterator[Chunk]:
-    """Run one generation on the ticket's model in a thread, in queue order.
-
-    The worker thread, not this generator, releases the model's lock when llama.cpp is
-    really done: a cancelled request (anyio cancels every await in its scope) must not
-    let the next one start on a model that is still decoding.
+    """Run one generation on the ticket's model's engine; chunks cross from its thread to the
+    event loop through a queue. The engine decides when the request runs (a free slot of the
+    batch, in arrival order); a request cancelled while it waits or runs leaves at the next step.
     """
     model = ticket.model
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
 
-    def done() -> None:
-        model.last_used = time.monotonic()
-        model.lock.release()
-
     def post(item: Any) -> None:
+        if item is None:
+            model.last_used = time.monotonic()
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE if item is None else item)
         except RuntimeError:  # the loop is gone: the server is shutting down
             cancel.set()
 
-    def work() -> None:
-        try:
-            for chunk in model.backend.stream(prompt, settings, cancel, grammar=grammar):
-                post(chunk)
-        except Exception as exc:  # handed to the request that caused it
-            post(exc)
-        finally:
-            post(_DONE)
-            try:
-                loop.call_soon_threadsafe(done)
-            except RuntimeError:
-                pass
-
-    await model.lock.acquire()
-    loop.run_in_executor(model.worker, work)  # from here on the thread owns the lock
     try:
+        # Off the event loop: it tokenizes the prompt.
+        await asyncio.to_thread(model.engine.submit, prompt, settings, post, cancel, grammar=grammar)
         while (item := await queue.get()) is not _DONE:
             if isinstance(item, Exception):
                 raise item
             yield item
     finally:
-        cancel.set()  # a client that left stops llama.cpp within one token
+        cancel.set()  # a client that left stops its decode within one step
 
 
 @dataclass
@@ -229,14 +212,11 @@ async def collect(pieces: AsyncIterator[Piece]) -> Piece:
 
 
 async def on_model(ticket: Ticket, work: Callable[[], Any]) -> Any:
-    """Run `work` on the ticket's model thread, in queue order (an embedding)."""
-    model = ticket.model
-    await model.lock.acquire()
+    """Run `work` on the ticket's model thread, between decode steps (an embedding)."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(model.worker, work)
+        return await asyncio.wrap_future(ticket.model.engine.call(work))
     finally:
-        model.last_used = time.monotonic()
-        model.lock.release()
+        ticket.model.last_used = time.monotonic()
 
 
 @dataclass(frozen=True)

@@ -2,20 +2,21 @@
 
 A model loads on first use and stays; when another one needs the memory (or the
 `max_models` cap is reached) the least recently used idle model is unloaded, and any model
-idle for its keep-alive (the server's, or what the last request set) is unloaded by `reap`. Each model
-runs one generation at a time behind a FIFO lock; `Ticket`s count the requests waiting
-or running so a full queue is refused up front instead of piling up.
+idle for its keep-alive (the server's, or what the last request set) is unloaded by `reap`. Each model's
+engine decodes its requests (llama.cpp: up to `parallel` at once, in one batch, the rest
+waiting in arrival order; others one at a time); `Ticket`s count the requests waiting or
+running so a full queue is refused up front instead of piling up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.backend import Backend
+from ..engine.batching import Engine
 from ..engine.registry import load_backend
 from ..engine.settings import SamplingSettings, model_settings
 from ..hardware import HardwareReport, probe
@@ -55,10 +56,9 @@ class LoadedModel:
     backend: Backend
     defaults: dict[str, Any]
     settings: SamplingSettings  # the model's preset: what a request's sampling fields override
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Every decode of a model runs on this one thread: llama.cpp's OpenMP keeps a spinning
-    # thread team per calling thread, and teams from several threads fight over the cores.
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "localchat-decode"))
+    # Decodes every request on one thread of its own (engine/batching.py): llama.cpp's OpenMP keeps
+    # a spinning thread team per calling thread, and teams from several threads fight over the cores.
+    engine: Engine
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds it stays loaded once idle (None: until the server stops)
@@ -70,7 +70,7 @@ class LoadedModel:
 
     @property
     def idle(self) -> bool:
-        return self.tickets == 0 and not self.lock.locked()
+        return self.tickets == 0
 
 
 class Ticket:
@@ -124,7 +124,8 @@ class ModelManager:
                                                            f"{self.store.manifest_path}")
             except Exception as exc:  # a damaged file in the store: say which model and why
                 raise load_failed(name, exc) from None
-            overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
+            overrides = Overrides(context=self.settings.context, threads=self.settings.threads,
+                                  parallel=self.settings.parallel, kv_cache=self.settings.kv_cache)
             try:
                 p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
             except RuntimeError as exc:
@@ -139,9 +140,10 @@ class ModelManager:
                 self.unload(min(idle, key=lambda m: m.last_used).name)
             try:
                 backend = await asyncio.to_thread(load_backend, p)
+                engine = await asyncio.to_thread(backend.engine, p.slots)
             except Exception as exc:
                 raise load_failed(name, exc) from None
-            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset,
+            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset, engine,
                                 keep_alive=keep_alive_seconds(self.settings.keep_alive))
             self.loaded[name] = model
             return model
@@ -162,7 +164,7 @@ class ModelManager:
 
     def unload(self, name: str) -> None:
         model = self.loaded.pop(name)
-        model.worker.shutdown(wait=True)
+        model.engine.close()  # waits for the step in progress
         model.backend.close()
 
     def close(self) -> None:
