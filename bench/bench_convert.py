@@ -227,17 +227,20 @@ def finetune_export(ckpt: Path, workdir: Path) -> dict[str, dict]:
 IMATRIX_RSS_GOAL_GB = 4.0  # as the fine-tune export's: far below the 13.5 GB model, room on a 16 GB machine
 
 
-def imatrix_convert(ckpt: Path, workdir: Path) -> dict[str, dict]:
+def imatrix_convert(ckpt: Path, workdir: Path, calibration: Path | None = None) -> dict[str, dict]:
     """`localchat convert CKPT` (Q4_K_M, the default) in its own process, with what it does by default at
     this size: the F16 GGUF, the importance pass over the shipped calibration set (convert/imatrix.py, one
     decoder layer and a few rows in memory at a time) and Q4_K_M weighted by it. The after-export check is
-    off, as for the fine-tune export: it is llama.cpp scoring the mapped F16. The store it writes is deleted."""
+    off, as for the fine-tune export: it is llama.cpp scoring the mapped F16. The store it writes is deleted.
+    `calibration` (--calibration) makes the pass shorter on a busy machine: its memory does not depend on the
+    number of rows beyond the first chunk of four, its time grows with them."""
     import re
 
     store, log = workdir / "imatrix-store", workdir / "imatrix-convert.log"
     cli = "import sys; from localchat.cli import main; sys.exit(main(sys.argv[1:]))"
     try:
-        wall, rss = run_measured(["-c", cli, "convert", str(ckpt), "--name", "big-im", "--no-check", "-q"],
+        wall, rss = run_measured(["-c", cli, "convert", str(ckpt), "--name", "big-im", "--no-check", "-q"]
+                                 + (["--calibration", str(calibration)] if calibration else []),
                                  env={**os.environ, "LOCALCHAT_HOME": str(store)}, stdout=log)
         report = log.read_text(encoding="utf-8")
         q4 = store / "big-im" / "big-im-Q4_K_M.gguf"
@@ -458,7 +461,8 @@ def big_finetune(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def big_imatrix(args: argparse.Namespace) -> dict[str, dict]:
-    return imatrix_convert(make_checkpoint(CACHE / f"{args.shape}-shaped-random", args.shape), args.workdir)
+    return imatrix_convert(make_checkpoint(CACHE / f"{args.shape}-shaped-random", args.shape), args.workdir,
+                           args.imatrix_calibration)
 
 
 def big_run(args: argparse.Namespace) -> dict[str, dict]:
@@ -531,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "--shape checkpoint (--big runs them too)")
     ap.add_argument("--imatrix", action="store_true", help="the importance-weighted convert row only, on the "
                     "--shape checkpoint (--big runs it too)")
+    ap.add_argument("--imatrix-calibration", type=Path, help="the calibration file of the --imatrix row "
+                    "(default: the shipped set, 20 rows of 512 tokens with the 7B shape's tokenizer)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--scale", nargs="+", choices=list(SHAPES), default=[], metavar="SHAPE",
                     help="also make, convert and quantize these shapes one at a time (qwen3-8b, llama3.1-8b: "
@@ -553,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.checkpoint = args.checkpoint or starter
     settings = {"checkpoint": args.checkpoint.name, "rounds": args.rounds, "threads": args.threads,
                 "big": args.big or args.decode_only, "shape": args.shape if args.big or args.decode_only else None,
-                "decode_tokens": args.decode_tokens}
+                "decode_tokens": args.decode_tokens,
+                "imatrix_calibration": args.imatrix_calibration.name if args.imatrix_calibration else "shipped"}
     if (args.finetune_export or args.imatrix) and not args.big:  # those rows alone
         figures = big_finetune(args) if args.finetune_export else {}
         return report({**settings, "shape": args.shape}, {**figures, **(big_imatrix(args) if args.imatrix else {})})
