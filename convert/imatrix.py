@@ -85,14 +85,15 @@ class _RowStore:
 
         self.row_shape = row_shape
         self.row_bytes = int(np.prod(row_shape)) * 4
-        self.file = tempfile.TemporaryFile(dir=folder, prefix="imatrix-rows-")
+        self.folder = folder or Path(tempfile.gettempdir())
+        self.file = tempfile.TemporaryFile(dir=self.folder, prefix="imatrix-rows-")
         self.file.truncate(rows * self.row_bytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.row_shape), dtype=np.float32)
         self.file.seek(start * self.row_bytes)
         if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise ImatrixError(f"{self.file.name}: short read of the calibration rows' hidden states")
+            raise ImatrixError(f"{self.folder}: a short read of the calibration rows' hidden states kept there")
         return out
 
     def write(self, start: int, rows: np.ndarray) -> None:
@@ -166,8 +167,8 @@ def compute_imatrix(ckpt: Checkpoint, gguf_name: Any, calibration: str | Path | 
     try:
         with torch.inference_mode():
             # Each layer's own arguments (masks, rotary tables: some models give layers different
-            # ones) and the first layer's input, from one pass of the decoder with every layer
-            # stood in for by a recorder that passes its input on.
+            # ones) and the first layer's input, from the decoder run over each chunk with every
+            # layer stood in for by a recorder that passes its input on.
             calls = _layer_calls(inner, layers, load, drop, ids, chunks, store, device)
             for i, layer in enumerate(layers):
                 for name, mod in layer.named_modules():
