@@ -55,7 +55,9 @@ def runtime(b: Bench) -> list[str]:
 def serve(b: Bench) -> list[str]:
     s = b["settings"]
     clients = ", ".join(map(str, s["clients"][:-1])) + (" and " if len(s["clients"]) > 1 else "") + str(s["clients"][-1])
-    lines = [f"`bench/bench_serve.py`: `localchat serve` under {clients} concurrent "
+    model = s.get("model", "the starter")
+    model = "a random-weight 1.1B LLaMA-shaped Q4_K_M model" if model == "llama-1b" else model
+    lines = [f"`bench/bench_serve.py` on {model}: `localchat serve` under {clients} concurrent "
              f"streaming clients (the `openai` package, {s['max_tokens']} tokens an answer) against the same "
              f"requests generated in-process one after another on the one-sequence path, no HTTP; "
              f"{s['rounds']} alternating rounds. The server decodes up to {s.get('parallel', 1)} requests in "
@@ -241,7 +243,7 @@ def ui(b: Bench) -> list[str]:
 
 
 WRITERS: dict[str, Callable[[Bench], list[str]]] = {
-    "runtime": runtime, "serve": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
+    "runtime": runtime, "serve": serve, "serve_1b": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
     "finetune": finetune, "ui": ui}
 
 

@@ -40,6 +40,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                 ["--rounds", "1", "--reps", "1", "--tokens", "16"]),
     "serve": ("bench_serve", [],  # ~6 min: 3 rounds x (2 + 8 + 32 requests) x 2 sides of 64 tokens
               ["--clients", "1", "2", "--per-client", "1", "--tokens", "8", "--rounds", "1"]),
+    # ~15 min: the same on the random-weight 1.1B LLaMA-shaped Q4_K_M model (built once, ~5 min, cached), 2 rounds
+    "serve_1b": ("bench_serve", ["--model", "llama-1b", "--rounds", "2"],
+                 ["--model", "llama-1b", "--clients", "1", "2", "--per-client", "1", "--tokens", "8", "--rounds", "1"]),
     # ~8 min: 5 quantizations and evaluations of the starter; its importance matrix, then Q4_K_M, IQ4_XS and Q3_K_M
     # plain and weighted by it, and the auto mix at Q4_K_M's size, each on held-out chats and prose
     "quant_ppl": ("bench_quant_ppl", [],
