@@ -388,7 +388,9 @@ def test_model_imported_from_the_command_line_appears_and_a_deleted_one_goes(pag
     Store(app.home).remove("from-cli")
     page.wait_for_function("document.querySelector('#chat-status').innerText.includes('removed from the store')")
     assert "“from-cli” was removed from the store" in status(page)
-    assert page.input_value("#model-picker input") != "from-cli" and "from-cli" not in picker_options(page)
+    # The note and the picker's new value come in separate updates: wait for the picker too.
+    page.wait_for_function("document.querySelector('#model-picker input').value !== 'from-cli'")
+    assert "from-cli" not in picker_options(page)
 
 
 def test_status_and_errors_are_in_view_at_1280x800(laptop: object) -> None:
