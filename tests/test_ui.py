@@ -185,12 +185,17 @@ def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     shot(page, "chat", tmp_path)
 
 
-def test_stop_ends_a_long_answer(page: object) -> None:
+def start_long_answer(page: object) -> None:
+    """Ask for a 2048-token story and wait until the app says it is generating."""
     open_settings(page)
     set_number(page, "max-tokens", "2048")
     page.fill("#message textarea", "Write a very long story about a dragon who learns to cook. Make it long.")
     page.click("#send")
     page.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')")
+
+
+def test_stop_ends_a_long_answer(page: object) -> None:
+    start_long_answer(page)
     # some of the answer first, however slowly a busy machine decodes
     page.wait_for_function("(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
                            " return b.length && b[b.length - 1].innerText.length > 40; })()")
@@ -417,11 +422,7 @@ def test_no_button_text_overflows(laptop: object) -> None:
 
 def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
     """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
-    open_settings(laptop)
-    set_number(laptop, "max-tokens", "2048")
-    laptop.fill("#message textarea", "Write a very long story about a dragon who learns to cook. Make it long.")
-    laptop.click("#send")
-    laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')")
+    start_long_answer(laptop)
     assert laptop.locator("#send").is_disabled()
     laptop.keyboard.press("Escape")
     laptop.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Union
 
 import llama_cpp
 from llama_cpp import _internals
@@ -66,7 +66,20 @@ class EngineClosed(RuntimeError):
     """The model was unloaded while a request waited or ran."""
 
 
-def _stream_from(submit: Callable[[Emit], None], cancel: threading.Event) -> Iterator[Chunk]:
+def emit_all(chunks: Callable[[], Iterable[Chunk]], emit: Emit, cancel: threading.Event) -> None:
+    """On a worker thread: each chunk of `chunks()` to `emit`, then the error that ended it (if any),
+    then None. A request whose client left while it was queued costs nothing."""
+    try:
+        if not cancel.is_set():
+            for chunk in chunks():
+                emit(chunk)
+    except BaseException as exc:  # handed to the request that caused it
+        emit(exc)
+    finally:
+        emit(None)
+
+
+def stream_from(submit: Callable[[Emit], None], cancel: threading.Event) -> Iterator[Chunk]:
     """A blocking iterator over what a submitted request emits; leaving it early cancels it."""
     q: queue.Queue = queue.Queue()
     submit(q.put)
@@ -93,23 +106,13 @@ class SerialEngine:
                cancel: threading.Event | None = None, lstrip: bool = True, grammar: str | None = None) -> None:
         """Queue a request; `emit` gets its chunks from the worker thread, then None."""
         cancel = cancel or threading.Event()
-
-        def work() -> None:
-            try:
-                if not cancel.is_set():  # a client that left while queued costs nothing
-                    for chunk in self.backend.stream(prompt, settings, cancel, lstrip, grammar):
-                        emit(chunk)
-            except Exception as exc:  # handed to the request that caused it
-                emit(exc)
-            finally:
-                emit(None)
-
-        self._worker.submit(work)
+        self._worker.submit(emit_all, lambda: self.backend.stream(prompt, settings, cancel, lstrip, grammar),
+                            emit, cancel)
 
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
         cancel = cancel or threading.Event()
-        return _stream_from(lambda emit: self.submit(prompt, settings, emit, cancel, lstrip, grammar), cancel)
+        return stream_from(lambda emit: self.submit(prompt, settings, emit, cancel, lstrip, grammar), cancel)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         return self._worker.submit(fn)
@@ -209,7 +212,7 @@ class DecodeEngine:
                lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
         """The answer as `Backend.stream` gives it, decoded in the shared batch."""
         cancel = cancel or threading.Event()
-        return _stream_from(lambda emit: self.submit(prompt, settings, emit, cancel, lstrip, grammar), cancel)
+        return stream_from(lambda emit: self.submit(prompt, settings, emit, cancel, lstrip, grammar), cancel)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the engine's thread between two steps (an embedding in the backend's own context:
