@@ -28,7 +28,6 @@ from .to_hf import TOKENIZER_FILES, save_checkpoint
 
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
-GROUP_SIZES = (128, 64, 32, 16)  # what --group-size offers; 16 only when asked (vLLM's Marlin refuses it)
 PER_CHANNEL = -1  # one group per output channel: divides every width, and Marlin reads it
 DEFAULT_SEQ_LEN = 256
 DEFAULT_SAMPLES = 128

@@ -158,7 +158,6 @@ class Device:
     usable: int  # bytes a plan may take on it (0 on the CPU)
     where: str  # for the reasons
     unified: bool = False  # its memory is RAM too
-    gpus: tuple[Accelerator, ...] = ()  # all of its library's here, for a backend that splits a model
 
 
 def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
@@ -214,8 +213,7 @@ class BackendSpec:
     library: str  # CPU, or the library of the accelerators it runs on ("cuda", "metal", "rocm")
     installed: Callable[[Runtimes], bool]  # the runtime it needs is there, built for `library`
     missing: str  # the reason when `installed` says no; {device} is the device's name
-    # Memory: (artifact, context, usable RAM, device, GPU layers wanted) -> the fit, or None.
-    # (artifact, context, RAM, device, layers, KV cache type, slots)
+    # Memory: (artifact, context, usable RAM, device, GPU layers wanted, KV cache type, slots) -> the fit, or None.
     fit: Callable[[Artifact, int, int, Device, int | None, str, int], _Fit | None]
     explain: str  # the plan's reason: {part} layers on the GPU, {where} it runs, {limit} usable there
     engine: str  # "module:Class" that runs it, imported only when chosen (torch only for GPTQ)
@@ -278,15 +276,13 @@ def _device(report: HardwareReport, spec: BackendSpec) -> Device | None:
     and how much it may take there; None when this machine has no such accelerator."""
     if spec.library == CPU:
         return Device(report.cpu.model, 0, "CPU")
-    gpus = report.on(spec.library)
-    gpu = max(gpus, key=lambda g: g.free_bytes, default=None)
+    gpu = max(report.on(spec.library), key=lambda g: g.free_bytes, default=None)
     if gpu is None:
         return None
     if gpu.unified:
         usable = unified_budget(report, gpu)
-        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True, gpus)
-    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)",
-                  gpus=gpus)
+        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True)
+    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)")
 
 
 def device_name(report: HardwareReport, backend: str) -> str:
@@ -343,9 +339,10 @@ def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
             reasons.append(why)
     names = [spec.name for spec in order]
     if o.backend:
-        valid = [spec.name for spec in BACKEND_TABLE]
-        if o.backend not in valid:
-            raise PlanError(f"unknown backend {o.backend!r}; valid: {', '.join(valid)}")
+        try:
+            backend_spec(o.backend)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
         if o.backend not in names:
             raise PlanError(f"backend {o.backend!r} is not possible here: "
                             + ("; ".join(reasons) or f"possible: {', '.join(names) or 'none'}"))
@@ -437,11 +434,11 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device.usable)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
-                    if spec.batches and (slots > 1 or kv_cache != "f16"):
+                    if slots > 1 or kv_cache != "f16":
                         why.append(f"KV cache {gb(fit.memory.kv_bytes)}: {slots} slot(s) of {ctx} tokens in "
-                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else ""))
-                    elif not spec.batches and (slots > 1 or kv_cache != "f16"):
-                        why.append(f"{backend} decodes one sequence at a time with an f16 KV cache")
+                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else "")
+                                   if spec.batches else
+                                   f"{backend} decodes one sequence at a time with an f16 KV cache")
                     return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
                                 *kv)
             if full_offload:

@@ -137,6 +137,9 @@ def test_embed_ranks_a_paraphrase_above_an_unrelated_sentence(server: Server) ->
     assert cos[0] > cos[1]
     legacy = c.embeddings(MODEL, prompt=texts[0]).embedding
     assert max(abs(a - b) for a, b in zip(legacy, r.embeddings[0])) < 1e-4
+    with pytest.raises(ollama.ResponseError) as exc:  # the same input rules as /v1/embeddings
+        c.embed(MODEL, input=[])
+    assert exc.value.status_code == 400 and "input" in exc.value.error, exc.value
 
 
 def test_keep_alive_zero_unloads_and_ps_shows_it(server: Server) -> None:

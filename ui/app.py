@@ -60,9 +60,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         def tick(seen: object, current: str | None) -> tuple:
             """Job progress everywhere, and every model list follows the store: a model imported,
             converted or deleted from the command line shows up here within a second."""
-            updates: list = []
-            for _ in panels:
-                updates += job_panel.render(ctx.jobs)
+            updates: list = list(job_panel.render(ctx.jobs)) * len(panels)  # the same job in every tab
             updates.append(finetune_tab.loss_frame(ctx, ctx.jobs))
             stamp = ctx.store_stamp()
             if stamp != seen:

@@ -256,7 +256,8 @@ def build(ctx: AppContext) -> ChatParts:
                     conv.messages.pop()
                 yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), idle)
             finally:
-                ctx.cancels[key].set()  # no answer runs in this session any more (also after a failed load)
+                if (running := ctx.cancels.get(key)) is not None:
+                    running.set()  # no answer runs in this session any more (also after a failed load)
         return handler
 
     inputs = [msg, conv_state, model_dd, system_box, *sampling]

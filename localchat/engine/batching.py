@@ -45,8 +45,6 @@ Emit = Callable[[Union[Chunk, BaseException, None]], None]  # a chunk, the error
 class Engine(Protocol):
     """What the server and the app decode through (`Backend.engine`)."""
 
-    slots: int
-
     def submit(self, prompt: PromptLike, settings: SamplingSettings, emit: Emit,
                cancel: threading.Event | None = None, lstrip: bool = True, grammar: str | None = None) -> None:
         """Queue a request; `emit` gets its chunks from the engine's thread, then None."""
@@ -95,8 +93,6 @@ def stream_from(submit: Callable[[Emit], None], cancel: threading.Event) -> Iter
 class SerialEngine:
     """One answer at a time, in arrival order, on one thread (llama.cpp's OpenMP keeps a thread
     team per calling thread, and teams from several threads fight over the cores)."""
-
-    slots = 1
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend

@@ -25,10 +25,10 @@ from ..chat.session import Turn
 from ..chat.tools import template_format
 from ..engine.backend import ContextOverflow, GenerationStats
 from ..engine.settings import PRESET
-from ..gguf_file import read_gguf
+from ..gguf_file import GGUFHeader, read_gguf
 from ..store.resolve import resolve_model
 from .models import ServerError, keep_alive_seconds
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, EmbeddingInput
 
 if TYPE_CHECKING:  # app.py builds on this module
     from .app import Piece, Pipeline
@@ -83,6 +83,11 @@ class Options(BaseModel):
         return out
 
 
+def store_name(model: str) -> str:
+    """The store's name of an Ollama model name: Ollama's clients may add the default tag."""
+    return model.removesuffix(":latest")
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
@@ -90,8 +95,7 @@ class Request(BaseModel):
 
     @property
     def name(self) -> str:
-        """The store's name: Ollama's clients may add the default tag."""
-        return self.model.removesuffix(":latest")
+        return store_name(self.model)
 
 
 class GenerationRequest(Request):
@@ -147,10 +151,8 @@ class GenerateBody(GenerationRequest):
     think: bool | str | None = None
 
 
-class EmbedBody(Request):
-    input: str | list[str] = Field(union_mode="left_to_right")
+class EmbedBody(Request, EmbeddingInput):
     truncate: bool = True
-    dimensions: int | None = Field(default=None, ge=1)
 
 
 class EmbeddingsBody(Request):
@@ -161,6 +163,10 @@ class ShowBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = ""
     name: str = ""  # the older clients' field
+
+    @property
+    def store_name(self) -> str:
+        return store_name(self.model or self.name)
 
 
 def translate(cls: type[ChatRequest] | type[CompletionRequest], fields: dict[str, Any]) -> Any:
@@ -195,9 +201,9 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
     def default_alive() -> float:
         return pipe.manager().settings.keep_alive
 
-    def details(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Ollama's `details` and `model_info` of a store model."""
-        entry = pipe.store.models()[name]
+    def details(name: str, entry: Any) -> tuple[dict[str, Any], dict[str, Any], GGUFHeader | None]:
+        """Ollama's `details` and `model_info` of a store model (its manifest `entry`), and its GGUF
+        header (None for other formats): each file read once."""
         try:
             artifact = resolve_model(name, pipe.store).artifacts[0]
         except Exception as exc:  # a damaged store entry: say which model and why
@@ -208,13 +214,13 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
                                 f"{arch}.embedding_length": dims.n_embd, f"{arch}.block_count": dims.n_layers,
                                 f"{arch}.attention.head_count": dims.n_head,
                                 f"{arch}.attention.head_count_kv": dims.n_head_kv}
-        size = ""
+        size, header = "", None
         if artifact.format == "gguf":
-            n = read_gguf(artifact.path).n_params
-            info["general.parameter_count"] = n
+            header = read_gguf(artifact.path)
+            n = info["general.parameter_count"] = header.n_params
             size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
         return ({"parent_model": "", "format": entry.format, "family": arch, "families": [arch],
-                 "parameter_size": size, "quantization_level": artifact.quant}, info)
+                 "parameter_size": size, "quantization_level": artifact.quant}, info, header)
 
     def known(name: str) -> None:
         if name not in pipe.manager().names():  # only store names: no paths from the network
@@ -320,8 +326,7 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
 
     @router.post("/api/embed")
     async def embed_route(req: EmbedBody) -> dict[str, Any]:
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        vectors, stats = await embed(req, texts, req.truncate, req.dimensions)
+        vectors, stats = await embed(req, req.texts, req.truncate, req.dimensions)
         return {"model": req.model, "embeddings": vectors, **stats}
 
     @router.post("/api/embeddings")
@@ -333,19 +338,17 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
     async def tags() -> dict[str, Any]:
         entries = pipe.store.models()
         return {"models": [{"name": n, "model": n, "modified_at": entries[n].added, "size": entries[n].size,
-                            "digest": entries[n].sha256, "details": details(n)[0]}
+                            "digest": entries[n].sha256, "details": details(n, entries[n])[0]}
                            for n in pipe.manager().names()]}
 
     @router.post("/api/show")
     async def show(req: ShowBody) -> dict[str, Any]:
-        name = (req.model or req.name).removesuffix(":latest")
+        name = req.store_name
         known(name)
         entry = pipe.store.models()[name]
-        about, info = details(name)
-        artifact = resolve_model(name, pipe.store).artifacts[0]
-        gguf = artifact.format == "gguf"
-        template = (read_gguf(artifact.path).chat_template or "") if gguf else ""
-        capabilities = ["completion"] + (["embedding"] if gguf else []) + (
+        about, info, header = details(name, entry)
+        template = (header.chat_template or "") if header else ""
+        capabilities = ["completion"] + (["embedding"] if header else []) + (
             ["tools"] if template_format(template) is not None else [])
         preset = entry.defaults.get(PRESET) or {}  # as Ollama's Modelfile PARAMETER lines
         return {"modelfile": "", "parameters": "\n".join(f"{k} {v}" for k, v in preset.items()),
@@ -355,15 +358,16 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
     @router.get("/api/ps")
     async def ps() -> dict[str, Any]:
         clock, wall = time.monotonic(), datetime.now(timezone.utc)
-        out = []
+        entries, out = pipe.store.models(), []
         for m in pipe.manager().loaded.values():
             expires = m.expires
             left = timedelta(days=365 * 100) if expires is None else timedelta(seconds=expires - clock)
             until = wall + left
-            entry = pipe.store.models().get(m.name)
+            entry = entries.get(m.name)
             out.append({"name": m.name, "model": m.name, "digest": entry.sha256 if entry else "",
                         "size": m.plan.memory.host_bytes + m.plan.memory.device_bytes,
-                        "size_vram": m.plan.memory.device_bytes, "details": details(m.name)[0],
+                        "size_vram": m.plan.memory.device_bytes,
+                        "details": details(m.name, entry)[0] if entry else {},
                         "expires_at": until.isoformat().replace("+00:00", "Z"),
                         "context_length": m.backend.n_ctx})
         return {"models": out}

@@ -213,13 +213,11 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class EmbeddingRequest(BaseModel):
-    """/v1/embeddings: one text or a batch of them (token-id input is not taken)."""
+class EmbeddingInput(BaseModel):
+    """The texts to embed, one or a batch (token-id input is not taken): OpenAI's and Ollama's field."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
     input: str | list[str] = Field(union_mode="left_to_right")
-    encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
 
     @field_validator("input")
@@ -232,3 +230,10 @@ class EmbeddingRequest(BaseModel):
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbeddingRequest(EmbeddingInput):
+    """/v1/embeddings."""
+
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
