@@ -39,6 +39,16 @@ GPTQ_CPU_OVERHEAD_BYTES = 1024**3
 # Bytes per value of llama.cpp's KV cache types (a q8_0 block: 32 values in 34 bytes, q4_0: in 18).
 # Quantized V needs flash attention, which the llama.cpp backend turns on for these.
 KV_CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# vLLM: the share of each GPU's total memory it takes (its --gpu-memory-utilization default), what each
+# tensor-parallel rank spends beside weights and KV cache (CUDA context, activations, CUDA graphs), the
+# RAM its server process holds, and the concurrent sequences from which it is worth its start-up.
+VLLM_GPU_MEMORY_UTILIZATION = 0.90
+VLLM_RANK_OVERHEAD_BYTES = 1536 * 1024**2
+VLLM_HOST_BYTES = 3 * 1024**3
+VLLM_MIN_PARALLEL = 16
+# vLLM's CPU build: an explicit KV cache (else it takes 92% of the RAM), at least one full sequence.
+VLLM_CPU_KV_CACHE_BYTES = 512 * 1024**2
+FORMAT_NAMES = {"gguf": "a GGUF file", "gptq": "a GPTQ folder", "hf": "a Hugging Face checkpoint"}
 
 
 class PlanError(RuntimeError):
@@ -54,6 +64,10 @@ class Overrides:
     quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
     kv_cache: str | None = None  # a KV_CACHE_TYPES name (llama.cpp only); default f16
     parallel: int | None = None  # sequences decoded at once (`localchat serve`), each with the full context
+    # `backend`: a row's name, or a family of rows by its prefix ("vllm": vllm-cuda or vllm-cpu, as this
+    # machine has). `in_process`: the caller loads the backend into its own process (`chat`, `serve`'s own
+    # engine, `bench`), so rows that run as a server of their own are left out, with the reason.
+    in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class Plan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     kv_cache: str = "f16"  # the KV cache's type (KV_CACHE_TYPES)
     slots: int = 1  # sequences decoded at once, each with `context` tokens of KV cache
+    tensor_parallel: int = 1  # GPUs the weights are split over (vLLM)
 
     def describe(self) -> str:
         slots = f" in each of {self.slots} parallel slots" if self.slots > 1 else ""
@@ -101,6 +116,8 @@ class Plan:
                  f"context: {self.context} tokens{slots}", f"threads: {self.threads}"]
         if self.gpu_layers:
             lines.append(f"gpu layers: {self.gpu_layers}/{self.artifact.dims.n_layers}")
+        if self.tensor_parallel > 1:
+            lines.append(f"tensor parallel: {self.tensor_parallel} GPUs")
         m = self.memory
         lines.append(f"memory:  {gb(m.total_bytes)} (weights {gb(m.weights_bytes)}, KV cache "
                      f"{gb(m.kv_bytes)} {self.kv_cache}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
@@ -148,6 +165,8 @@ def _contexts(start: int) -> list[int]:
 class _Fit:
     gpu_layers: int
     memory: MemoryEstimate
+    tensor_parallel: int = 1
+    note: str = ""  # what the fit chose that the row's explain line shows as {note}
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,7 @@ class Device:
     usable: int  # bytes a plan may take on it (0 on the CPU)
     where: str  # for the reasons
     unified: bool = False  # its memory is RAM too
+    gpus: tuple[Accelerator, ...] = ()  # every accelerator of its library here, most memory free first
 
 
 def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
@@ -201,6 +221,51 @@ def _fit_gptq_cpu(a: Artifact, context: int, host: int, on: Device, want_layers:
     return _Fit(0, MemoryEstimate(a.size_bytes, kv, compute, need, 0)) if need <= host else None
 
 
+HF_BYTES = {"F32": 4, "F16": 2, "BF16": 2}  # an HF checkpoint's quant is its dtype
+
+
+def tensor_parallel_size(gpus: int, n_heads: int) -> int:
+    """The most GPUs, a power of two, that split the attention heads evenly (what vLLM's tensor
+    parallelism and its all-reduce kernels want); 1 without GPUs."""
+    tp = 1
+    while tp * 2 <= gpus and n_heads % (tp * 2) == 0:
+        tp *= 2
+    return tp
+
+
+def _fit_vllm(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+              kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
+    """Weights split over `tp` GPUs plus at least one full-context sequence of KV cache (vLLM refuses to
+    start otherwise); vLLM then takes its share of every rank's GPU and pages the rest as KV cache for
+    as many sequences as it holds. A rank has as much as the smallest of the GPUs it runs on."""
+    tp = tensor_parallel_size(len(on.gpus), a.dims.n_head)
+    ranks = on.gpus[:tp]
+    have = tp * min(min(int(g.total_bytes * VLLM_GPU_MEMORY_UTILIZATION), g.free_bytes) for g in ranks)
+    overhead = tp * VLLM_RANK_OVERHEAD_BYTES
+    one = a.dims.kv_bytes(context)
+    if a.size_bytes + one + overhead > have or VLLM_HOST_BYTES > host:
+        return None
+    pool = have - a.size_bytes - overhead
+    split = "" if tp == len(on.gpus) else f", the {a.dims.n_head} attention heads split evenly over {tp}"
+    note = (f"tensor parallel over {tp} of {len(on.gpus)} {ranks[0].library.upper()} GPU(s){split}; "
+            f"KV cache of {gb(pool)} paged for {slots}+ users (room for {pool // one} full "
+            f"{context}-token sequences at once)")
+    return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, pool, overhead, VLLM_HOST_BYTES, have), tp, note)
+
+
+def _fit_vllm_cpu(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+                  kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
+    """vLLM's CPU build: an unquantized checkpoint in float32, a KV cache of its own that holds at least
+    one full-context sequence, and the server process, all in RAM."""
+    weights = a.size_bytes * (4 // max(1, HF_BYTES.get(a.quant, 4))) if a.format == "hf" else a.size_bytes
+    kv = max(VLLM_CPU_KV_CACHE_BYTES, a.dims.kv_bytes(context, 4))
+    need = weights + kv + VLLM_HOST_BYTES
+    if need > host:
+        return None
+    return _Fit(0, MemoryEstimate(weights, kv, VLLM_HOST_BYTES, need, 0),
+                note="float32" if a.format == "hf" else "GPTQ on its CPU kernels")
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """One way to run a model, described once: the planner and the engine registry read only this.
@@ -209,7 +274,7 @@ class BackendSpec:
     """
 
     name: str
-    format: str  # the artifact it runs ("gguf", "gptq")
+    format: str | tuple[str, ...]  # the artifact formats it runs ("gguf", "gptq", "hf"), preferred first
     library: str  # CPU, or the library of the accelerators it runs on ("cuda", "metal", "rocm")
     installed: Callable[[Runtimes], bool]  # the runtime it needs is there, built for `library`
     missing: str  # the reason when `installed` says no; {device} is the device's name
@@ -219,6 +284,19 @@ class BackendSpec:
     engine: str  # "module:Class" that runs it, imported only when chosen (torch only for GPTQ)
     fallback: str = ""  # a CPU row's reason when it comes first and nothing else says why
     batches: bool = False  # decodes several sequences at once (`--parallel`) with a quantizable KV cache
+    # Chosen unasked only for at least this many concurrent sequences (`--parallel`), and then ahead of
+    # the rows on its device; None: only when named (`--backend`, `serve --engine vllm`).
+    min_parallel: int | None = 1
+    how_to_get: str = ""  # for a refusal when the model has none of its formats
+    own_server: str = ""  # it runs as a server of its own, started by this command; "" when loaded in-process
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return self.format if isinstance(self.format, tuple) else (self.format,)
+
+    def wanted(self, slots: int) -> bool:
+        """Whether the planner may choose it unasked for `slots` concurrent sequences."""
+        return self.min_parallel is not None and slots >= self.min_parallel
 
 
 def _llama_cpp_built_for(library: str) -> Callable[[Runtimes], bool]:
@@ -229,13 +307,24 @@ def _gptq_installed(rt: Runtimes) -> bool:
     return rt.gptq
 
 
+def _vllm_installed(rt: Runtimes) -> bool:
+    return bool(rt.vllm)
+
+
 _LLAMA_CPP = "localchat.engine.llamacpp:LlamaCppBackend"
 _GPTQ = "localchat.engine.gptq:GptqBackend"
 _NO_GPTQ = ("the model has a GPTQ artifact, but torch + GPTQModel are not installed "
             "(pip install 'localchat[gptq]')")
+_VLLM = "localchat.engine.vllm:VllmServer"
+_NO_VLLM = ("{device} found, but no vLLM environment: make one with `localchat setup-vllm` "
+            "(or point $LOCALCHAT_VLLM_PYTHON at a Python that has vLLM)")
+_VLLM_FORMATS = ("gptq", "hf")
+_SERVE_VLLM = "localchat serve --engine vllm --model NAME"
+_GET_GPTQ = "convert the source to a GPTQ folder: `localchat convert HF_CHECKPOINT --to gptq --name NAME`"
 
 # Rows in order of preference, among the GPU rows and among the CPU rows; the planner tries
-# every GPU row before any CPU row (new rows go at the end).
+# every GPU row before any CPU row (new rows go at the end), and a row wanted for as many users
+# as were asked for (`min_parallel`) before the others.
 BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("gptq-cuda", "gptq", "cuda", _gptq_installed, _NO_GPTQ, _fit_gptq,
                 explain="CUDA GPU and a GPTQ checkpoint that fits in VRAM: {where}", engine=_GPTQ),
@@ -255,6 +344,13 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
                 explain="GPTQ weights dequantized by torch on the CPU, KV cache in RAM", engine=_GPTQ,
                 fallback="no CUDA GPU for the GPTQ checkpoint: it runs on the CPU through torch, slowly "
                          "(convert the source to GGUF for speed)"),
+    # vLLM's OpenAI server (`localchat serve --engine vllm`), its own process: for many concurrent users.
+    BackendSpec("vllm-cuda", _VLLM_FORMATS, "cuda", _vllm_installed, _NO_VLLM, _fit_vllm,
+                explain="vLLM for many concurrent users: {note}", engine=_VLLM, batches=True,
+                min_parallel=VLLM_MIN_PARALLEL, how_to_get=_GET_GPTQ, own_server=_SERVE_VLLM),
+    BackendSpec("vllm-cpu", _VLLM_FORMATS, CPU, _vllm_installed, _NO_VLLM.replace("{device} found, but no", "no"),
+                _fit_vllm_cpu, explain="vLLM's CPU build ({note}): slow, the same server and API",
+                engine=_VLLM, batches=True, min_parallel=None, how_to_get=_GET_GPTQ, own_server=_SERVE_VLLM),
     BackendSpec("llamacpp-rocm", "gguf", "rocm", _llama_cpp_built_for("rocm"),
                 "{device} found, but llama-cpp-python was built without ROCm "
                 "(reinstall with CMAKE_ARGS=-DGGML_HIP=on)", _fit_llamacpp,
@@ -276,13 +372,15 @@ def _device(report: HardwareReport, spec: BackendSpec) -> Device | None:
     and how much it may take there; None when this machine has no such accelerator."""
     if spec.library == CPU:
         return Device(report.cpu.model, 0, "CPU")
-    gpu = max(report.on(spec.library), key=lambda g: g.free_bytes, default=None)
-    if gpu is None:
+    gpus = tuple(sorted(report.on(spec.library), key=lambda g: -g.free_bytes))
+    if not gpus:
         return None
+    gpu = gpus[0]
     if gpu.unified:
         usable = unified_budget(report, gpu)
-        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True)
-    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)")
+        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True, gpus)
+    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)",
+                  gpus=gpus)
 
 
 def device_name(report: HardwareReport, backend: str) -> str:
@@ -320,43 +418,75 @@ def _by_measured_speed(report: HardwareReport, order: list[str], measured: Seque
     return new
 
 
+def _named(name: str) -> list[BackendSpec]:
+    """The rows a user's backend name means: the row of that name, or a family ("vllm": vllm-cuda and
+    vllm-cpu); PlanError naming the valid ones."""
+    rows = [s for s in BACKEND_TABLE if s.name == name or s.name.startswith(name + "-")]
+    if not rows:
+        try:
+            backend_spec(name)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+    return rows
+
+
 def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
                 reasons: list[str]) -> list[str]:
     """Backends worth trying on this machine, best first, with the reasons for skipping others.
 
     A row is worth trying when the model has its artifact format, the machine has its device and
-    its runtime is installed for that device; GPU rows go before CPU rows, each in table order.
+    its runtime is installed for that device, and it is wanted for this many users (or named); GPU
+    rows go before CPU rows, a row wanted for many users before the others, each in table order.
     """
     formats = {a.format for a in artifacts}
+    named = _named(o.backend) if o.backend else []
+    slots = o.parallel or 1
+    if named and not formats & {f for spec in named for f in spec.formats}:
+        wants = " or ".join(dict.fromkeys(FORMAT_NAMES.get(f, f) for spec in named for f in spec.formats))
+        hint = next((spec.how_to_get for spec in named if spec.how_to_get), "")
+        raise PlanError(f"backend {o.backend!r} runs {wants}; the model has only "
+                        + ", ".join(a.label for a in artifacts) + (f": {hint}" if hint else ""))
     order: list[BackendSpec] = []
-    for spec in sorted(BACKEND_TABLE, key=lambda s: s.library == CPU):
+    unasked: list[str] = []
+    rows = sorted(BACKEND_TABLE, key=lambda s: (s.library == CPU, not (s.wanted(slots) and s.min_parallel > 1)))
+    for spec in rows:
         device = _device(report, spec)
-        if spec.format not in formats or device is None:
+        if not formats & set(spec.formats) or device is None or (named and spec not in named):
+            continue
+        if spec.own_server and o.in_process:
+            if named:
+                raise PlanError(f"backend {spec.name} runs as its own server, not in this command: "
+                                f"`{spec.own_server}`")
+            if spec.wanted(slots) and spec.installed(report.runtimes):
+                unasked.append(f"{spec.name} not chosen: it runs as its own server (`{spec.own_server}`)")
+            continue
+        if not named and not spec.wanted(slots):
+            if spec.installed(report.runtimes):
+                ask = f"--parallel {spec.min_parallel} or more, or " if spec.min_parallel else ""
+                unasked.append(f"{spec.name} not chosen: it is for many concurrent users ({ask}"
+                               f"`--backend {spec.name}`)")
             continue
         if spec.installed(report.runtimes):
             order.append(spec)
         elif (why := spec.missing.format(device=device.name)) not in reasons:
             reasons.append(why)
     names = [spec.name for spec in order]
-    if o.backend:
-        try:
-            backend_spec(o.backend)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-        if o.backend not in names:
+    if named:
+        if not names:
             raise PlanError(f"backend {o.backend!r} is not possible here: "
-                            + ("; ".join(reasons) or f"possible: {', '.join(names) or 'none'}"))
-        reasons.append(f"backend {o.backend} chosen by the user")
-        return [o.backend]
+                            + ("; ".join(reasons) or f"it needs {' or '.join(s.library for s in named)}"))
+        reasons.append(f"backend {names[0] if len(named) > 1 else o.backend} chosen by the user")
+        return names[:1]
     if order and order[0].library == CPU and order[0].fallback and not reasons:
         reasons.append(order[0].fallback)
+    reasons += unasked
     return names
 
 
 def _explain(spec: BackendSpec, a: Artifact, fit: _Fit, device: Device) -> str:
     n = a.dims.n_layers
     part = "all" if fit.gpu_layers >= n else f"{fit.gpu_layers} of {n}"
-    return spec.explain.format(part=part, where=device.where, limit=gb(device.usable))
+    return spec.explain.format(part=part, where=device.where, limit=gb(device.usable), note=fit.note)
 
 
 # (shrink the context?, whole model on the GPU?), tried in this order.
@@ -396,6 +526,7 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
     threads = o.threads or report.cpu.physical_cores
     host = host_budget(report)
 
+    misfits: list[str] = []
     for shrink, full_offload in _PASSES:
         for backend in order:
             spec = backend_spec(backend)
@@ -407,7 +538,7 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             assert device is not None  # `_candidates` keeps only backends with a device here
             # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
             # CPU memory bandwidth, so the smallest file is the fastest.
-            options = sorted((a for a in artifacts if a.format == spec.format), key=lambda a: a.size_bytes,
+            options = sorted((a for a in artifacts if a.format in spec.formats), key=lambda a: a.size_bytes,
                              reverse=full_offload)
             for a in options:
                 want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
@@ -440,10 +571,16 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                    if spec.batches else
                                    f"{backend} decodes one sequence at a time with an f16 KV cache")
                     return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
-                                *kv)
+                                *kv, tensor_parallel=fit.tensor_parallel)
             if full_offload:
-                reasons.append(f"{backend} cannot hold the whole model on {device.where}")
+                smallest = min(a.size_bytes for a in options)
+                misfits.append(f"{backend} cannot hold the whole model on {device.where}"
+                               + (f" ({len(device.gpus)} of them)" if len(device.gpus) > 1 else "")
+                               + f": needs more than its {gb(smallest)} of weights")
+                reasons.append(misfits[-1])
 
+    if all(backend_spec(b).library != CPU for b in order):  # only GPU backends were possible
+        raise PlanError("the model does not fit the GPU: " + "; ".join(misfits))
     smallest = min(a.size_bytes + a.dims.kv_bytes(MIN_CONTEXT) + _compute_bytes(a, MIN_CONTEXT)
                    for a in artifacts)
     raise PlanError(f"needs {gb(smallest)}, has {gb(host)} usable RAM "

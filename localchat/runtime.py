@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .engine.backend import Backend
 from .engine.registry import load_backend
@@ -26,5 +26,5 @@ def plan_model(spec: str, overrides: Overrides | None = None, store: Store | Non
 
 def open_model(spec: str, overrides: Overrides | None = None, store: Store | None = None,
                report: HardwareReport | None = None) -> LoadedModel:
-    resolved, p = plan_model(spec, overrides, store, report)
+    resolved, p = plan_model(spec, replace(overrides or Overrides(), in_process=True), store, report)
     return LoadedModel(resolved, p, load_backend(p))

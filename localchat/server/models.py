@@ -125,7 +125,7 @@ class ModelManager:
             except Exception as exc:  # a damaged file in the store: say which model and why
                 raise load_failed(name, exc) from None
             overrides = Overrides(context=self.settings.context, threads=self.settings.threads,
-                                  parallel=self.settings.parallel, kv_cache=self.settings.kv_cache)
+                                  parallel=self.settings.parallel, kv_cache=self.settings.kv_cache, in_process=True)
             try:
                 p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
             except RuntimeError as exc:
