@@ -344,11 +344,13 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             optimizer.zero_grad(set_to_none=True)
             loss_sum, n_sum = 0.0, 0
             tokens = 0
-            for micro in schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]:
+            mine = schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]
+            for i, micro in enumerate(mine):
                 batch = _collate(micro, pad, place)
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                    loss, n = compute_loss(**batch)
-                dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
+                with dist.syncing(compute_loss, last=i == len(mine) - 1):  # one all-reduce per update
+                    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                        loss, n = compute_loss(**batch)
+                    dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
                 loss_sum += float(loss.detach())
                 n_sum += n
                 tokens += int(batch["attention_mask"].sum())
