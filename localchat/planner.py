@@ -248,7 +248,7 @@ def _fit_vllm(a: Artifact, context: int, host: int, on: Device, want_layers: int
     pool = have - a.size_bytes - overhead
     split = "" if tp == len(on.gpus) else f", the {a.dims.n_head} attention heads split evenly over {tp}"
     note = (f"tensor parallel over {tp} of {len(on.gpus)} {ranks[0].library.upper()} GPU(s){split}; "
-            f"KV cache of {gb(pool)} paged for {slots}+ users (room for {pool // one} full "
+            f"{gb(pool)} of KV cache paged among the users (room for {pool // max(one, 1)} full "
             f"{context}-token sequences at once)")
     return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, pool, overhead, VLLM_HOST_BYTES, have), tp, note)
 
@@ -257,7 +257,7 @@ def _fit_vllm_cpu(a: Artifact, context: int, host: int, on: Device, want_layers:
                   kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     """vLLM's CPU build: an unquantized checkpoint in float32, a KV cache of its own that holds at least
     one full-context sequence, and the server process, all in RAM."""
-    weights = a.size_bytes * (4 // max(1, HF_BYTES.get(a.quant, 4))) if a.format == "hf" else a.size_bytes
+    weights = a.size_bytes * 4 // HF_BYTES.get(a.quant, 4) if a.format == "hf" else a.size_bytes
     kv = max(VLLM_CPU_KV_CACHE_BYTES, a.dims.kv_bytes(context, 4))
     need = weights + kv + VLLM_HOST_BYTES
     if need > host:
