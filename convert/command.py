@@ -196,7 +196,7 @@ def smoke_chat(spec: str, system: str | None = None, backend: str | None = None)
     from localchat.planner import Overrides
     from localchat.runtime import open_model
 
-    loaded = open_model(spec, Overrides(context=1024, backend=backend))
+    loaded = open_model(spec, Overrides(context=1024, backend=backend, parallel=1))  # one answer: one slot
     try:
         return ChatSession(loaded.backend, system=system).ask(SMOKE_PROMPT,
                                                               SamplingSettings(temperature=0.0, max_tokens=48))

@@ -13,11 +13,13 @@ has Y GB" rather than letting the OS kill the process mid-load.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .artifacts import Artifact
 from .hardware.report import GIB, Accelerator, HardwareReport, Runtimes
+from .options import Options, internal, option
 
 CPU = "cpu"  # a backend's `library` when it runs on the CPU rather than an accelerator
 DEFAULT_CONTEXT = 4096
@@ -49,6 +51,12 @@ VLLM_MIN_PARALLEL = 16
 # vLLM's CPU build: an explicit KV cache (else it takes 92% of the RAM), at least one full sequence.
 VLLM_CPU_KV_CACHE_BYTES = 512 * 1024**2
 FORMAT_NAMES = {"gguf": "a GGUF file", "gptq": "a GPTQ folder", "hf": "a Hugging Face checkpoint"}
+# Tried in this order when the user names none: q8_0 changes perplexity by well under 1% and halves the
+# memory; q4_0 costs more quality, so only a user's choice.
+AUTO_KV_CACHE = ("f16", "q8_0")
+# Parallel slots the planner gives a batching backend by itself (llama-server's automatic count too):
+# 4 sequences decode at about 1.5x one on a CPU (#15), and each slot holds a full context of KV cache.
+AUTO_SLOTS = 4
 
 
 class PlanError(RuntimeError):
@@ -56,18 +64,22 @@ class PlanError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Overrides:
-    backend: str | None = None
-    context: int | None = None
-    gpu_layers: int | None = None
-    threads: int | None = None
-    quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
-    kv_cache: str | None = None  # a KV_CACHE_TYPES name (llama.cpp only); default f16
-    parallel: int | None = None  # sequences decoded at once (`localchat serve`), each with the full context
-    # `backend`: a row's name, or a family of rows by its prefix ("vllm": vllm-cuda or vllm-cpu, as this
-    # machine has). `in_process`: the caller loads the backend into its own process (`chat`, `serve`'s own
-    # engine, `bench`), so rows that run as a server of their own are left out, with the reason.
-    in_process: bool = False
+class RunOptions(Options):
+    """How to run any model, where the user pins it (None: the planner's choice). Typed once, so `chat`,
+    `doctor`, `serve` and `ui` take the same flags with the same bounds (`Overrides.of`)."""
+
+    option_group = "model"
+    context: int | None = option(None, "context size in tokens (default: the model's trained length up to "
+                                       f"{DEFAULT_CONTEXT}, less where memory is short)", 128, 1 << 20,
+                                 aliases=("--ctx",))
+    threads: int | None = option(None, "CPU threads (default: physical cores)", 1, 1024)
+    parallel: int | None = option(None, "answers decoded at once (llama.cpp), each slot with the full context "
+                                        f"of KV cache (default: as many as the memory left holds, up to "
+                                        f"{AUTO_SLOTS})",
+                                  1, 256)
+    kv_cache: str | None = option(None, "KV cache type (llama.cpp): q8_0 and q4_0 take about 1/2 and 1/4 of f16's "
+                                        "memory, with flash attention (default: f16, q8_0 where memory is short)",
+                                  choices=tuple(KV_CACHE_TYPES))
 
 
 @dataclass(frozen=True)
@@ -359,6 +371,24 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
 BACKENDS = tuple(spec.name for spec in BACKEND_TABLE)  # for command-line choices
 
 
+@dataclass(frozen=True)
+class Overrides(RunOptions):
+    """What the user pins of one model's plan: RunOptions, and which backend, artifact and GPU layers."""
+
+    backend: str | None = option(None, f"force a backend instead of the planner's choice: {', '.join(BACKENDS)}")
+    gpu_layers: int | None = option(None, "layers to offload to the GPU (default: as many as fit)", 0, 100_000)
+    quant: str | None = option(None, "pick the model's artifact with this quant type (e.g. Q4_K_M)")
+    # `backend`: a row's name, or a family of rows by its prefix ("vllm": vllm-cuda or vllm-cpu, as this
+    # machine has). `in_process`: the caller loads the backend into its own process (`chat`, `serve`'s own
+    # engine, `bench`, the app), so rows that run as a server of their own are left out, with the reason.
+    in_process: bool = internal(False)
+
+    @classmethod
+    def of(cls, options: RunOptions, **pinned: object) -> "Overrides":
+        """The overrides a front end's settings (ServerSettings, UISettings: RunOptions) give every model."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(RunOptions)}, **pinned)
+
+
 def backend_spec(name: str) -> BackendSpec:
     """The table's row for a backend; ValueError naming the valid ones."""
     for spec in BACKEND_TABLE:
@@ -489,6 +519,66 @@ def _explain(spec: BackendSpec, a: Artifact, fit: _Fit, device: Device) -> str:
     return spec.explain.format(part=part, where=device.where, limit=gb(device.usable), note=fit.note)
 
 
+@dataclass(frozen=True)
+class _KvFit:
+    fit: _Fit
+    kv_cache: str
+    slots: int
+    why: str
+
+
+def _fit_kv(spec: BackendSpec, a: Artifact, ctx: int, host: int, device: Device, want_layers: int | None,
+            o: Overrides, least_layers: int) -> _KvFit | None:
+    """The fit at `ctx` with its KV cache type and parallel slots, or None when not even one slot fits
+    with at least `least_layers` on the GPU.
+
+    What the user pinned stays; otherwise the most slots up to AUTO_SLOTS that the memory left holds,
+    f16 first and q8_0 where that holds more (or f16 holds none), and never a slot that pushes a layer
+    off the GPU (the one answer a user waits for would decode slower). A backend that does not batch
+    decodes one sequence with an f16 cache.
+    """
+    if not spec.batches or spec.own_server:  # one sequence, or a server that pages its own KV cache
+        slots = o.parallel or 1 if spec.own_server else 1
+        fit = spec.fit(a, ctx, host, device, want_layers, "f16", slots)
+        return _KvFit(fit, "f16", slots, "") if fit is not None and fit.gpu_layers >= least_layers else None
+    held: dict[str, int] = {}  # slots each KV cache type holds here
+    best: _KvFit | None = None
+    for kv in [o.kv_cache] if o.kv_cache else AUTO_KV_CACHE:
+        one = spec.fit(a, ctx, host, device, want_layers, kv, 1)
+        for n in [o.parallel] if o.parallel else range(AUTO_SLOTS, 0, -1):
+            fit = spec.fit(a, ctx, host, device, want_layers, kv, n)
+            if one is None or fit is None or fit.gpu_layers < least_layers:
+                continue
+            if o.parallel or fit.gpu_layers >= one.gpu_layers:
+                held[kv] = n
+                if best is None or n > best.slots:
+                    best = _KvFit(fit, kv, n, "")
+                break
+        if best is not None and best.slots == (o.parallel or AUTO_SLOTS):
+            break
+    if best is None:
+        return None
+    n, kv = best.slots, best.kv_cache
+    if o.parallel:
+        slots = "--parallel"
+    elif n == AUTO_SLOTS:
+        slots = "the most the planner gives; --parallel sets more"
+    else:
+        slots = "as many as the memory left holds" + (
+            " without taking layers off the GPU" if device.usable else "")
+    if o.kv_cache:
+        kind = "--kv-cache"
+    elif kv == "f16":
+        kind = "the default"
+    else:
+        kind = f"f16 holds only {held['f16']} slot(s)" if "f16" in held else "f16 holds no slot at this context"
+    flash = " with flash attention" if kv != "f16" else ""
+    why = (f"KV cache {gb(best.fit.memory.kv_bytes)} at {ctx} tokens: {n} parallel slot{'s' if n > 1 else ''} "
+           f"({slots}), "
+           f"{kv}{flash} ({kind})")
+    return _KvFit(best.fit, kv, n, why)
+
+
 # (shrink the context?, whole model on the GPU?), tried in this order.
 _PASSES = ((False, True), (False, False), (True, False))
 
@@ -511,12 +601,6 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             raise PlanError(f"no artifact with quant {o.quant!r}; the model has: "
                             + ", ".join(a.quant for a in artifacts))
         artifacts = chosen
-    kv_cache = o.kv_cache or "f16"
-    if kv_cache not in KV_CACHE_TYPES:
-        raise PlanError(f"unknown KV cache type {kv_cache!r}; valid: {', '.join(KV_CACHE_TYPES)}")
-    slots = o.parallel or 1
-    if slots < 1:
-        raise PlanError(f"parallel must be at least 1, got {slots}")
     reasons: list[str] = []
     order = _candidates(report, artifacts, o, reasons)
     if not o.backend:
@@ -534,7 +618,6 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             if full_offload and not on_gpu:
                 continue
             device = _device(report, spec)
-            kv = (kv_cache, slots) if spec.batches else ("f16", 1)  # what this backend's KV cache will be
             assert device is not None  # `_candidates` keeps only backends with a device here
             # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
             # CPU memory bandwidth, so the smallest file is the fastest.
@@ -543,12 +626,12 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             for a in options:
                 want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
                 for ctx in (_contexts(want)[1:] if shrink else [want]):
-                    fit = spec.fit(a, ctx, host, device, o.gpu_layers if on_gpu else 0, *kv)
-                    # A GPU backend with nothing on the GPU is the CPU backend: leave it to that.
-                    if fit is None or (on_gpu and fit.gpu_layers == 0):
+                    # On the GPU: all layers in the first pass, at least one after (none: the CPU backend's job).
+                    least = min(a.dims.n_layers, o.gpu_layers or a.dims.n_layers) if full_offload else int(on_gpu)
+                    kv = _fit_kv(spec, a, ctx, host, device, o.gpu_layers if on_gpu else 0, o, least)
+                    if kv is None:
                         continue
-                    if full_offload and fit.gpu_layers < min(a.dims.n_layers, o.gpu_layers or a.dims.n_layers):
-                        continue
+                    fit = kv.fit
                     why = list(reasons)
                     if o.context and o.context > want:
                         why.append(f"context {o.context} capped at the model's trained length {want}")
@@ -565,13 +648,12 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device.usable)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
-                    if slots > 1 or kv_cache != "f16":
-                        why.append(f"KV cache {gb(fit.memory.kv_bytes)}: {slots} slot(s) of {ctx} tokens in "
-                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else "")
-                                   if spec.batches else
-                                   f"{backend} decodes one sequence at a time with an f16 KV cache")
-                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
-                                *kv, tensor_parallel=fit.tensor_parallel)
+                    if kv.why:
+                        why.append(kv.why)
+                    elif not spec.batches and (o.parallel or o.kv_cache):
+                        why.append(f"{backend} decodes one sequence at a time with an f16 KV cache")
+                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why), kv.kv_cache,
+                                kv.slots, tensor_parallel=fit.tensor_parallel)
             if full_offload:
                 smallest = min(a.size_bytes for a in options)
                 misfits.append(f"{backend} cannot hold the whole model on {device.where}"

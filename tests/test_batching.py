@@ -206,3 +206,39 @@ def test_server_answers_a_short_request_while_a_long_one_streams(tmp_path: Path,
         assert short_done < long_done
     finally:
         srv.stop()
+
+
+def test_server_loads_a_model_as_the_planner_plans_it_with_the_slots_memory_holds(
+        tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localchat serve --kv-cache f16` with no --parallel on a machine whose free memory holds the
+    starter and the KV cache of two full contexts, not four: `localchat doctor` plans two slots, and the
+    server loads the model through the same runtime path, decoding with those two slots (it used to take
+    four and halve the context)."""
+    import os
+    from dataclasses import replace
+
+    from localchat.hardware import ENV_REPORT, MemoryInfo
+    from localchat.planner import kv_cache_bytes
+
+    from .test_server import Server
+
+    a = artifact_from_gguf(starter_gguf)
+    one = plan(probe(), [a], Overrides(context=TEST_CONTEXT, parallel=1, kv_cache="f16"))
+    spare = one.memory.host_bytes + kv_cache_bytes(a, TEST_CONTEXT) * 3 // 2  # one slot and a half more
+    report = tmp_path / "tight.json"  # of 4 GiB, the planner keeps 1 GiB back for the system
+    report.write_text(replace(probe(), memory=MemoryInfo(4 << 30, (1 << 30) + spare)).to_json())
+    monkeypatch.setenv(ENV_REPORT, str(report))
+    store = starter_home(tmp_path / "home", starter_gguf)
+    r = subprocess.run([sys.executable, "-m", "localchat", "doctor", "--ctx", str(TEST_CONTEXT), "--kv-cache",
+                        "f16"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LOCALCHAT_HOME": str(store.root)})
+    assert f"context: {TEST_CONTEXT} tokens in each of 2 parallel slots" in r.stdout, r.stdout + r.stderr
+    srv = Server(store, kv_cache="f16", threads=1)
+    try:
+        reply = srv.client(timeout=300).chat.completions.create(
+            model=STARTER.name, max_tokens=8, temperature=0, messages=[{"role": "user", "content": QUESTIONS[0]}])
+        assert reply.choices[0].message.content
+        served = srv.app.state.manager.loaded[STARTER.name]
+        assert (served.plan.slots, served.plan.context, served.engine.slots) == (2, TEST_CONTEXT, 2)
+    finally:
+        srv.stop()

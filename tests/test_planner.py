@@ -383,3 +383,56 @@ def test_front_ends_that_load_in_process_never_get_vllm() -> None:
             in p.reasons)
     with pytest.raises(PlanError, match="backend vllm-cuda runs as its own server, not in this command"):
         plan(saved("cuda-4x24gb"), [GPTQ], Overrides(backend="vllm-cuda", in_process=True))
+
+
+PC_16GB = pc(16, 12.0, runtimes=CPU_LLAMA)  # 11.17 GB usable: Q4 and f16 KV for 3 full contexts, not 4
+
+
+def test_slots_default_to_four_where_the_kv_cache_of_four_fits_and_the_plan_says_so() -> None:
+    """No --parallel on an H100: four slots of the full context, their f16 KV cache counted and explained."""
+    p = plan(H100, [Q4])
+    assert (p.slots, p.kv_cache, p.context) == (4, "f16", 4096)
+    assert p.memory.kv_bytes == 4 * LLAMA7B.kv_bytes(4096)
+    assert "context: 4096 tokens in each of 4 parallel slots" in p.describe()
+    assert ("KV cache 8.59 GB at 4096 tokens: 4 parallel slots (the most the planner gives; --parallel sets "
+            "more), f16 (the default)") in p.reasons
+
+
+def test_fewer_slots_where_memory_is_short() -> None:
+    """An f16 cache pinned on a 16 GB PC: the memory left after the weights holds three slots, so three."""
+    p = plan(PC_16GB, [Q4], Overrides(kv_cache="f16"))
+    assert (p.slots, p.context) == (3, 4096)
+    assert p.memory.host_bytes <= 11.17 * GB
+    assert "3 parallel slots (as many as the memory left holds), f16 (--kv-cache)" in p.describe()
+
+
+def test_q8_0_kv_cache_where_it_holds_more_slots_than_f16() -> None:
+    """Nothing pinned on the same PC: q8_0 takes about half of f16's memory, so all four slots fit."""
+    p = plan(PC_16GB, [Q4])
+    assert (p.slots, p.kv_cache, p.context) == (4, "q8_0", 4096)
+    assert "q8_0 with flash attention (f16 holds only 3 slot(s))" in p.describe()
+
+
+def test_q8_0_kv_cache_before_a_shorter_context() -> None:
+    """A 4-core PC with 6 GB free: f16 holds one 1024-token context, q8_0 one of 2048, so q8_0 at 2048."""
+    assert plan(CPU_8GB, [Q4], Overrides(kv_cache="f16")).context == 1024
+    p = plan(CPU_8GB, [Q4])
+    assert (p.slots, p.kv_cache, p.context) == (1, "q8_0", 2048)
+    assert "q8_0 with flash attention (f16 holds no slot at this context)" in p.describe()
+
+
+def test_slots_never_take_layers_off_the_gpu() -> None:
+    """A 6 GB laptop GPU with part of the model on it: one slot, as a second would push layers to the CPU."""
+    p = plan(RTX3060_LAPTOP, [Q4])
+    assert p.slots == 1 and p.gpu_layers == plan(RTX3060_LAPTOP, [Q4], Overrides(parallel=1)).gpu_layers
+    assert "1 parallel slot (as many as the memory left holds without taking layers off the GPU)" in p.describe()
+
+
+def test_pinned_slots_and_kv_cache_are_kept_and_named() -> None:
+    """--parallel 8 --kv-cache q4_0 are what runs; a backend that does not batch says it decodes one answer."""
+    p = plan(H100, [Q4], Overrides(parallel=8, kv_cache="q4_0"))
+    assert (p.slots, p.kv_cache) == (8, "q4_0")
+    assert "8 parallel slots (--parallel), q4_0 with flash attention (--kv-cache)" in p.describe()
+    g = plan(H100, [GPTQ], Overrides(parallel=8))
+    assert (g.slots, g.kv_cache) == (1, "f16")
+    assert "gptq-cuda decodes one sequence at a time with an f16 KV cache" in g.reasons

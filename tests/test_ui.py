@@ -244,6 +244,23 @@ def test_switch_model(page: object) -> None:
     assert status(page).startswith(f"{SECOND} on llamacpp-cpu")
 
 
+def test_two_tabs_answer_at_once(app: App, browser: object) -> None:
+    """The app decodes through the model's engine, as the server does: a short question in a second tab is
+    answered while the first tab's long story is still being written (one decode thread made it wait for
+    the whole story)."""
+    ctx = browser.new_context()
+    long, short = open_page(ctx, app), open_page(ctx, app)
+    try:
+        start_long_answer(long)
+        open_settings(short)
+        set_number(short, "max-tokens", "8")
+        ask(short, "Name a red fruit.")
+        assert status(long).startswith("generating"), status(long)  # the story goes on
+        long.click("#stop")
+    finally:
+        ctx.close()
+
+
 def test_saved_chat_survives_restart_and_exports_markdown(app: App, browser: object, tmp_path: Path) -> None:
     ctx = browser.new_context(accept_downloads=True)
     pg = ctx.new_page()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from localchat.hardware import HardwareReport, probe
@@ -51,7 +51,8 @@ class AppContext:
     def _plan(self, name: str) -> tuple[Plan | None, str]:
         """The plan, or why the model cannot run here (shown to the user, not raised)."""
         try:
-            return plan_model(name, self.overrides, self.store, self.report)[1], ""
+            # as the app loads it (open_model): in this process
+            return plan_model(name, replace(self.overrides, in_process=True), self.store, self.report)[1], ""
         except Exception as exc:
             return None, str(exc)
 
