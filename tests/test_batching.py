@@ -165,6 +165,26 @@ def test_kv_cache_q8_0_halves_the_kv_memory_llama_cpp_allocates(starter_gguf: Pa
     assert f"context: {TEST_CONTEXT} tokens in each of 4 parallel slots" in r.stdout
 
 
+def test_kv_cache_q4_0_decodes_through_the_engine(starter_gguf: Path) -> None:
+    """`--kv-cache q4_0` (a quantized V cache, which llama.cpp allows only with flash attention, so the
+    backend turns that on): the batching engine's own context gets it too, allocates about a quarter
+    (18/64) of the f16 cache for two slots, and two requests decoded together both answer."""
+    allocated = {}
+    for kv in ("f16", "q4_0"):
+        b = load(starter_gguf, kv_cache=kv, parallel=2)
+        try:
+            engine = b.engine(2)
+            allocated[kv] = engine.kv_bytes
+            greedy = SamplingSettings(temperature=0.0, max_tokens=12)
+            with cf.ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(lambda q: run(engine.stream(chat_prompt(b, q), greedy)), QUESTIONS[:2]))
+            for text, stats in answers:
+                assert text.strip() and stats.completion_tokens > 0
+        finally:
+            b.close()
+    assert 0.25 <= allocated["q4_0"] / allocated["f16"] <= 0.31, allocated
+
+
 def test_kv_cache_q8_0_changes_perplexity_by_under_one_percent(starter_gguf: Path) -> None:
     """`localchat eval --kv-cache q8_0 --base` (the same file with an f16 cache) reports a perplexity
     within 1% of the f16 cache's."""
