@@ -431,6 +431,27 @@ def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
     laptop.wait_for_function("!document.querySelector('#send').disabled")
 
 
+GUARDED = ("#regenerate", "#continue", "#edit-last", "#delete-chat", "#new-chat")
+
+
+def test_edit_delete_and_regenerate_wait_for_the_answer(laptop: object, app: App) -> None:
+    """While an answer is written, Edit, Delete, Regenerate, Continue and New chat are greyed out (they
+    would change the chat under the answer); after Esc they work again and the saved chat holds the
+    question and the part of the answer written, once."""
+    before = saved_titles(app.home)
+    start_long_answer(laptop)
+    assert [b for b in GUARDED if not laptop.locator(b).is_disabled()] == []
+    laptop.keyboard.press("Escape")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                             timeout=15_000)
+    laptop.wait_for_function("!document.querySelector('#edit-last').disabled")
+    assert [b for b in GUARDED if laptop.locator(b).is_disabled()] == []
+    new = [i for i in saved_titles(app.home) if i not in before]
+    assert len(new) == 1
+    saved = ChatHistory(app.home / "chats").load(new[0])
+    assert [m["role"] for m in saved.messages] == ["user", "assistant"] and saved.messages[1]["content"]
+
+
 def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: App) -> None:
     """On a 390-px wide phone the message box is within the first screen (the sidebar goes below)."""
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)

@@ -20,6 +20,7 @@ from . import job_panel
 from .context import AppContext
 
 UPDATE_EVERY_S = 0.1
+BUSY = "still answering: wait, or press Esc (or Stop) to end the answer first"
 OVERFLOW_POLICY = "when the context is full, the oldest turns are left out and the system prompt is kept"
 
 
@@ -168,8 +169,13 @@ def build(ctx: AppContext) -> ChatParts:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
 
     sampling = [temperature, top_p, max_tokens, seed]
-    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, send_btn]
-    idle = gr.update(interactive=True)  # Send, greyed out while an answer is written
+    # What would change the chat under an answer being written (its reply is a message of the chat
+    # it streams into): greyed out until the answer ends, and each handler refuses while one runs.
+    locked = [send_btn, regen_btn, cont_btn, edit_btn, delete_btn, new_btn, prev_btn, next_btn]
+    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, *locked]
+    lock = (gr.update(interactive=False),) * len(locked)
+    unlock = (gr.update(interactive=True),) * len(locked)
+    keep = (gr.skip(),) * len(locked)
 
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
                key: str) -> Iterator[tuple]:
@@ -186,7 +192,7 @@ def build(ctx: AppContext) -> ChatParts:
         ctx.cancels[key] = cancel
         loading = ctx.slot.name != model
         note = f"loading {model} …" if loading else "…"
-        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), gr.update(interactive=False)
+        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), *lock
         session = ctx.slot.session(model, conv.system or None)
         history = conv.full_messages()
         if mode != "continue":
@@ -208,7 +214,7 @@ def build(ctx: AppContext) -> ChatParts:
                 elapsed = now - first_at
                 rate = f"{(len(parts) - 1) / elapsed:.1f} tok/s" if elapsed > 0.2 else "…"
                 yield (_bubbles(conv), gr.skip(), f"generating on {ctx.slot.loaded.plan.backend}: {rate}",
-                       gr.skip(), conv, gr.skip(), gr.skip(), gr.skip())
+                       gr.skip(), conv, gr.skip(), gr.skip(), *keep)
         stats = session.last_stats
         conv.auto_title()
         ctx.history.save(conv)
@@ -220,7 +226,7 @@ def build(ctx: AppContext) -> ChatParts:
             line = "The answer was already complete; nothing to add. " + line
         used = (stats.prompt_tokens + stats.completion_tokens) if stats else 0
         yield (_bubbles(conv), gr.skip(), line, _budget_html(used, session.backend.n_ctx, session.last_dropped),
-               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, idle)
+               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, *unlock)
 
     def refuse(why: str) -> tuple:
         return (gr.skip(), gr.skip(), why, *(gr.skip(),) * (len(outputs) - 3))
@@ -230,9 +236,8 @@ def build(ctx: AppContext) -> ChatParts:
                     mt: float, sd: Any, request: gr.Request) -> Iterator[tuple]:
             text = (text or "").strip()
             key = request.session_hash if request else ""
-            running = ctx.cancels.get(key)
-            if running is not None and not running.is_set():  # Enter again while an answer is written
-                yield refuse("still answering: wait, or press Esc (or Stop) to end the answer first")
+            if ctx.answering(key):  # Enter again while an answer is written
+                yield refuse(BUSY)
                 return
             if mode == "send" and not text:
                 yield (gr.skip(),) * len(outputs)
@@ -254,7 +259,7 @@ def build(ctx: AppContext) -> ChatParts:
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
-                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), idle)
+                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), *unlock)
             finally:
                 if (running := ctx.cancels.get(key)) is not None:
                     running.set()  # no answer runs in this session any more (also after a failed load)
@@ -276,7 +281,9 @@ def build(ctx: AppContext) -> ChatParts:
 
     stop_btn.click(stop, None, None, queue=False)
 
-    def edit_last(conv: Conversation) -> tuple:
+    def edit_last(conv: Conversation, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return gr.skip(), gr.skip(), BUSY, gr.skip()
         idx = max((i for i, m in enumerate(conv.messages) if m["role"] == "user"), default=None)
         if idx is None:
             return gr.skip(), gr.skip(), "no question to edit yet", conv
@@ -286,19 +293,29 @@ def build(ctx: AppContext) -> ChatParts:
 
     edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state]).then(**then_pager)
 
-    def page(conv: Conversation, step: int) -> tuple:
+    def page(conv: Conversation, step: int, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY
         i = conv.branch_point()
         if i is None:
-            return gr.skip(), conv, *pager(conv)
+            return gr.skip(), conv, *pager(conv), gr.skip()
         conv.show_version(i, conv.versions[str(i)]["at"] + step)
         if conv.messages:
             ctx.history.save(conv)  # reopened later, the chat shows the version picked last
-        return _bubbles(conv), conv, *pager(conv)
+        return _bubbles(conv), conv, *pager(conv), gr.skip()
 
-    prev_btn.click(lambda c: page(c, -1), [conv_state], [chatbot, conv_state, *pager_out])
-    next_btn.click(lambda c: page(c, 1), [conv_state], [chatbot, conv_state, *pager_out])
+    def page_back(conv: Conversation, request: gr.Request) -> tuple:
+        return page(conv, -1, request)
 
-    def new_chat(model: str, system: str) -> tuple:
+    def page_on(conv: Conversation, request: gr.Request) -> tuple:
+        return page(conv, 1, request)
+
+    prev_btn.click(page_back, [conv_state], [chatbot, conv_state, *pager_out, status])
+    next_btn.click(page_on, [conv_state], [chatbot, conv_state, *pager_out, status])
+
+    def new_chat(model: str, system: str, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):  # the trash icon cannot be greyed out
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY, gr.skip()
         conv = Conversation(model=model or "", system=system)
         return [], conv, gr.update(value=None), conv.title, "", ""
 
@@ -331,7 +348,9 @@ def build(ctx: AppContext) -> ChatParts:
 
     rename_btn.click(rename, [conv_state, title_box], [conv_state, chat_list, status])
 
-    def delete(conv: Conversation, model: str, system: str) -> tuple:
+    def delete(conv: Conversation, model: str, system: str, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return (gr.skip(),) * 4 + (BUSY, gr.skip(), gr.skip())
         if not conv.messages:
             return (gr.skip(),) * 4 + ("nothing to delete: this chat is not saved yet", gr.skip(), gr.skip())
         ctx.history.delete(conv.id)

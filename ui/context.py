@@ -29,6 +29,11 @@ class AppContext:
         self.jobs = JobRunner({"LOCALCHAT_HOME": str(self.store.root)})
         self.cancels: dict[str, threading.Event] = {}  # per browser session: what Stop sets
 
+    def answering(self, session: str) -> bool:
+        """Whether an answer is being written for this browser session (Stop has not ended it)."""
+        running = self.cancels.get(session)
+        return running is not None and not running.is_set()
+
     @cached_property
     def report(self) -> HardwareReport:
         return probe()  # probed once; the Models tab's refresh probes again
