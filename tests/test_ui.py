@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from localchat.commands.preset import set_preset  # noqa: E402
 from localchat.store import Store  # noqa: E402
 from localchat.store.chats import ChatHistory  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
@@ -450,6 +451,38 @@ def test_edit_delete_and_regenerate_wait_for_the_answer(laptop: object, app: App
     assert len(new) == 1
     saved = ChatHistory(app.home / "chats").load(new[0])
     assert [m["role"] for m in saved.messages] == ["user", "assistant"] and saved.messages[1]["content"]
+
+
+def slider(page: object, elem: str) -> float:
+    return float(page.input_value(f"#{elem} input[type=number]"))
+
+
+def test_sampling_preset_is_shown_saved_and_restored_with_the_chat(page: object, app: App) -> None:
+    """The model's preset is named over the sampling sliders and can be saved from them; a chat keeps
+    the settings it was answered with: a New chat starts from the preset, and reopening the saved chat
+    brings its own settings back."""
+    pick(page, "model-picker", SECOND)
+    open_settings(page)
+    page.wait_for_function("document.querySelector('#preset-note').innerText.includes('no preset')")
+    set_number(page, "top-k", "7")
+    page.click("#save-preset")
+    page.wait_for_function("document.querySelector('#preset-note').innerText.includes('top_k 7')")
+    assert Store(app.home).get(SECOND).defaults["sampling"] == {"top_k": 7}
+    try:
+        set_number(page, "temperature", "0.3")
+        set_number(page, "max-tokens", "32")
+        ask(page, "Name a brown animal.")
+        page.click("#new-chat")
+        page.wait_for_function("document.querySelector('#temperature input[type=number]').value === '0.7'")
+        assert slider(page, "top-k") == 7 and slider(page, "max-tokens") == 512
+        pick(page, "chat-list", "Name a brown animal.")
+        page.wait_for_function("document.querySelector('#temperature input[type=number]').value === '0.3'")
+        assert slider(page, "max-tokens") == 32 and slider(page, "top-k") == 7
+        history = ChatHistory(app.home / "chats")
+        saved = history.load(next(c.id for c in history.list() if c.title == "Name a brown animal."))
+        assert saved.model == SECOND and saved.sampling["temperature"] == 0.3 and saved.sampling["top_k"] == 7
+    finally:
+        set_preset(Store(app.home), SECOND, {}, clear=True)
 
 
 def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: App) -> None:

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import gradio as gr
 
 from localchat.chat.reasoning import split_thoughts
-from localchat.engine.settings import SamplingSettings, model_settings
+from localchat.commands.preset import set_preset
+from localchat.engine.settings import PRESET, SamplingSettings, model_settings, preset_text
 from localchat.store.chats import ChatError, Conversation
 
 from . import job_panel
@@ -69,12 +70,34 @@ def _budget_html(used: int, n_ctx: int, dropped: int) -> str:
             f"<small>{OVERFLOW_POLICY}</small>{note}</div>")
 
 
-def _settings(preset: SamplingSettings, temperature: float, top_p: float, max_tokens: float,
-              seed: Any) -> SamplingSettings:
+# The sampling settings the tab shows as sliders: field, low, high, step, label. A model's preset sets
+# them when the model is picked or a new chat starts; a saved chat restores the ones it was answered with.
+SLIDERS = (("temperature", 0, 2, 0.05, "Temperature (0: greedy)"), ("top_p", 0.05, 1, 0.05, "Top-p"),
+           ("top_k", 0, 200, 1, "Top-k (0: all)"), ("min_p", 0, 1, 0.01, "Min-p"),
+           ("repeat_penalty", 0.5, 2, 0.05, "Repeat penalty (1: none)"),
+           ("max_tokens", 16, 4096, 16, "Max answer tokens"))
+SHOWN = tuple(f for f, *_ in SLIDERS)
+DEFAULTS = SamplingSettings()
+
+
+def _settings(preset: SamplingSettings, seed: Any, *values: float) -> SamplingSettings:
     """The sliders' values over the model's preset (which also set the sliders when it was picked)."""
     seed = int(seed) if seed not in (None, "", -1) and int(seed) >= 0 else None
-    return replace(preset, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                   seed=seed)
+    typed = {f: type(getattr(DEFAULTS, f))(v) for f, v in zip(SHOWN, values)}  # a slider sends 40.0 for top_k
+    return replace(preset, **typed, seed=seed)
+
+
+def slider_values(settings: SamplingSettings) -> list[float]:
+    return [getattr(settings, f) for f in SHOWN]
+
+
+def preset_note(ctx: AppContext, name: str | None) -> str:
+    """Which preset the sliders start from: the model's own, or the global defaults."""
+    if not name or name not in ctx.store.models():
+        return ""
+    own = ctx.store.get(name).defaults.get(PRESET) or {}
+    return (f"**{name}**'s preset: {preset_text(own)}" if own else
+            f"**{name}** has no preset: the global defaults apply") + " (*Save as the model's preset* changes it)"
 
 
 def pager(conv: Conversation) -> tuple:
@@ -160,15 +183,14 @@ def build(ctx: AppContext) -> ChatParts:
             with gr.Accordion("System prompt and sampling", open=False):
                 system_box = gr.Textbox(label="System prompt", value=default_system(first), lines=2,
                                         elem_id="system-prompt")
+                note = gr.Markdown(preset_note(ctx, first), elem_id="preset-note")
                 d = preset(first)
-                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0: greedy)",
-                                        elem_id="temperature")
-                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(16, 4096, value=d.max_tokens, step=16, label="Max answer tokens",
-                                       elem_id="max-tokens")
+                sliders = [gr.Slider(lo, hi, value=getattr(d, f), step=step, label=label,
+                                     elem_id=f.replace("_", "-")) for f, lo, hi, step, label in SLIDERS]
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                save_preset = gr.Button("Save as the model's preset", size="sm", elem_id="save-preset")
 
-    sampling = [temperature, top_p, max_tokens, seed]
+    sampling = [seed, *sliders]
     # What would change the chat under an answer being written (its reply is a message of the chat
     # it streams into): greyed out until the answer ends, and each handler refuses while one runs.
     locked = [send_btn, regen_btn, cont_btn, edit_btn, delete_btn, new_btn, prev_btn, next_btn]
@@ -180,6 +202,7 @@ def build(ctx: AppContext) -> ChatParts:
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
                key: str) -> Iterator[tuple]:
         conv.model, conv.system = model, system.strip()
+        conv.sampling = {f: getattr(settings, f) for f in (*SHOWN, "seed") if getattr(settings, f) is not None}
         if mode == "send":
             conv.messages.append({"role": "user", "content": text})
         elif mode == "regenerate" and conv.messages[-1]["role"] == "assistant":
@@ -232,8 +255,8 @@ def build(ctx: AppContext) -> ChatParts:
         return (gr.skip(), gr.skip(), why, *(gr.skip(),) * (len(outputs) - 3))
 
     def guarded(mode: str):
-        def handler(text: str, conv: Conversation, model: str, system: str, temp: float, tp: float,
-                    mt: float, sd: Any, request: gr.Request) -> Iterator[tuple]:
+        def handler(request: gr.Request, text: str, conv: Conversation, model: str, system: str, sd: Any,
+                    *values: float) -> Iterator[tuple]:
             text = (text or "").strip()
             key = request.session_hash if request else ""
             if ctx.answering(key):  # Enter again while an answer is written
@@ -255,7 +278,7 @@ def build(ctx: AppContext) -> ChatParts:
                 yield refuse("nothing to continue: the last message is yours")
                 return
             try:
-                yield from answer(conv, mode, text, model, system, _settings(preset(model), temp, tp, mt, sd), key)
+                yield from answer(conv, mode, text, model, system, _settings(preset(model), sd, *values), key)
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
@@ -315,27 +338,38 @@ def build(ctx: AppContext) -> ChatParts:
 
     def new_chat(model: str, system: str, request: gr.Request) -> tuple:
         if ctx.answering(request.session_hash):  # the trash icon cannot be greyed out
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY, gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY, *(gr.skip(),) * (1 + len(sliders))
         conv = Conversation(model=model or "", system=system)
-        return [], conv, gr.update(value=None), conv.title, "", ""
+        return [], conv, gr.update(value=None), conv.title, "", "", *slider_values(preset(model))
 
-    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget]
+    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget, *sliders]
     new_btn.click(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
     # The chat's trash icon starts a new chat: the cleared one stays saved and is not sent again.
     chatbot.clear(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
 
     def open_chat(chat_id: str | None, model: str) -> tuple:
+        """The saved chat, on its model (if still in the store) and with the sampling settings it was
+        answered with."""
+        skip = (gr.skip(),) * (2 + len(sampling))
         if not chat_id:
-            return (gr.skip(),) * 6
+            return (gr.skip(),) * 6 + skip
         try:
             conv = ctx.history.load(chat_id)
         except ChatError as exc:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: {exc}"
+            return (gr.skip(),) * 5 + (f"Error: {exc}",) + skip
         pick = conv.model if conv.model in ctx.chat_models() else model
-        return _bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”"
+        try:
+            used = replace(preset(pick), **{k: v for k, v in conv.sampling.items() if k in (*SHOWN, "seed")})
+        except (TypeError, ValueError):  # a hand-edited chat: its model's preset instead
+            used = preset(pick)
+        seed_value = used.seed if used.seed is not None else -1
+        return (_bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”",
+                ctx.plan_text(pick) if pick else gr.skip(), preset_note(ctx, pick), seed_value,
+                *slider_values(used))
 
     chat_list.input(open_chat, [chat_list, model_dd],
-                    [chatbot, conv_state, title_box, system_box, model_dd, status]).then(**then_pager)
+                    [chatbot, conv_state, title_box, system_box, model_dd, status, plan_md, note,
+                     *sampling]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
         try:
@@ -382,13 +416,27 @@ def build(ctx: AppContext) -> ChatParts:
 
     def pick_model(name: str) -> tuple:
         if not name:
-            return "no model", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return ("no model",) + (gr.skip(),) * (2 + len(sliders)) + ("",)
         if name not in ctx.chat_models():
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: “{name}” was removed from the store"
-        d = preset(name)
-        return ctx.plan_text(name), default_system(name), d.temperature, d.top_p, ""
+            return (gr.skip(),) * (3 + len(sliders)) + (f"Error: “{name}” was removed from the store",)
+        return ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)), ""
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, temperature, top_p, status])
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, note, *sliders, status])
+
+    def save_as_preset(model: str, *values: float) -> tuple:
+        """The sliders as the model's preset (what `localchat preset` sets): only the settings that
+        differ from the global defaults are kept, so saving the defaults clears it."""
+        if not model or model not in ctx.store.models():
+            return gr.skip(), "Error: pick a model first"
+        chosen = _settings(DEFAULTS, None, *values)
+        changes = {f: getattr(chosen, f) for f in SHOWN if getattr(chosen, f) != getattr(DEFAULTS, f)}
+        try:
+            set_preset(ctx.store, model, changes, clear=True)
+        except Exception as exc:
+            return gr.skip(), f"Error: {exc}"
+        return preset_note(ctx, model), f"saved {model}'s preset: {preset_text(changes)}"
+
+    save_preset.click(save_as_preset, [model_dd, *sliders], [note, status])
 
     def install_starter() -> str:
         try:
