@@ -485,6 +485,35 @@ def test_sampling_preset_is_shown_saved_and_restored_with_the_chat(page: object,
         set_preset(Store(app.home), SECOND, {}, clear=True)
 
 
+def test_theme_toggle_is_remembered_and_system_follows_the_computer(browser: object, app: App) -> None:
+    """Dark or Light picked in the header turns the page at once and stays after a reload; System
+    follows the computer's setting as it changes."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    pg = open_page(ctx, app)
+
+    def looks_dark() -> bool:
+        rgb = pg.evaluate("getComputedStyle(document.querySelector('#chatbot')).backgroundColor")
+        return sum(int(c) for c in re.findall(r"\d+", rgb)[:3]) < 3 * 100
+
+    assert not looks_dark()
+    pg.click("#theme label:has-text('Dark')")
+    pg.wait_for_function("document.body.classList.contains('dark')")
+    assert looks_dark()
+    pg.reload()
+    pg.wait_for_selector("#message textarea")
+    pg.wait_for_function("document.body.classList.contains('dark')")
+    assert looks_dark() and pg.locator("#theme input[value='dark']").is_checked()
+    pg.click("#theme label:has-text('System')")
+    pg.wait_for_function("!document.body.classList.contains('dark')")
+    assert not looks_dark()
+    pg.emulate_media(color_scheme="dark")
+    pg.wait_for_function("document.body.classList.contains('dark')")
+    pg.click("#theme label:has-text('Light')")
+    pg.wait_for_function("!document.body.classList.contains('dark')")
+    assert not looks_dark()
+    ctx.close()
+
+
 def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: App) -> None:
     """On a 390-px wide phone the message box is within the first screen (the sidebar goes below)."""
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)

@@ -23,16 +23,35 @@ footer {display: none !important}
   #chatbot {height: 40vh !important}
 }
 #chat-status p {margin: 0}
+/* The theme's three small choices sit in the top right corner, beside the title; on a phone they
+   follow the title, which gets smaller so the message box stays on the first screen. */
+#theme {position: absolute; top: 12px; right: 16px; width: auto !important; min-width: 0 !important}
+#theme label {padding: 2px 8px}
+@media (max-width: 720px) {
+  #theme {position: static}
+  #app-title h2 {font-size: 1rem; margin: 0}
+}
 button.label-wrap {padding-right: 8px}  /* the accordion's turned arrow stays inside its button */
 """
-# Esc stops the answer being written, as in other chat apps (Stop does the same).
+# Esc stops the answer being written, as in other chat apps (Stop does the same). The theme picked
+# in the header (system, light or dark) is kept in the browser and applied before Gradio's own
+# system-setting listener can undo it (ours runs after it when the computer's setting changes).
 JS = """
 () => {
   document.addEventListener('keydown', (e) => {
     if (e.key === 'Escape') { const b = document.querySelector('#stop'); if (b) b.click(); }
   });
+  const dark = window.matchMedia('(prefers-color-scheme: dark)');
+  window.localchatTheme = (mode) => {
+    if (mode) localStorage.setItem('localchat-theme', mode);
+    mode = localStorage.getItem('localchat-theme') || 'system';
+    document.body.classList.toggle('dark', mode === 'dark' || (mode === 'system' && dark.matches));
+  };
+  dark.addEventListener('change', () => window.localchatTheme());
+  window.localchatTheme();
 }
 """
+THEMES = [("System", "system"), ("Light", "light"), ("Dark", "dark")]
 
 
 def tilde(path: Path) -> str:
@@ -45,7 +64,9 @@ def tilde(path: Path) -> str:
 
 def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"## {TITLE} — offline chat, quantization and fine-tuning · store: `{tilde(ctx.store.root)}`")
+        gr.Markdown(f"## {TITLE} — offline chat, quantization and fine-tuning · store: `{tilde(ctx.store.root)}`",
+                    elem_id="app-title")
+        theme = gr.Radio(THEMES, value="system", label="Theme", elem_id="theme", container=False)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat = chat_tab.build(ctx)
@@ -84,6 +105,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         ft_tab.select(chats_choices, None, [ft_chats])
         # A page opened later (or after a restart) lists the chats saved since the app started.
         app.load(lambda: gr.update(choices=chat_tab.chat_choices(ctx)), None, [chat.chat_list])
+        # The theme lives in the browser (each person's own), so these run there, not on the server.
+        app.load(None, None, [theme], js="() => localStorage.getItem('localchat-theme') || 'system'")
+        theme.input(None, [theme], None, js="(mode) => { window.localchatTheme(mode); return []; }")
     return app
 
 
