@@ -698,6 +698,54 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
                            timeout=120_000)
 
 
+def test_finetune_estimates_time_and_disk_before_start(page: object, tmp_path: Path) -> None:
+    """Before Start the tab says how long the run takes and how much disk it writes, from the rows,
+    the base and the epochs: twenty epochs over the same rows take more updates than three."""
+    rows = [{"instruction": f"Tell me fact {i} about the garden.", "output": "A long answer. " * 12}
+            for i in range(200)]
+    data = tmp_path / "garden.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.set_input_files("#dataset-file input[type=file]", str(data))
+    page.wait_for_function("document.querySelector('#finetune-estimate').innerText.includes('Estimate')")
+    text = page.inner_text("#finetune-estimate")
+    assert re.search(r"about [\d.]+ (s|min|h) for \d+ updates", text), text
+    assert re.search(r"disk at the peak about [\d.]+ [KMG]B \(.*checkpoints [\d.]+ [KMG]B", text), text
+    updates = int(re.search(r"for (\d+) updates", text).group(1))
+    set_number(page, "finetune-epochs", "20")
+    page.wait_for_function(f"!document.querySelector('#finetune-estimate').innerText.includes('for {updates} updates')")
+    assert int(re.search(r"for (\d+) updates", page.inner_text("#finetune-estimate")).group(1)) > updates
+
+
+def test_clean_up_frees_what_finished_finetunes_leave(page: object, app: App, starter_gguf: Path) -> None:
+    """Clean up removes a finished fine-tune's checkpoints and a base dequantized for training, and says
+    how much it freed; the model, its adapter and a stopped run's checkpoints (for Resume) stay."""
+    store = Store(app.home)
+    import_gguf(store, starter_gguf, name="ft-done")
+    done = app.home / "ft-done" / "finetune"
+    (done / "checkpoints" / "step-50").mkdir(parents=True)
+    (done / "checkpoints" / "step-50" / "optim.pt").write_bytes(b"\0" * 3_000_000)
+    (done / "adapter").mkdir()
+    (done / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    dequantized = app.home / SECOND / "hf"
+    dequantized.mkdir()
+    (dequantized / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    stopped = app.home / "ft-stopped" / "finetune" / "checkpoints" / "step-5"
+    stopped.mkdir(parents=True)
+    (stopped / "optim.pt").write_bytes(b"\0" * 1000)
+    try:
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.click("#finetune-cleanup")
+        page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('freed')")
+        note = page.inner_text("#dataset-check")
+        assert "freed 5.0 MB" in note and "ft-done: checkpoints 3.0 MB" in note, note
+        assert f"{SECOND}: dequantized base 2.0 MB" in note, note
+        assert not (done / "checkpoints").exists() and not dequantized.exists()
+        assert (done / "adapter").is_dir() and stopped.is_dir() and "ft-done" in Store(app.home).models()
+    finally:
+        store.remove("ft-done")
+
+
 def test_the_chats_trash_icon_starts_a_new_chat(page: object, app: App) -> None:
     """The chat's trash icon clears the screen for good: the next question starts a new saved chat
     instead of bringing the cleared conversation back."""

@@ -11,6 +11,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from localchat.finetune.estimate import base_size, clean_up, data_chars, estimate
+from localchat.finetune.settings import TrainSettings
+from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name
 from localchat.store.names import safe_file_name
 from localchat.store.chats import ChatError, write_dataset
@@ -93,9 +96,11 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
+            guess = gr.Markdown("Pick a dataset to see the time and disk it takes.", elem_id="finetune-estimate")
             with gr.Row():
                 start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
                 resume = gr.Button("Resume", elem_id="finetune-resume")
+                tidy = gr.Button("Clean up", elem_id="finetune-cleanup")
     panel = job_panel.build("finetune")
     plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
@@ -171,5 +176,33 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
         return f"resumed the fine-tune of {job.target} from its last checkpoint"
 
     resume.click(do_resume, None, [check])
+
+    def show_estimate(data: str, b: str | None, folder: str, ep: float, r: float) -> str:
+        """Time and disk before Start, from the rows, the base's size and the settings."""
+        spec = folder.strip() or b
+        if not data or not spec:
+            return "Pick a dataset and a base to see the time and disk it takes."
+        try:
+            guess = estimate(base_size(spec, ctx.store), data_chars(data),
+                             TrainSettings(epochs=float(ep), lora_r=int(r)), ctx.store)
+        except Exception as exc:  # a folder being typed, a base with no weights: no estimate, no error
+            return f"No estimate yet: {exc}"
+        return guess.describe()
+
+    shown = [dataset_path, base, base_path, epochs, rank]
+    for part in (dataset_path.change, base.change, base_path.blur, epochs.change, rank.change):
+        part(show_estimate, shown, [guess], show_progress="hidden")
+
+    def do_clean_up() -> str:
+        """Remove what finished fine-tunes leave (checkpoints, dequantized bases), saying what it freed."""
+        job = ctx.jobs.current
+        if job is not None and job.running:
+            return "Error: a job is running; clean up once it has finished (it may need those files)"
+        freed, what = clean_up(ctx.store)
+        if not what:
+            return "nothing to clean up: no finished fine-tune left checkpoints or a dequantized base"
+        return f"freed {human(freed)}: " + "; ".join(what)
+
+    tidy.click(do_clean_up, None, [check])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
     return panel, plot, base, chats
