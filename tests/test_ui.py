@@ -746,6 +746,35 @@ def test_clean_up_frees_what_finished_finetunes_leave(page: object, app: App, st
         store.remove("ft-done")
 
 
+def test_models_tab_explains_eval_figures_and_offers_the_clis_quant_types(page: object, app: App) -> None:
+    """A model's eval figures come with a verdict in words and a legend that explains them; Convert
+    offers exactly the CLI's quant types; GPTQ's bits show only for GPTQ, AUTO's size only with AUTO."""
+    from localchat.convert.quantize import QUANT_TYPES
+
+    store = Store(app.home)
+    store.update_eval(SECOND, {"ppl": 13.1, "ppl_base": 12.8, "kld": 0.02, "kld_p99": 0.3, "top1": 0.93,
+                               "tokens_scored": 500})
+    try:
+        page.get_by_role("tab", name="Models").click()
+        page.wait_for_function("document.querySelector('#models-table').innerText"
+                               ".includes('good: small differences from the source')")
+        assert "(ppl +2.3% vs the source)" in page.inner_text("#models-table")
+        assert "KLD under 0.01 is near lossless" in page.inner_text("#models-legend")
+        page.get_by_role("tab", name="Convert / quantize").click()
+        page.click("#convert-quant input")
+        offered = [n.replace("✓", "").strip() for n in page.get_by_role("option").all_inner_texts()]
+        page.evaluate("document.activeElement.blur()")
+        assert offered == list(QUANT_TYPES)
+        assert not page.locator("#convert-bits").is_visible() and not page.locator("#convert-size").is_visible()
+        pick(page, "convert-quant", "AUTO")
+        page.locator("#convert-size").wait_for(state="visible")
+        page.click("#convert-format label:has-text('gptq')")
+        page.locator("#convert-bits").wait_for(state="visible")
+        assert not page.locator("#convert-quant").is_visible() and not page.locator("#convert-size").is_visible()
+    finally:
+        store.update(SECOND, lambda e: e.eval.clear())
+
+
 def test_the_chats_trash_icon_starts_a_new_chat(page: object, app: App) -> None:
     """The chat's trash icon clears the screen for good: the next question starts a new saved chat
     instead of bringing the cleared conversation back."""
