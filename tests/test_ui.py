@@ -775,6 +775,14 @@ def test_models_tab_explains_eval_figures_and_offers_the_clis_quant_types(page: 
         store.update(SECOND, lambda e: e.eval.clear())
 
 
+def test_an_idle_page_is_sent_the_loss_plot_once(page: object) -> None:
+    """With no fine-tune writing its log, the timer does not send the loss plot again every second
+    (it re-read the log and redrew the plot on every page each tick)."""
+    frames = plot_frames(page)
+    page.wait_for_timeout(4000)
+    assert len(frames) <= 1, f"the plot was sent {len(frames)} times in 4 s"
+
+
 def test_the_chats_trash_icon_starts_a_new_chat(page: object, app: App) -> None:
     """The chat's trash icon clears the screen for good: the next question starts a new saved chat
     instead of bringing the cleared conversation back."""

@@ -75,28 +75,33 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune") as ft_tab:
                 f_panel, plot, ft_base, ft_chats = finetune_tab.build(ctx)
 
-        store_seen = gr.State(None)  # the manifest's stamp when this page last listed the models
+        # What this page was sent last (store stamp, loss version, job panel): the timer sends only
+        # what changed since, so an idle app sends nothing and plans no model, however many pages are open.
+        seen_state = gr.State(None)
         panels = [chat.panel, m_panel, f_panel]
 
-        def tick(seen: object, current: str | None) -> tuple:
+        def tick(seen: tuple | None, current: str | None) -> tuple:
             """Job progress everywhere, and every model list follows the store: a model imported,
             converted or deleted from the command line shows up here within a second."""
-            updates: list = list(job_panel.render(ctx.jobs)) * len(panels)  # the same job in every tab
-            updates.append(finetune_tab.loss_frame(ctx, ctx.jobs))
+            was_store, was_loss, was_job = seen or (None, None, None)
+            job = job_panel.render(ctx.jobs)
+            updates: list = list(job) * len(panels) if job != was_job else [gr.skip()] * (len(job) * len(panels))
+            version, frame = finetune_tab.loss_frame(ctx, ctx.jobs)
+            updates.append(frame if version != was_loss else gr.skip())
             stamp = ctx.store_stamp()
-            if stamp != seen:
+            if stamp != was_store:
                 models = list(ctx.store.models())
                 updates += [models_tab.table(ctx), gr.update(choices=models_tab.hf_models(ctx)),
                             gr.update(choices=models), gr.update(choices=models),
-                            *chat_tab.follow_store(ctx, current), stamp]
+                            *chat_tab.follow_store(ctx, current)]
             else:
-                updates += [gr.skip()] * 7 + [seen]
-            return tuple(updates)
+                updates += [gr.skip()] * 7
+            return (*updates, (stamp, version, job))
 
         timer = gr.Timer(1.0)
-        timer.tick(tick, [store_seen, chat.model_dd],
+        timer.tick(tick, [seen_state, chat.model_dd],
                    [*(c for p in panels for c in p.parts()), plot, models_df, m_dropdowns[0], m_dropdowns[1],
-                    ft_base, chat.model_dd, chat.status, chat.first_run, store_seen],
+                    ft_base, chat.model_dd, chat.status, chat.first_run, seen_state],
                    show_progress="hidden", queue=False)
 
         def chats_choices() -> dict:

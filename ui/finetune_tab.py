@@ -3,7 +3,6 @@ chats), a base model, then `localchat finetune` as a job with live progress and 
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -50,25 +49,12 @@ def check_dataset(path: str | Path) -> str:
     return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
 
 
-def loss_frame(ctx: AppContext, jobs: JobRunner) -> pd.DataFrame:
-    """The loss of the fine-tune that runs (or ran last), one row per logged update, numeric columns:
-    an empty frame of object columns would make the plot's axis categorical for good."""
+def loss_frame(ctx: AppContext, jobs: JobRunner) -> tuple[tuple, pd.DataFrame]:
+    """The loss of the fine-tune that runs (or ran last), one row per logged update, and its version
+    (the timer sends the plot to a page only when that changed)."""
     job = jobs.current
     name = job.target if job is not None else ""
-    log = ctx.store.root / name / "finetune" / "loss.jsonl" if name else None
-    rows = []
-    if log is not None and log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line being written right now
-            if "loss" in r:
-                rows.append({"update": r["step"], "loss": r["loss"], "series": "train"})
-            elif "held_out_loss" in r:
-                rows.append({"update": r["step"], "loss": r["held_out_loss"], "series": "held out"})
-    frame = pd.DataFrame(rows, columns=["update", "loss", "series"])
-    return frame.astype({"update": "int64", "loss": "float64", "series": "string"})
+    return ctx.loss_log.read(ctx.store.root / name / "finetune" / "loss.jsonl" if name else None)
 
 
 def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown, gr.CheckboxGroup]:
@@ -102,7 +88,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
                 resume = gr.Button("Resume", elem_id="finetune-resume")
                 tidy = gr.Button("Clean up", elem_id="finetune-cleanup")
     panel = job_panel.build("finetune")
-    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
+    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs)[1], x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
 
     def on_upload(path: str | None) -> tuple:

@@ -23,6 +23,11 @@ HEADERS = ["name", "format", "quant", "size", "backend here", "eval", "source"]
 
 
 def table(ctx: AppContext) -> list[list[str]]:
+    """The store as rows (made once per store change: AppContext.models_table)."""
+    return ctx.models_table(lambda: _rows(ctx))
+
+
+def _rows(ctx: AppContext) -> list[list[str]]:
     rows = []
     for e in ctx.store.models().values():
         backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq", "lora") else "convert it first"
