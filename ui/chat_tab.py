@@ -183,7 +183,7 @@ def build(ctx: AppContext) -> ChatParts:
             with gr.Accordion("System prompt and sampling", open=False):
                 system_box = gr.Textbox(label="System prompt", value=default_system(first), lines=2,
                                         elem_id="system-prompt")
-                note = gr.Markdown(preset_note(ctx, first), elem_id="preset-note")
+                preset_md = gr.Markdown(preset_note(ctx, first), elem_id="preset-note")
                 d = preset(first)
                 sliders = [gr.Slider(lo, hi, value=getattr(d, f), step=step, label=label,
                                      elem_id=f.replace("_", "-")) for f, lo, hi, step, label in SLIDERS]
@@ -368,7 +368,7 @@ def build(ctx: AppContext) -> ChatParts:
                 *slider_values(used))
 
     chat_list.input(open_chat, [chat_list, model_dd],
-                    [chatbot, conv_state, title_box, system_box, model_dd, status, plan_md, note,
+                    [chatbot, conv_state, title_box, system_box, model_dd, status, plan_md, preset_md,
                      *sampling]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
@@ -421,7 +421,7 @@ def build(ctx: AppContext) -> ChatParts:
             return (gr.skip(),) * (3 + len(sliders)) + (f"Error: “{name}” was removed from the store",)
         return ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)), ""
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, note, *sliders, status])
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, preset_md, *sliders, status])
 
     def save_as_preset(model: str, *values: float) -> tuple:
         """The sliders as the model's preset (what `localchat preset` sets): only the settings that
@@ -436,7 +436,7 @@ def build(ctx: AppContext) -> ChatParts:
             return gr.skip(), f"Error: {exc}"
         return preset_note(ctx, model), f"saved {model}'s preset: {preset_text(changes)}"
 
-    save_preset.click(save_as_preset, [model_dd, *sliders], [note, status])
+    save_preset.click(save_as_preset, [model_dd, *sliders], [preset_md, status])
 
     def install_starter() -> str:
         try:

@@ -145,7 +145,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             ctx.jobs.start(f"fine-tune {n}", args, target=n, phases=PHASES)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
-        return f"started fine-tune of {b} into {n}", n
+        return f"started fine-tune of {folder.strip() or b} into {n}", n  # as typed: ~/… stays ~/…
 
     start.click(do_start, [dataset_path, base, base_path, name, epochs, lr, rank, lora], [check, name])
 
