@@ -24,7 +24,9 @@ from localchat.store import Store, StoreError
 from .settings import CHECKPOINTS, TrainSettings
 
 CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary; the estimate needs no tokenizer
-ASSUMED_FLOPS = 50e9  # a laptop CPU running torch, before this store has measured one
+# A two-core laptop CPU running torch, before this store has measured one (the docs session: the starter
+# on a dozen rows, ~4,300 tokens, took 496 s on two busy cores with loading and export, ~5 GFLOP/s).
+ASSUMED_FLOPS = 10e9
 CHECKPOINT_BYTES = 4 + 8  # per LoRA weight: the weight and Adam's two moments, float32
 QUANT_BYTES_PER_WEIGHT = 0.6  # Q4_K_M, the export's default (4.85 bits)
 SEQ_TOKENS, SEQ_BATCH = 2048, 4  # the shape the trainer picks on a machine with a few GB free
