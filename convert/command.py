@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .to_gguf import GgufPlan
 
 DEFAULT_QUANT = "Q4_K_M"
+GPTQ_BITS = (4, 8)  # what --bits takes (the app offers the same)
 SMOKE_PROMPT = "What is the capital of France?"
 GPTQ_BESIDE = "gptq"  # the folder name of a GPTQ checkpoint kept inside a GGUF model's folder
 IMATRIX_KEY = "imatrix"  # the store entry's extra key for the importance matrix kept beside the GGUF
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "JSONL, Alpaca, ShareGPT or .txt (default: conversations and prose "
                                               "shipped with localchat)")
     gptq = parser.add_argument_group("gptq (--to gptq)")
-    gptq.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
+    gptq.add_argument("--bits", type=int, choices=GPTQ_BITS, default=GPTQ_BITS[0], help="bits per weight (default: 4)")
     gptq.add_argument("--group-size", type=int, default=128, choices=(128, 64, 32, 16),
                       help="weights sharing one scale (default: 128; smaller if it does not divide the layers, "
                            "within what vLLM's Marlin kernels read; 16 they do not)")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from localchat.options import Options, option
 
+CHECKPOINTS = "checkpoints"  # the resume checkpoints' folder in `<store>/<name>/finetune/`
+
 @dataclass(frozen=True)
 class TrainSettings(Options):
     option_group = "training"

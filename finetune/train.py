@@ -30,9 +30,8 @@ from .distributed import ranks
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
-from .settings import TrainSettings
+from .settings import CHECKPOINTS, TrainSettings
 
-CHECKPOINTS = "checkpoints"
 LOSS_LOG = "loss.jsonl"
 LOSS_PLOT = "loss.png"
 

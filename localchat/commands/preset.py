@@ -14,24 +14,30 @@ from typing import Any
 
 from ..engine.settings import PRESET, PRESET_FIELDS, SamplingSettings, check_preset, preset_text
 from ..options import given
-from ..store import ModelEntry, default_store
+from ..store import ModelEntry, Store, default_store
+
+
+def set_preset(store: Store, name: str, changes: dict[str, Any], clear: bool = False) -> ModelEntry:
+    """Change model `name`'s preset (`clear`: start from none) under the store's lock; the CLI and
+    the app's Chat tab both save a preset through here."""
+    check_preset(changes, "the preset")  # bounds checked before the manifest is touched
+
+    def change(entry: ModelEntry) -> None:
+        current: dict[str, Any] = {} if clear else dict(entry.defaults.get(PRESET) or {})
+        current.update(changes)
+        if current:
+            entry.defaults[PRESET] = current
+        else:
+            entry.defaults.pop(PRESET, None)
+
+    return store.update(name, change)
 
 
 def preset(args: argparse.Namespace) -> int:
     store = default_store()
     changes = given(SamplingSettings, args)
     if changes or args.clear:
-        check_preset(changes, "the preset")  # bounds checked before the manifest is touched
-
-        def change(entry: ModelEntry) -> None:
-            current: dict[str, Any] = {} if args.clear else dict(entry.defaults.get(PRESET) or {})
-            current.update(changes)
-            if current:
-                entry.defaults[PRESET] = current
-            else:
-                entry.defaults.pop(PRESET, None)
-
-        entry = store.update(args.model, change)
+        entry = set_preset(store, args.model, changes, args.clear)
     else:
         entry = store.get(args.model)
     current = entry.defaults.get(PRESET) or {}
