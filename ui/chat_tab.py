@@ -421,7 +421,9 @@ def build(ctx: AppContext) -> ChatParts:
             return (gr.skip(),) * (3 + len(sliders)) + (f"Error: “{name}” was removed from the store",)
         return ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)), ""
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, preset_md, *sliders, status])
+    # Progress hidden: Gradio's pending timer ("0.0s") would show in the status line.
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, preset_md, *sliders, status],
+                   show_progress="hidden")
 
     def save_as_preset(model: str, *values: float) -> tuple:
         """The sliders as the model's preset (what `localchat preset` sets): only the settings that
