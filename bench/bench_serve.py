@@ -181,24 +181,32 @@ def llama_server(binary: Path, port: int, model: str, context: int, parallel: in
 
 @contextlib.contextmanager
 def running(argv: list[str], port: int) -> Iterator[subprocess.Popen]:
-    """`argv` started, once its /health answers 200; stopped on the way out."""
-    proc = subprocess.Popen(argv, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while True:
+    """`argv` started, once its /health answers 200; stopped on the way out. Its log goes to a temp file,
+    not a pipe: llama-server logs every request, and a full pipe would stall it mid-bench."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:  # (llama-server answers 503 while it loads: an HTTPError, an OSError)
+                    if time.time() > deadline or proc.poll() is not None:
+                        proc.kill()
+                        proc.wait()
+                        log.seek(0)
+                        raise RuntimeError(f"{Path(argv[0]).name} did not start: "
+                                           + log.read().decode(errors="replace")[-2000:])
+                    time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:  # (llama-server answers 503 while it loads: an HTTPError, an OSError)
-                if time.time() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise RuntimeError(f"{Path(argv[0]).name} did not start: "
-                                       + (proc.stderr.read().decode()[-2000:] if proc.stderr else ""))
-                time.sleep(0.2)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> dict:
