@@ -20,7 +20,7 @@ from localchat.store.chats import ChatError, Conversation
 from . import job_panel
 from .context import AppContext
 
-UPDATE_EVERY_S = 0.1
+UPDATE_EVERY_S = 0.25
 BUSY = "still answering: wait, or press Esc (or Stop) to end the answer first"
 OVERFLOW_POLICY = "when the context is full, the oldest turns are left out and the system prompt is kept"
 
@@ -228,9 +228,9 @@ def build(ctx: AppContext) -> ChatParts:
                 now = time.perf_counter()
                 first_at = first_at or now
                 reply["content"] = base + "".join(parts)
-                # Redraw at most 10 times a second: every token would cost the browser and
-                # the server more CPU than the decode itself on a small laptop (bench_ui.py:
-                # 0.48x of plain decode speed redrawing every token, 0.75x at 10 a second).
+                # Redraw at most 4 times a second: every redraw costs the browser and the server
+                # CPU that the decode needs on a small laptop (bench_ui.py, 2 cores: 0.48x of plain
+                # decode speed redrawing every token, 0.75x at 10 a second, 0.95x at 4).
                 if now - shown_at < UPDATE_EVERY_S and len(parts) > 1:
                     continue
                 shown_at = now
