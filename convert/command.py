@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
 from localchat.gguf_file import read_gguf
+from localchat.quant_types import DEFAULT_QUANT, GPTQ_BITS
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 from localchat.store.manifest import gguf_defaults
 from localchat.store.jobs import job_folder
@@ -33,8 +34,6 @@ from .quantize import (NEEDS_IMATRIX, QUANT_TYPES, USES_IMATRIX, check_imatrix, 
 if TYPE_CHECKING:
     from .to_gguf import GgufPlan
 
-DEFAULT_QUANT = "Q4_K_M"
-GPTQ_BITS = (4, 8)  # what --bits takes (the app offers the same)
 SMOKE_PROMPT = "What is the capital of France?"
 GPTQ_BESIDE = "gptq"  # the folder name of a GPTQ checkpoint kept inside a GGUF model's folder
 IMATRIX_KEY = "imatrix"  # the store entry's extra key for the importance matrix kept beside the GGUF

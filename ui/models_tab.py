@@ -8,8 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from localchat.commands.list import eval_text, printable
-from localchat.convert.command import DEFAULT_QUANT, GPTQ_BITS
-from localchat.convert.quantize import NEEDS_IMATRIX, QUANT_TYPES
+from localchat.quant_types import DEFAULT_QUANT, GPTQ_BITS, NEEDS_IMATRIX, QUANT_TYPES
 from localchat.evaluation import EVAL_LEGEND, verdict
 from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name, check_relative
