@@ -180,8 +180,8 @@ def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     answer, seen = ask(page, "What is the capital of France? Tell me about the city.", watch=True)
     assert "Paris" in answer
     # Streamed: a partial answer showed before the whole (the app redraws at most 4 times a second, so a
-    # short answer on a fast machine shows its first token, then the rest).
-    assert len(seen) >= 2 and len(seen[0]) < len(answer), f"not streamed: {seen}"
+    # short answer on a fast machine may show only its first token, then the rest at once).
+    assert seen and len(seen[0]) < len(answer), f"not streamed: {seen} before {answer!r}"
     assert re.search(r"smollm2-135m-instruct on llamacpp-cpu: \d+ tokens, [\d.]+ tok/s", status(page))
     assert "context:" in page.inner_text("#budget-box") and "system prompt is kept" in page.inner_text("#budget-box")
     assert "What is the capital of France?" in page.input_value("#chat-title textarea")
