@@ -54,7 +54,7 @@ def describe_store(store: Store, clean: bool) -> str:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    report = load_report(args.report) if args.report else probe()
+    report = load_report(args.report) if args.report else probe(vllm=True)
     if args.json:
         print(report.to_json())
         return 0

@@ -46,7 +46,7 @@ def vllm_launch(settings: ServerSettings, model: str, scratch: Path) -> tuple[li
     from ..templates import DEFAULT_FORMAT, get_format
 
     resolved = resolve_for_vllm(model, default_store())
-    report = probe(libraries=("cuda",), llama_cpp=False)
+    report = probe(libraries=("cuda",), llama_cpp=False, vllm=True)
     try:
         p = plan(report, resolved.artifacts, Overrides(backend="vllm", context=settings.context,
                                                        parallel=settings.parallel), resolved.measured)

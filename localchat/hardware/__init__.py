@@ -54,17 +54,20 @@ VENDOR_PROBES: dict[str, tuple[str, Callable[[], list[Accelerator]]]] = {
     "metal": ("apple", lambda: probe_apple())}
 
 
-def probe(libraries: tuple[str, ...] | None = None, llama_cpp: bool = True) -> HardwareReport:
+def probe(libraries: tuple[str, ...] | None = None, llama_cpp: bool = True, vllm: bool = False) -> HardwareReport:
     """The report to plan with: $LOCALCHAT_HARDWARE_REPORT's file if set, else this machine's
-    (only the accelerators of `libraries` and without llama.cpp when asked: see `probe_machine`)."""
+    (only the accelerators of `libraries`, without llama.cpp, with vLLM when asked: see `probe_machine`)."""
     path = os.environ.get(ENV_REPORT)
-    return load_report(path) if path else probe_machine(libraries, llama_cpp)
+    return load_report(path) if path else probe_machine(libraries, llama_cpp, vllm)
 
 
-def probe_machine(libraries: tuple[str, ...] | None = None, llama_cpp: bool = True) -> HardwareReport:
+def probe_machine(libraries: tuple[str, ...] | None = None, llama_cpp: bool = True,
+                  vllm: bool = False) -> HardwareReport:
     """Probe this machine: every GPU library's accelerators, or those of `libraries` only, and the
     installed runtimes (llama.cpp's load is skipped without `llama_cpp`), so a command that runs one
-    backend probes what that backend needs (`serve --engine vllm`: CUDA, RAM, vLLM)."""
+    backend probes what that backend needs (`serve --engine vllm`: CUDA, RAM, vLLM). The vLLM
+    environment is asked (a child Python) only with `vllm`: `doctor` and `serve --engine vllm`, the
+    commands that can run it; every other front end loads its model in-process, where vLLM never runs."""
     errors: list[ProbeError] = []
     cpu = _run("cpu", probe_cpu, CpuInfo("unknown", 1, 1, "unknown"), errors)
     memory = _run("memory", probe_memory, MemoryInfo(0, 0), errors)
@@ -74,6 +77,7 @@ def probe_machine(libraries: tuple[str, ...] | None = None, llama_cpp: bool = Tr
     if runtimes.llama_cpp:  # llama.cpp always has its CPU backend; which GPU ones is the question
         runtimes = replace(runtimes, llama_cpp_backends=_run("llama.cpp backends", probe_llama_cpp_backends,
                                                              ("cpu",), errors))
-    runtimes = replace(runtimes, vllm=_run("vllm", probe_vllm, "", errors))
+    if vllm:
+        runtimes = replace(runtimes, vllm=_run("vllm", probe_vllm, "", errors))
     return HardwareReport(cpu=cpu, memory=memory, accelerators=tuple(accelerators), runtimes=runtimes,
                           errors=tuple(errors))
