@@ -477,16 +477,18 @@ def slider(page: object, elem: str) -> float:
 
 
 def test_sampling_preset_is_shown_saved_and_restored_with_the_chat(page: object, app: App) -> None:
-    """The model's preset is named over the sampling sliders and can be saved from them; a chat keeps
+    """The model's preset is named over the sampling sliders and can be saved from them (keeping what it
+    sets that has no slider); a chat keeps
     the settings it was answered with: a New chat starts from the preset, and reopening the saved chat
     brings its own settings back."""
     pick(page, "model-picker", SECOND)
     open_settings(page)
     page.wait_for_function("document.querySelector('#preset-note').innerText.includes('no preset')")
+    set_preset(Store(app.home), SECOND, {"presence_penalty": 0.5})  # `localchat preset`: no slider for it
     set_number(page, "top-k", "7")
     page.click("#save-preset")
     page.wait_for_function("document.querySelector('#preset-note').innerText.includes('top_k 7')")
-    assert Store(app.home).get(SECOND).defaults["sampling"] == {"top_k": 7}
+    assert Store(app.home).get(SECOND).defaults["sampling"] == {"presence_penalty": 0.5, "top_k": 7}
     try:
         set_number(page, "temperature", "0.3")
         set_number(page, "max-tokens", "32")

@@ -427,16 +427,18 @@ def build(ctx: AppContext) -> ChatParts:
 
     def save_as_preset(model: str, *values: float) -> tuple:
         """The sliders as the model's preset (what `localchat preset` sets): only the settings that
-        differ from the global defaults are kept, so saving the defaults clears it."""
+        differ from the global defaults are kept, so saving the defaults clears them; the preset's
+        settings without a slider (set with `localchat preset`) stay."""
         if not model or model not in ctx.store.models():
             return gr.skip(), "Error: pick a model first"
         chosen = _settings(DEFAULTS, None, *values)
         changes = {f: getattr(chosen, f) for f in SHOWN if getattr(chosen, f) != getattr(DEFAULTS, f)}
         try:
-            set_preset(ctx.store, model, changes, clear=True)
+            entry = set_preset(ctx.store, model, changes, unset=SHOWN)
         except Exception as exc:
             return gr.skip(), f"Error: {exc}"
-        return preset_note(ctx, model), f"saved {model}'s preset: {preset_text(changes)}"
+        saved = entry.defaults.get(PRESET) or {}
+        return preset_note(ctx, model), f"saved {model}'s preset: {preset_text(saved)}"
 
     save_preset.click(save_as_preset, [model_dd, *sliders], [preset_md, status])
 
