@@ -127,6 +127,8 @@ def artifact_from_gptq(folder: str | Path) -> Artifact:
 
 
 HF_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+HF_WIDTHS = dict(HF_DTYPES.values())  # an HF checkpoint's quant (its dtype) -> bytes per weight
+HF_DEFAULT_WIDTH = 2  # a dtype not in HF_DTYPES is sized as 16-bit
 
 
 def artifact_from_hf(folder: str | Path) -> Artifact:
@@ -135,5 +137,5 @@ def artifact_from_hf(folder: str | Path) -> Artifact:
     folder = Path(folder)
     cfg = _json_object(folder / "config.json")
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
-    quant, width = HF_DTYPES.get(dtype, (dtype.upper(), 2))
+    quant, width = HF_DTYPES.get(dtype, (dtype.upper(), HF_DEFAULT_WIDTH))
     return _artifact_of_folder(folder, "hf", quant, width)

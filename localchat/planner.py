@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .artifacts import Artifact
+from .artifacts import HF_DEFAULT_WIDTH, HF_WIDTHS, Artifact
 from .hardware.report import GIB, Accelerator, HardwareReport, Runtimes
 from .options import Options, internal, option
 
@@ -233,7 +233,6 @@ def _fit_gptq_cpu(a: Artifact, context: int, host: int, on: Device, want_layers:
     return _Fit(0, MemoryEstimate(a.size_bytes, kv, compute, need, 0)) if need <= host else None
 
 
-HF_BYTES = {"F32": 4, "F16": 2, "BF16": 2}  # an HF checkpoint's quant is its dtype
 
 
 def tensor_parallel_size(gpus: int, n_heads: int) -> int:
@@ -269,7 +268,8 @@ def _fit_vllm_cpu(a: Artifact, context: int, host: int, on: Device, want_layers:
                   kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
     """vLLM's CPU build: an unquantized checkpoint in float32, a KV cache of its own that holds at least
     one full-context sequence, and the server process, all in RAM."""
-    weights = a.size_bytes * 4 // HF_BYTES.get(a.quant, 4) if a.format == "hf" else a.size_bytes
+    width = HF_WIDTHS.get(a.quant, HF_DEFAULT_WIDTH)
+    weights = a.size_bytes * 4 // width if a.format == "hf" else a.size_bytes
     kv = max(VLLM_CPU_KV_CACHE_BYTES, a.dims.kv_bytes(context, 4))
     need = weights + kv + VLLM_HOST_BYTES
     if need > host:
@@ -453,10 +453,7 @@ def _named(name: str) -> list[BackendSpec]:
     vllm-cpu); PlanError naming the valid ones."""
     rows = [s for s in BACKEND_TABLE if s.name == name or s.name.startswith(name + "-")]
     if not rows:
-        try:
-            backend_spec(name)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
+        raise PlanError(f"unknown backend {name!r}; valid: {', '.join(s.name for s in BACKEND_TABLE)}")
     return rows
 
 
