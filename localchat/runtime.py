@@ -44,11 +44,21 @@ def plan_model(spec: str, overrides: Overrides | None = None, store: Store | Non
     return resolved, plan(report or probe(), resolved.artifacts, overrides, resolved.measured)
 
 
-def load_model(resolved: ResolvedModel, p: Plan) -> LoadedModel:
-    """Load what `plan_model` chose (a caller may free memory in between, as the server does)."""
-    return LoadedModel(resolved, p, load_backend(p))
+def load_model(resolved: ResolvedModel, p: Plan, start_engine: bool = False) -> LoadedModel:
+    """Load what `plan_model` chose (a caller may free memory in between, as the server does);
+    `start_engine`: its engine's context and thread now (the server, the app), not in the first
+    answer's time, the model freed again if that fails."""
+    loaded = LoadedModel(resolved, p, load_backend(p))
+    if start_engine:
+        try:
+            loaded.engine
+        except BaseException:
+            loaded.close()
+            raise
+    return loaded
 
 
 def open_model(spec: str, overrides: Overrides | None = None, store: Store | None = None,
-               report: HardwareReport | None = None) -> LoadedModel:
-    return load_model(*plan_model(spec, replace(overrides or Overrides(), in_process=True), store, report))
+               report: HardwareReport | None = None, start_engine: bool = False) -> LoadedModel:
+    resolved, p = plan_model(spec, replace(overrides or Overrides(), in_process=True), store, report)
+    return load_model(resolved, p, start_engine)

@@ -39,13 +39,7 @@ class ModelSlot:
     def _load(self, name: str) -> LoadedModel:
         if self.loaded is None or self.name != name:
             self._unload()
-            loaded = open_model(name, self.overrides, self.store)
-            try:
-                loaded.engine  # its context and thread now, not in the first answer's time
-            except BaseException:
-                loaded.close()
-                raise
-            self.loaded, self.name = loaded, name
+            self.loaded, self.name = open_model(name, self.overrides, self.store, start_engine=True), name
         return self.loaded
 
     def session(self, name: str, system: str | None) -> ChatSession:

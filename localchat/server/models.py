@@ -150,13 +150,8 @@ class ModelManager:
                                            "retry when they finish", "server_busy", type_="server_error")
                 self.unload(min(idle, key=lambda m: m.last_used).name)
             try:
-                loaded = await asyncio.to_thread(load_model, resolved, p)
+                loaded = await asyncio.to_thread(load_model, resolved, p, True)
             except Exception as exc:
-                raise load_failed(name, exc) from None
-            try:
-                await asyncio.to_thread(lambda: loaded.engine)  # its context and thread, before the first request
-            except Exception as exc:
-                loaded.close()
                 raise load_failed(name, exc) from None
             model = ServedModel(name, loaded, preset, keep_alive=keep_alive_seconds(self.settings.keep_alive))
             self.loaded[name] = model
