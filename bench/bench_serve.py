@@ -33,9 +33,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from results import figure, fmt, ratio, report, take_turns
+
+if TYPE_CHECKING:
+    from localchat.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -143,7 +146,7 @@ def load(base: str, model: str, clients: int, per_client: int, tokens: int, extr
 def server(port: int, context: int, parallel: int) -> Iterator[subprocess.Popen]:
     """`localchat serve` on the store in LOCALCHAT_HOME."""
     with running([sys.executable, "-m", "localchat", "serve", "--port", str(port), "--context", str(context),
-                  "--parallel", str(parallel)], port) as proc:
+                  "--parallel", str(parallel), "--kv-cache", "f16"], port) as proc:  # f16, as llama-server's
         yield proc
 
 
@@ -166,13 +169,13 @@ def llama_server_binary(build: bool) -> Path | None:
 
 
 @contextlib.contextmanager
-def llama_server(binary: Path, port: int, model: str, context: int, parallel: int) -> Iterator[subprocess.Popen]:
-    """llama.cpp's own server on the store file of `model`, with the plan's threads and batch size, the
-    same context per slot (its -c is all slots' together) and `parallel` slots, answering as `model`."""
+def llama_server(binary: Path, port: int, model: str, p: Plan, context: int, parallel: int
+                 ) -> Iterator[subprocess.Popen]:
+    """llama.cpp's own server on the file the in-process side runs (its plan `p`), with the same threads and
+    batch size, the same context per slot (its -c is all slots' together) and `parallel` slots, answering as
+    `model`."""
     from localchat.engine.llamacpp import DEFAULT_BATCH
-    from localchat.runtime import plan_model
 
-    _, p = plan_model(model)
     with running([str(binary), "-m", p.artifact.path, "-a", model, "--host", "127.0.0.1", "--port", str(port),
                   "-c", str(context * parallel), "-np", str(parallel), "-t", str(p.threads), "-tb", str(p.threads),
                   "-b", str(DEFAULT_BATCH), "-ub", str(DEFAULT_BATCH), "--no-webui"], port) as proc:
@@ -251,7 +254,8 @@ def measure(args: argparse.Namespace, parallel: int) -> dict:
             sides = {"in-process": lambda c, n: inproc.run(n),
                      "server": lambda c, n: load(base, args.model, c, args.per_client, args.tokens)}
             if binary is not None:
-                servers.enter_context(llama_server(binary, anchor_port, args.model, args.context, parallel))
+                servers.enter_context(llama_server(binary, anchor_port, args.model, inproc.loaded.plan,
+                                                   args.context, parallel))
                 sides["llama-server"] = lambda c, n: load(anchor_base, args.model, c, args.per_client, args.tokens,
                                                           same)
             # Warm-up: loads the model in the servers; one generation on each side.
