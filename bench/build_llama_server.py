@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.checkpoints import CACHE  # noqa: E402
+from tests.checkpoints import CACHE, llama_cpp_sdist  # noqa: E402
 
 OUT = CACHE / "llama-server"
 
@@ -29,17 +29,6 @@ OUT = CACHE / "llama-server"
 def binary() -> Path:
     """Where the built server lives (one build per installed llama-cpp-python version)."""
     return OUT / f"llama-server-{version('llama-cpp-python')}"
-
-
-def sdist(into: Path) -> Path:
-    """The llama-cpp-python sdist of the installed version: the test cache's copy when there, else pip's."""
-    name = f"llama_cpp_python-{version('llama-cpp-python')}.tar.gz"
-    cached = CACHE / "sdist" / name
-    if cached.is_file():
-        return cached
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={version('llama-cpp-python')}", "-d", str(into)], check=True)
-    return into / name
 
 
 def build() -> Path:
@@ -52,7 +41,7 @@ def build() -> Path:
         raise RuntimeError("cmake and a C++ compiler are needed to build llama-server")
     with tempfile.TemporaryDirectory(prefix="llama-server-build-") as tmp:
         work = Path(tmp)
-        with tarfile.open(sdist(work)) as tar:
+        with tarfile.open(llama_cpp_sdist(version("llama-cpp-python"))) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
             tar.extractall(work, members=members, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
