@@ -24,13 +24,12 @@ class LossLog:
 
     def _reset(self, path: Path | None, ino: int = 0) -> None:
         self.path, self.ino, self.offset, self.rest = path, ino, 0, b""
-        self.rows: list[dict] = []
         self.generation = getattr(self, "generation", 0) + 1
-        self.frame = _frame(self.rows)
+        self.frame = _frame([])
 
     def version(self) -> tuple:
         """Changes whenever the rows do: a page that has drawn this version needs nothing new."""
-        return self.generation, len(self.rows)
+        return self.generation, len(self.frame)
 
     def read(self, path: Path | None) -> tuple[tuple, pd.DataFrame]:
         """The rows of `path` (None: no fine-tune), one per logged update, as a frame with numeric
@@ -50,9 +49,9 @@ class LossLog:
                 self.offset = size
                 *lines, self.rest = data.split(b"\n")  # the last piece: a line still being written
                 new = [r for r in map(_row, lines) if r is not None]
-                if new:
-                    self.rows += new
-                    self.frame = _frame(self.rows)
+                if new:  # only the new rows are parsed into a frame
+                    self.frame = pd.concat([self.frame, _frame(new)], ignore_index=True) if len(self.frame) \
+                        else _frame(new)
             return self.version(), self.frame
 
 
