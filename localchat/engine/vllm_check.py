@@ -91,7 +91,10 @@ def settings_problems(q: dict[str, Any], on_cpu: bool = False, where: str = "") 
     return out
 
 
-def _tensor_index(folder: Path) -> dict[str, tuple[Path, TensorInfo]]:
+TensorIndex = dict[str, tuple[Path, TensorInfo]]  # tensor name -> (its safetensors file, its entry there)
+
+
+def _tensor_index(folder: Path) -> TensorIndex:
     """Every tensor of the folder's safetensors files, with the file it is in."""
     return {name: (path, t) for path in sorted(folder.glob("*.safetensors"))
             for name, t in read_safetensors_header(path).items()}
@@ -103,7 +106,7 @@ def _read_int32(path: Path, t: TensorInfo) -> np.ndarray:
         return np.frombuffer(f.read(t.end - t.start), dtype="<i4")
 
 
-def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], list[str]]:
+def zero_point_problems(index: TensorIndex, q: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Compare the stored zero-points with the format the folder declares.
 
     A symmetric GPTQ layer's zero is 2**(bits-1) for every group: v1 stores it minus one (7 for
@@ -113,7 +116,6 @@ def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], lis
     declared = str(q.get("checkpoint_format") or "")
     if not sym or bits not in (2, 4, 8):
         return [], ["zero-points not checked (asymmetric or unusual bits: v1 and v2 look alike)"]
-    index = _tensor_index(folder)
     zeros = [n for n in index if n.endswith(".qzeros")]
     if not zeros:
         return ["no .qzeros tensors in the safetensors files: not a GPTQ checkpoint"], []
@@ -145,13 +147,13 @@ def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], lis
     return [], [f"zero-points: {kind} in all {len(zeros)} quantized modules"]
 
 
-def tensor_parallel_problems(folder: Path, bits: int, group: int, tp: int) -> list[str]:
+def tensor_parallel_problems(index: TensorIndex, bits: int, group: int, tp: int) -> list[str]:
     """With `tp` ranks, each rank's slice of a row-parallel layer's input must hold whole groups
     (a qweight is [in_features / (32 / bits), out_features]: 32 / bits inputs packed per int32)."""
     if tp <= 1:
         return []
     out = []
-    for name, (_, t) in sorted(_tensor_index(folder).items()):
+    for name, (_, t) in sorted(index.items()):
         if not (name.endswith(".qweight") and any(f".{r}." in name for r in ROW_PARALLEL)):
             continue
         in_features = t.shape[0] * (32 // bits)
@@ -176,10 +178,11 @@ def check_folder(folder: str | Path, on_cpu: bool = False, tensor_parallel: int 
         if isinstance(override, dict) and not str(pattern).startswith("-:"):
             result.problems += settings_problems({**q, **override}, on_cpu, where=f"dynamic rule {pattern!r}: ")
     if str(q.get("quant_method", "")).lower() == "gptq":
-        zp_problems, zp_notes = zero_point_problems(folder, q)
+        index = _tensor_index(folder)  # every safetensors header, read once for both checks
+        zp_problems, zp_notes = zero_point_problems(index, q)
         result.problems += zp_problems
         result.notes += zp_notes
         if not result.problems:
-            result.problems += tensor_parallel_problems(folder, int(q["bits"]), int(q["group_size"]),
+            result.problems += tensor_parallel_problems(index, int(q["bits"]), int(q["group_size"]),
                                                         tensor_parallel)
     return result
