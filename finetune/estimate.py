@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localchat.fsutil import human
+from localchat.quant_types import DEFAULT_QUANT, QUANT_TYPES
+from localchat.safetensors_file import read_safetensors_header
 from localchat.store import Store, StoreError
 
-from .settings import CHECKPOINTS, TrainSettings
+from .settings import CHECKPOINTS, DEQUANTIZED, TrainSettings
 
 CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary; the estimate needs no tokenizer
 # A two-core laptop CPU running torch, before this store has measured one (the docs session: the starter
 # on a dozen rows, ~4,300 tokens, took 496 s on two busy cores with loading and export, ~5 GFLOP/s).
 ASSUMED_FLOPS = 10e9
 CHECKPOINT_BYTES = 4 + 8  # per LoRA weight: the weight and Adam's two moments, float32
-QUANT_BYTES_PER_WEIGHT = 0.6  # Q4_K_M, the export's default (4.85 bits)
-SEQ_TOKENS, SEQ_BATCH = 2048, 4  # the shape the trainer picks on a machine with a few GB free
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,11 @@ def base_size(spec: str, store: Store) -> BaseSize:
             per_block = sum(a + b for a, b in block)
             layers = int(header.arch_value("block_count", 1))
             return BaseSize(header.n_params, per_block * layers,
-                            not (store.model_dir(spec) / "hf" / "config.json").is_file())
+                            not (store.model_dir(spec) / DEQUANTIZED / "config.json").is_file())
         folder = store.path_of(entry.files[0].path).parent
-    from safetensors import safe_open  # numpy, not torch: the app stays free of it
-
     shapes: dict[str, list[int]] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="numpy") as st:
-            shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+        shapes.update({k: t.shape for k, t in read_safetensors_header(f).items()})
     linear = [s for n, s in shapes.items() if ".layers." in n and n.endswith(".weight") and len(s) == 2]
     per_layer = sum(a + b for a, b in linear)
     return BaseSize(sum(math.prod(s) for s in shapes.values()), per_layer, False)
@@ -104,7 +101,8 @@ class Estimate:
 def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) -> Estimate:
     """Time and disk of `localchat finetune` on `chars` characters of training rows."""
     tokens = max(1, chars // CHARS_PER_TOKEN)
-    per_epoch = max(1, math.ceil(tokens / SEQ_TOKENS / SEQ_BATCH))
+    seq_tokens, seq_batch = settings.cpu_shape()
+    per_epoch = max(1, math.ceil(tokens / seq_tokens / seq_batch / settings.grad_accum))
     updates = max(math.ceil(per_epoch * settings.epochs), settings.min_updates)
     trained = int(tokens * updates / per_epoch)
     seen = measured_speed(store)
@@ -112,7 +110,7 @@ def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) 
     lora = base.lora_per_rank * settings.lora_r
     disk = {"dequantized base": 2 * base.params if base.dequantize else 0,
             "checkpoints": math.ceil(updates / settings.save_every) * lora * CHECKPOINT_BYTES,
-            "F16 export": 2 * base.params, "GGUF": int(QUANT_BYTES_PER_WEIGHT * base.params)}
+            "F16 export": 2 * base.params, "GGUF": int(QUANT_TYPES[DEFAULT_QUANT][1] / 8 * base.params)}
     return Estimate(updates, trained, trained / rate, seen is not None, disk)
 
 
@@ -125,7 +123,7 @@ def leftovers(store: Store) -> dict[Path, int]:
         folder = store.model_dir(name)
         candidates = [folder / "finetune" / CHECKPOINTS] if (folder / "finetune" / "adapter").is_dir() else []
         if entry.format == "gguf":
-            candidates.append(folder / "hf")
+            candidates.append(folder / DEQUANTIZED)
         for path in candidates:
             if path.is_dir():
                 found[path] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

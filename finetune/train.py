@@ -71,8 +71,7 @@ def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, w
         chosen = choose_shape(lambda n, b: need(n, b).total <= budget, settings.max_len, settings.batch_size)
         max_len, batch = chosen or (settings.max_len or SHAPES[-1][0], settings.batch_size or SHAPES[-1][1])
     else:
-        max_len = settings.max_len or 512
-        batch = settings.batch_size or (1 if settings.pack else 4)
+        max_len, batch = settings.cpu_shape()
     est = need(max_len, batch)
     check(est, budget, "on the GPU" if device == "cuda" else "in RAM", qlora)
     return max_len, batch, est
