@@ -27,6 +27,7 @@ from localchat.commands.preset import set_preset  # noqa: E402
 from localchat.store import Store  # noqa: E402
 from localchat.store.chats import ChatHistory  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
+from localchat.ui.chat_tab import BUSY  # noqa: E402
 from localchat.ui.settings import UISettings  # noqa: E402
 
 from .conftest import free_port, starter_home  # noqa: E402
@@ -456,11 +457,16 @@ GUARDED = ("#regenerate", "#continue", "#edit-last", "#delete-chat", "#new-chat"
 
 def test_edit_delete_and_regenerate_wait_for_the_answer(laptop: object, app: App) -> None:
     """While an answer is written, Edit, Delete, Regenerate, Continue and New chat are greyed out (they
-    would change the chat under the answer); after Esc they work again and the saved chat holds the
+    would change the chat under the answer) and the trash icon is refused with a note; after Esc they work again and the saved chat holds the
     question and the part of the answer written, once."""
     before = saved_titles(app.home)
     start_long_answer(laptop)
     assert [b for b in GUARDED if not laptop.locator(b).is_disabled()] == []
+    # The chat's trash icon cannot be greyed out: the app refuses it with a note, and the answer goes on
+    # (the browser blanks the chat at the click; the next redraw of the answer brings it back).
+    laptop.locator("#chatbot button[aria-label='Clear'], #chatbot button[title='Clear']").first.click()
+    laptop.wait_for_function(f"document.querySelector('#chat-status').innerText.includes({json.dumps(BUSY)})")
+    laptop.wait_for_function("document.querySelector('#chatbot').innerText.includes('dragon')")
     laptop.keyboard.press("Escape")
     laptop.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
                              timeout=15_000)
