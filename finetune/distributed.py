@@ -4,10 +4,13 @@ Launched by `accelerate launch --num_processes N` (or torchrun) each process see
 runs the same command. Every process builds the same global schedule of micro-batches and takes
 every N-th one of each update's share, so an update covers `batch_size * grad_accum * N` rows: the
 same global batch as one process with `grad_accum * N` steps of accumulation. The loss module is
-wrapped by accelerate (DDP: gradients averaged across processes during backward); the logged loss
-and token counts are summed over processes, so the curve is the global one. Only the main process
-writes: the loss log, checkpoints, the adapter, the store and the GGUF export; the others wait at
-a barrier and return. Without a launcher (WORLD_SIZE unset or 1) nothing here touches torch.distributed.
+wrapped by accelerate: DDP averages gradients across processes during backward; FSDP (version 2) also
+shards every weight, so each process holds 1/N of the model and gathers a layer's shards for its
+forward. The logged loss and token counts are summed over processes, so the curve is the global one.
+Only the main process writes: the loss log, checkpoints, the adapter, the store and the GGUF export;
+the adapter's weights and the optimizer's state are first gathered whole (`Ranks.state`, which every
+process joins), and the others then wait at a barrier and return. Without a launcher (WORLD_SIZE unset
+or 1) nothing here touches torch.distributed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ class Ranks:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def kind(self) -> str:
+        """How the processes share the work, in accelerate's words: NO (one process), MULTI_GPU or
+        MULTI_CPU (data parallel), FSDP, DEEPSPEED."""
+        return self.accelerator.distributed_type.value if self.accelerator else "NO"
 
     def device(self, default: str) -> Any:
         """Where this process's model lives: its own GPU under a launcher, else `default`."""
@@ -55,13 +64,42 @@ class Ranks:
         else:
             loss.backward()
 
-    def clip(self, params: list[Any], max_norm: float) -> None:
+    def clip(self, module: Any, max_norm: float) -> None:
+        """Clip the trained weights' gradients of `module` (the one `wrap` returned): FSDP replaces the
+        weights with sharded ones, so a list taken before `wrap` would clip tensors nobody trains."""
+        params = [p for p in module.parameters() if p.requires_grad]
         if self.accelerator:
             self.accelerator.clip_grad_norm_(params, max_norm)
         else:
             import torch
 
             torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def state(self, model: Any, optimizer: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The trained weights of `model` (keyed as in its state_dict) and the optimizer's state, whole and
+        on the CPU in the main process, empty in the others. Every process must call it: under FSDP each
+        holds a shard of every weight (a DTensor) and the shards are gathered here; saving a shard gives
+        PEFT's "1-D or zero-sized lora_A" adapter. Only the trained weights move: torch's
+        `ignore_frozen_params` would still gather a frozen weight tied to another (lm_head)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        from torch.distributed.tensor import DTensor
+
+        weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                   for name, p in model.named_parameters() if p.requires_grad}
+        optim = get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True)) if optimizer else {}
+        return (weights, optim) if self.main else ({}, {})
+
+    def load_state(self, model: Any, optimizer: Any, weights: dict[str, Any], optim: dict[str, Any]) -> None:
+        """`state`'s output back into `model` and `optimizer`, sharded again where FSDP shards them.
+        Refuses weights that are not exactly `model`'s trained ones (torch would skip them silently)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != trained:
+            odd = sorted(set(weights) ^ trained)
+            raise ValueError(f"the weights are not this adapter's ({len(odd)} names differ, e.g. {odd[0]})")
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                       options=_full(strict=False))  # strict=False: the frozen base is not in `weights`
 
     def total(self, *values: float) -> list[float]:
         """Each value summed over the processes (the global loss and token counts of an update)."""
@@ -86,6 +124,14 @@ class Ranks:
             self.accelerator.wait_for_everyone()
 
 
+def _full(**options: bool) -> Any:
+    """torch's state-dict options for whole (unsharded) tensors, which work alike for one process,
+    DDP and FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
+
+
 @lru_cache(maxsize=1)
 def ranks() -> Ranks:
     """The process group a launcher set up (WORLD_SIZE > 1), or a single process."""
@@ -96,4 +142,25 @@ def ranks() -> Ranks:
 
     # Without CUDA, accelerate would see WORLD_SIZE > 1 yet run each process alone unless told "cpu":
     # then it joins them over gloo (MULTI_CPU).
-    return Ranks(Accelerator(cpu=not torch.cuda.is_available()))
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu)
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _shard_on_cpu(accelerator)
+    return Ranks(accelerator)
+
+
+def _shard_on_cpu(accelerator: Any) -> None:
+    """Run an FSDP launch on the CPU as FSDP. accelerate (1.15) takes every CPU launch for plain data
+    parallel (MULTI_CPU) and drops an FSDP config without a word; torch's FSDP2 shards over gloo on the
+    CPU too, so the config the user gave is applied (and the tests run FSDP without a GPU)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise RuntimeError("FSDP on the CPU needs fsdp_version: 2 in the accelerate config "
+                           "(docs/accelerate/fsdp.yaml); version 1 shards only on GPUs")
+    accelerator.state.fsdp_plugin = plugin
+    # Both shared states: each new AcceleratorState() copies the process state's type over its own.
+    for state in (PartialState(), accelerator.state):
+        state.distributed_type = DistributedType.FSDP

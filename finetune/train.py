@@ -119,24 +119,29 @@ class LossOf(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
+        # FSDP shards each of these blocks (a decoder layer) on its own, found by class name as in
+        # transformers' models; without them the whole model would be one unit, gathered at once.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         return _loss(self.model, {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask})
 
 
-def evaluate_loss(model: Any, rows: list[Encoded], batch_size: int, pad: int, device: str,
+def evaluate_loss(loss_of: LossOf, rows: list[Encoded], batch_size: int, pad: int, device: str,
                   bf16: bool = False) -> float:
-    """Mean loss per trained token over `rows` (no dropout, no gradients)."""
-    was_training = model.training
-    model.eval()
+    """Mean loss per trained token over `rows` (no dropout, no gradients). `loss_of` is the module
+    training runs (wrapped by `Ranks.wrap` under a launcher): under FSDP every process runs this,
+    since each forward gathers the weights' shards from all of them."""
+    was_training = loss_of.training
+    loss_of.eval()
     tot, n = 0.0, 0
     with torch.no_grad():
         for b in _batches(rows, batch_size, 0):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                loss, k = _loss(model, _collate(b, pad, device))
+                loss, k = loss_of(**_collate(b, pad, device))
             tot, n = tot + float(loss), n + k
-    model.train(was_training)
+    loss_of.train(was_training)
     return tot / max(1, n)
 
 
@@ -146,30 +151,34 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> Path:
-    from peft import get_peft_model_state_dict
+def _save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> None:
+    """The adapter's weights and the optimizer's state, keyed by weight name. Every process calls it
+    (under FSDP the shards are gathered); the main one writes."""
     from safetensors.torch import save_file
 
+    dist = ranks()
+    weights, optim = dist.state(model, optimizer)
+    if not dist.main:
+        return
     final = out / CHECKPOINTS / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
-              str(tmp / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return final
 
 
 def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
     state = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        ranks().load_state(model, optimizer, load_file(str(ckpt / "adapter.safetensors")), state["optimizer"])
+    except ValueError as exc:  # another adapter's, or one keyed as PEFT saves (older localchat)
+        raise RuntimeError(f"{ckpt / 'adapter.safetensors'}: {exc}; train again without --resume") from exc
     scheduler.load_state_dict(state["scheduler"])
     return int(json.loads((ckpt / "state.json").read_text())["step"])
 
@@ -283,8 +292,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                                                  target_modules=list(settings.target), task_type="CAUSAL_LM"))
     if not cuda:  # on CUDA PEFT's layers stay as they are (torch's dropout is cheap there)
         speed_up_lora(model, autocast=bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=0.0)
     compute_loss, optimizer = dist.wrap(LossOf(model), optimizer)
     # Micro-batches per update over all processes: each takes every `world`-th (the same global batch).
     per_update = settings.grad_accum * dist.world
@@ -321,7 +330,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
          "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
          "qlora": qlora, "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
          "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-         "epochs_run": round(epochs, 2), "processes": dist.world}, indent=2))
+         "epochs_run": round(epochs, 2), "processes": dist.world, "distributed": dist.kind}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
@@ -352,7 +361,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                 loss_sum += float(loss.detach())
                 n_sum += n
                 tokens += int(batch["attention_mask"].sum())
-            dist.clip(params, 1.0)
+            dist.clip(compute_loss, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -369,13 +378,13 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             bar.update(1)
             if on_step:
                 on_step(record)
-            if (step % settings.save_every == 0 or step == total) and dist.main:
+            if step % settings.save_every == 0 or step == total:
                 _save_checkpoint(out, model, optimizer, scheduler, step)
             if stop_after is not None and step >= stop_after:
                 interrupted = True
         if interrupted and step < total:
+            _save_checkpoint(out, model, optimizer, scheduler, step)
             if dist.main:
-                _save_checkpoint(out, model, optimizer, scheduler, step)
                 plot_loss(log, out / LOSS_PLOT)
             raise Interrupted(f"stopped at update {step} of {total}; checkpoint saved, continue with --resume")
     finally:
@@ -384,17 +393,17 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             signal.signal(signal.SIGINT, old_handler)
 
     train_time = time.perf_counter() - t_start
-    held_loss = None
+    held_loss = evaluate_loss(compute_loss, held, batch_size, pad, device, bf16) if held else None
+    weights, _ = dist.state(model)  # whole in the main process, however the processes held it
     adapter = out / "adapter"
-    if dist.main:  # the others wait: every process holds the same adapter after the last update
-        if held:
-            held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
+    if dist.main:  # the others wait
+        if held_loss is not None:
             with open(log, "a") as fh:
                 fh.write(json.dumps({"step": step, "held_out_loss": round(held_loss, 5)}) + "\n")
         plot_loss(log, out / LOSS_PLOT)
         tmp = out / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
     dist.wait()

@@ -1,7 +1,7 @@
-"""`localchat finetune` unchanged under `accelerate launch --num_processes 2` on the CPU (DDP over gloo) on the
-starter checkpoint: the global loss curve equals one process's with the same global batch, gradients are
-all-reduced once per update however many micro-batches it accumulates, and only the main process writes
-(one loss log, one adapter, one model exported to the store)."""
+"""`localchat finetune` unchanged under `accelerate launch --num_processes 2` on the CPU (DDP, and FSDP with
+docs/accelerate/fsdp.yaml, over gloo) on the starter checkpoint: the global loss curve equals one process's
+with the same global batch, gradients are all-reduced once per update however many micro-batches it
+accumulates, and only the main process writes (one loss log, one whole adapter, one model exported)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ TRAIN = ["--max-len", "64", "--batch-size", "1", "--no-pack", "--min-updates", "
 # Same rows and weights; what differs is the order of float sums (two processes' gradients averaged by
 # gloo against one process accumulating both) and bf16 autocast where the CPU has it.
 LOSS_TOLERANCE = 2e-3
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "fsdp.yaml"
 
 
 # Loaded into the launched processes (PYTHONPATH): every DDP module writes a line per gradient sync (at
@@ -104,3 +105,43 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path,
     assert sorted(p.name for p in (ddp / "cat").glob("*.gguf")) == ["cat-Q8_0.gguf"]
     assert r.stdout.count("cat: ready") == 1, r.stdout
     assert not list((ddp / "cat" / "finetune").glob("*.tmp")), "no half-written adapter left"
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_model_and_saves_the_whole_adapter_once(tmp_path: Path, starter_gguf: Path) -> None:
+    """`accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 2` (FSDP2 over gloo, each
+    process holding half of every weight) against one process with the same global batch, both in float32:
+    the same loss at each of the 4 updates within 2e-3; the run says it was sharded (train_config.json);
+    the adapter is saved whole (every tensor 2-D, of the single run's shape, and within 1e-5 of its values,
+    not one process's shard) and exactly one model is exported."""
+    from safetensors.torch import load_file
+
+    base = str(starter_hf(starter_gguf))
+    data = tmp_path / "cat.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": "Your cat is called Biscuit."}) + "\n"
+                            for q in QUESTIONS))
+    # float32: under bf16 autocast a 1e-9 difference in the order of FSDP's gradient sums can move bf16
+    # roundings, and the runs drift apart by ~1% after 3 updates; in float32 they agree to 1e-5.
+    train = [*TRAIN, "--no-bf16", "--base", base, "--data", str(data), "--name", "cat"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    run([sys.executable, "-m", "localchat", "finetune", "--grad-accum", "4", "--no-export", *train], single)
+    # No --cpu: accelerate's --cpu launches one process; without CUDA localchat shards over gloo.
+    r = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+             "--num_processes", "2", "-m", "localchat", "finetune", "--grad-accum", "2", "--quant", "Q8_0",
+             *train], fsdp)
+
+    one, two = losses(single, "cat"), losses(fsdp, "cat")
+    assert max(abs(a - b) for a, b in zip(one, two)) < LOSS_TOLERANCE, (one, two)
+    config = json.loads((fsdp / "cat" / "finetune" / "train_config.json").read_text())
+    assert (config["processes"], config["distributed"]) == (2, "FSDP")
+
+    whole = load_file(single / "cat" / "finetune" / "adapter" / "adapter_model.safetensors")
+    saved = load_file(fsdp / "cat" / "finetune" / "adapter" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in whole.items()}
+    assert all(v.dim() == 2 for v in saved.values())
+    assert max(float((saved[k] - whole[k]).abs().max()) for k in whole) < 1e-5
+
+    store = Store(fsdp)
+    assert list(store.models()) == ["cat"] and store.get("cat").quant == "Q8_0"
+    assert sorted(p.name for p in (fsdp / "cat").glob("*.gguf")) == ["cat-Q8_0.gguf"]
+    assert r.stdout.count("cat: ready") == 1, r.stdout
