@@ -125,6 +125,24 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     assert steps == list(range(1, 31)), "the same 30 updates, none repeated, none skipped"
 
 
+
+def test_resume_refuses_a_checkpoint_of_other_weights(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """A checkpoint whose weights are not this adapter's (here keyed as PEFT saves adapters, which older
+    localchat wrote) stops --resume with an error naming the file, instead of torch skipping every weight
+    and training on from a fresh adapter."""
+    from safetensors.torch import load_file, save_file
+
+    args = ["finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "t", "--no-export",
+            "--min-updates", "2", "--epochs", "0.1", "-q"]
+    assert localchat(*args).returncode == 0
+    [ckpt] = (home.root / "t" / "finetune" / "checkpoints").glob("step-*")
+    weights = load_file(ckpt / "adapter.safetensors")
+    save_file({k.replace(".default.", "."): v for k, v in weights.items()}, ckpt / "adapter.safetensors")
+    r = localchat(*args, "--resume")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{ckpt / 'adapter.safetensors'}: the weights are not this adapter's" in r.stderr, r.stderr[-2000:]
+    assert "train again without --resume" in r.stderr and "Traceback" not in r.stderr
+
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "a", "output": "b"}\n{oops\n', "bad.jsonl:2: not valid JSON"),
     ("", "bad.jsonl: the file is empty"),
