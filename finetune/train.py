@@ -294,7 +294,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         speed_up_lora(model, autocast=bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=0.0)
-    compute_loss, optimizer = dist.wrap(LossOf(model), optimizer)
+    compute_loss, optimizer = dist.wrap(LossOf(model), optimizer, batch_size, settings.grad_accum)
     # Micro-batches per update over all processes: each takes every `world`-th (the same global batch).
     per_update = settings.grad_accum * dist.world
     per_epoch = math.ceil(len(rows) / batch_size)
