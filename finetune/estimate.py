@@ -128,25 +128,25 @@ def _bytes(path: Path) -> int:
 
 
 def _base_lock(store: Store, base: str) -> Path | None:
-    """The lock file of the copy of `base` dequantized for training; None for a base that is no GGUF of
-    the store (a checkpoint folder is read where it is, and never removed)."""
+    """What a fine-tune of `base` locks while it reads the base's dequantized copy: the store GGUF it is
+    made from (owned by the manifest, so it outlives the copy and no cleanup removes it). None for a
+    base that is no GGUF of the store: a checkpoint folder is read where it is, and never removed."""
     entry = store.models().get(base)
     if entry is None or entry.format != "gguf":
         return None
-    return store.model_dir(base) / f".{DEQUANTIZED}.lock"
+    return store.path_of(entry.files[0].path)
 
 
 @contextlib.contextmanager
 def reading_base(store: Store, base: str) -> Iterator[None]:
-    """A shared lock on the dequantized copy of `base` while a fine-tune makes and reads it (training, then
-    the export): another run finishing, or Clean up in the app, keeps a copy that is in use. Taken before
-    the copy is looked for, so a run never finds a copy that is being removed."""
+    """A shared lock for as long as a fine-tune makes and reads the dequantized copy of `base` (training,
+    then the export): another run finishing, or Clean up in the app, keeps a copy that is in use. Taken
+    before the copy is looked for, so a run never finds a copy that is being removed."""
     lock = _base_lock(store, base)
     if lock is None or fcntl is None:
         yield
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    with open(lock, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_SH)
         yield
 
@@ -156,7 +156,7 @@ def _remove_unread(store: Store, base: str) -> int | None:
     folder, lock = store.model_dir(base) / DEQUANTIZED, _base_lock(store, base)
     if lock is None or not folder.is_dir():
         return 0
-    with open(lock, "a") as f:
+    with open(lock, "rb") as f:
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,7 +171,7 @@ def leftovers(store: Store) -> dict[Path, int]:
     """Files finished fine-tunes leave that nothing reads: the checkpoints of each fine-tuned model in
     the store (a run that was stopped has no model yet, and keeps them for Resume), and the bases
     dequantized from GGUF for training (made again when a fine-tune needs one). Path -> bytes.
-    A run since this change removes its own after the export; these are older runs' and `--no-export`'s."""
+    A run removes its own once its model is exported: these are what `--no-export` and older runs left."""
     found: dict[Path, int] = {}
     for name, entry in store.models().items():
         folder = store.model_dir(name)
@@ -192,13 +192,11 @@ def clean_up(store: Store) -> tuple[int, list[str]]:
         owner = path.relative_to(store.root).parts[0]
         if path.name == CHECKPOINTS:
             shutil.rmtree(path)
-            what.append(f"{owner}: checkpoints {human(size)}")
         elif _remove_unread(store, owner) is None:
             what.append(f"{owner}: dequantized base kept, a fine-tune is reading it")
             continue
-        else:
-            what.append(f"{owner}: dequantized base {human(size)}")
         freed += size
+        what.append(f"{owner}: {'checkpoints' if path.name == CHECKPOINTS else 'dequantized base'} {human(size)}")
     return freed, what
 
 

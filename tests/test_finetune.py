@@ -210,6 +210,30 @@ def test_save_merged_keeps_the_base_dtype(home: Store, tiny_llama: Path, cat_dat
         assert ((t.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all(), name
 
 
+def test_a_dequantized_base_that_another_fine_tune_reads_stays(home: Store) -> None:
+    """A finished run removes its checkpoints, but keeps the base's dequantized copy while another
+    fine-tune reads it (the shared lock it holds until its export is done) and says so; then it goes."""
+    from localchat.finetune.estimate import after_export, reading_base
+
+    base = "smollm2-135m-instruct"
+    copy = home.model_dir(base) / "hf"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"\0" * 2000)
+    out = home.root / "cat" / "finetune"
+    (out / "checkpoints" / "step-30").mkdir(parents=True)
+    (out / "checkpoints" / "step-30" / "optimizer.pt").write_bytes(b"\0" * 3000)
+    (out / "adapter").mkdir()
+    with reading_base(home, base):
+        report = after_export(home, "cat", base)
+    assert report[0] == "removed its resume checkpoints (3.0 KB: the model is finished)", report
+    assert f"kept the adapter in {out / 'adapter'}" in report[1] and f"{copy}: another fine-tune is reading it" \
+        in report[1], report
+    assert copy.is_dir() and not (out / "checkpoints").exists()
+    report = after_export(home, "cat", base)
+    assert report[0] == f"removed {base} dequantized for training (2.0 KB; made again when a fine-tune needs it)"
+    assert not copy.exists()
+
+
 def test_a_gguf_only_base_is_dequantized_to_bf16_tensor_by_tensor(starter_gguf: Path, tmp_path: Path) -> None:
     """A GGUF-only base becomes a bf16 checkpoint (not float32) whose every tensor is transformers'
     own dequantization of the GGUF (Q/K permutation undone), rounded to bf16."""
