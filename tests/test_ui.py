@@ -702,6 +702,8 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
     updates = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
+    checkpoints = app.home / "ft-plot" / "finetune" / "checkpoints"
+    assert [p.name for p in checkpoints.glob("step-*")] == [f"step-{updates[-1]['step']}"], "kept for Resume"
     deadline = time.time() + 30
     while not frames or sum(r[2] == "train" for r in frames[-1]["data"]) != len(updates):
         assert time.time() < deadline, (len(updates), frames[-1]["data"] if frames else None)
@@ -723,6 +725,47 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.click("#finetune-job-stop")
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
+
+
+def test_a_finished_finetune_removes_its_checkpoints_and_dequantized_base(
+        page: object, app: App, starter_gguf: Path, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Once a fine-tune over a GGUF base is exported, its resume checkpoints and the base dequantized for
+    training are gone, and the log says what went and what stays; the model, its adapter and loss log stay."""
+    from localchat.convert.command import export_gguf
+
+    from .checkpoints import starter_hf, tiny_model
+
+    tiny = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftgguf") / "tiny", starter_hf(starter_gguf))
+    store = Store(app.home)
+    export_gguf(tiny, "Q8_0", name="tiny-gguf", store=store, quiet=True, check=False)
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."})
+                            + "\n" for i in range(12)))
+    try:
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.set_input_files("#dataset-file input[type=file]", str(data))
+        page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('OK')")
+        pick(page, "finetune-base", "tiny-gguf")
+        page.fill("#finetune-name textarea, #finetune-name input", "ft-tidy")
+        page.click("#finetune-start")
+        page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('started')")
+        page.wait_for_function("/done in|failed|stopped/.test(document.querySelector('#finetune-job-status')"
+                               ".innerText)", timeout=300_000)
+        page.click("#finetune-job-log-box button")  # the Log, folded until opened
+        log = page.inner_text("#finetune-job-log")
+        assert "OK: fine-tune ft-tidy: done" in page.inner_text("#finetune-job-status"), log
+        out = app.home / "ft-tidy" / "finetune"
+        assert not (out / "checkpoints").exists() and not (app.home / "tiny-gguf" / "hf").exists()
+        assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.jsonl").is_file()
+        assert "ft-tidy" in Store(app.home).models()
+        assert re.search(r"removed its resume checkpoints \([\d.]+ [KM]B: the model is finished\); "
+                         r"tiny-gguf dequantized for training \([\d.]+ [KM]B; made again", log), log
+        assert f"kept the adapter in {out / 'adapter'}" in log, log
+    finally:
+        for name in ("ft-tidy", "tiny-gguf"):
+            if name in store.models():
+                store.remove(name)
 
 
 def test_finetune_estimates_time_and_disk_before_start(page: object, tmp_path: Path) -> None:
