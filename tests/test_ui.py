@@ -455,6 +455,26 @@ def test_an_idle_page_has_the_browser_draw_almost_nothing(browser: object, page:
     assert frames < 90, f"{frames} animation frames in 3 s of an idle page (60 a second: a timer left running)"
 
 
+def test_the_timer_pauses_while_an_answer_is_written(page: object) -> None:
+    """The page's one-second timer (job progress, the model lists) asks nothing while an answer is written
+    (each tick costs the browser more than a redraw of the answer) and ticks again once it has ended."""
+    ticks: list[float] = []
+    page.on("request", lambda r: ticks.append(time.time()) if "/run/predict" in r.url else None)
+    page.wait_for_timeout(2500)
+    assert ticks, "the timer ticks while no answer is written"
+    start_long_answer(page)
+    page.wait_for_timeout(500)
+    since = time.time()
+    page.wait_for_timeout(3000)
+    assert [t for t in ticks if t > since] == [], "ticks while the answer is written"
+    page.keyboard.press("Escape")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                           timeout=15_000)
+    ended = time.time()
+    page.wait_for_timeout(2500)
+    assert [t for t in ticks if t > ended], "no tick after the answer"
+
+
 def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
     """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
     start_long_answer(laptop)
