@@ -441,6 +441,40 @@ def test_no_button_text_overflows(laptop: object) -> None:
         assert over == [], f"{tab}: {over}"
 
 
+def test_an_idle_page_has_the_browser_draw_almost_nothing(browser: object, page: object,
+                                                          tmp_path: Path) -> None:
+    """Gradio's status tracker leaves a timer asking for 60 animation frames a second once the page's
+    Loading screen is gone; the app ends it, so an idle page gets only the frames of the app's own
+    timer (CPU that answers need: bench_ui.py)."""
+    page.wait_for_timeout(3000)  # the app looks for such timers every 2 s
+    trace = tmp_path / "trace.json"
+    browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline"])
+    page.wait_for_timeout(3000)
+    browser.stop_tracing()
+    frames = sum(e.get("name") == "FireAnimationFrame" for e in json.loads(trace.read_text())["traceEvents"])
+    assert frames < 90, f"{frames} animation frames in 3 s of an idle page (60 a second: a timer left running)"
+
+
+def test_the_timer_pauses_while_an_answer_is_written(page: object) -> None:
+    """The page's one-second timer (job progress, the model lists) asks nothing while an answer is written
+    (each tick costs the browser more than a redraw of the answer) and ticks again once it has ended."""
+    ticks: list[float] = []
+    page.on("request", lambda r: ticks.append(time.time()) if "/run/predict" in r.url else None)
+    page.wait_for_timeout(2500)
+    assert ticks, "the timer ticks while no answer is written"
+    start_long_answer(page)
+    page.wait_for_timeout(500)
+    since = time.time()
+    page.wait_for_timeout(3000)
+    assert [t for t in ticks if t > since] == [], "ticks while the answer is written"
+    page.keyboard.press("Escape")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                           timeout=15_000)
+    ended = time.time()
+    page.wait_for_timeout(2500)
+    assert [t for t in ticks if t > ended], "no tick after the answer"
+
+
 def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
     """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
     start_long_answer(laptop)
