@@ -153,8 +153,8 @@ def reading_base(store: Store, base: str) -> Iterator[None]:
 
 def _remove_unread(store: Store, base: str) -> int | None:
     """Remove the dequantized copy of `base` unless a fine-tune reads it; its bytes, or None if kept."""
-    folder, lock = store.model_dir(base) / DEQUANTIZED, _base_lock(store, base)
-    if lock is None or not folder.is_dir():
+    lock = _base_lock(store, base)  # None for a checkpoint folder given by path: nothing of ours to remove
+    if lock is None or not (folder := store.model_dir(base) / DEQUANTIZED).is_dir():
         return 0
     with open(lock, "rb") as f:
         if fcntl is not None:
