@@ -441,20 +441,6 @@ def test_no_button_text_overflows(laptop: object) -> None:
         assert over == [], f"{tab}: {over}"
 
 
-def test_an_idle_page_has_the_browser_draw_almost_nothing(browser: object, page: object,
-                                                          tmp_path: Path) -> None:
-    """Gradio's status tracker leaves a timer asking for 60 animation frames a second once the page's
-    Loading screen is gone; the app ends it, so an idle page gets only the frames of the app's own
-    timer (CPU that answers need: bench_ui.py)."""
-    page.wait_for_timeout(3000)  # the app looks for such timers every 2 s
-    trace = tmp_path / "trace.json"
-    browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline"])
-    page.wait_for_timeout(3000)
-    browser.stop_tracing()
-    frames = sum(e.get("name") == "FireAnimationFrame" for e in json.loads(trace.read_text())["traceEvents"])
-    assert frames < 90, f"{frames} animation frames in 3 s of an idle page (60 a second: a timer left running)"
-
-
 def test_the_timer_pauses_while_an_answer_is_written(page: object) -> None:
     """The page's one-second timer (job progress, the model lists) asks nothing while an answer is written
     (each tick costs the browser more than a redraw of the answer) and ticks again once it has ended."""

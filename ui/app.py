@@ -36,34 +36,8 @@ button.label-wrap {padding-right: 8px}  /* the accordion's turned arrow stays in
 # Esc stops the answer being written, as in other chat apps (Stop does the same). The theme picked
 # in the header (system, light or dark) is kept in the browser and applied before Gradio's own
 # system-setting listener can undo it (ours runs after it when the computer's setting changes).
-#
-# Gradio 6's status tracker runs a requestAnimationFrame timer while its component is pending and does
-# not stop it when the component is removed still pending, as the page's own "Loading..." is at every
-# load: the browser then makes 60 frames a second for nothing, as long as the page is open, on the
-# cores the model decodes on (2 cores: an idle page took 0.07-0.09 of a core, 0.03 without it). The
-# tracker took requestAnimationFrame before this script runs; the rest of the page looks it up anew.
-# So a frame still waiting that was not asked for through the global one (wrapped here), at a moment
-# when no tracker shows a pending status, is such a leftover timer's: cancelling it ends the timer.
 JS = """
 () => {
-  const raf = window.requestAnimationFrame.bind(window), cancel = window.cancelAnimationFrame.bind(window);
-  const asked = new Set();  // frames asked for through the global, from now on: never cancelled here
-  window.requestAnimationFrame = (cb) => {
-    const id = raf((t) => { asked.delete(id); cb(t); });
-    asked.add(id);
-    return id;
-  };
-  window.cancelAnimationFrame = (id) => { asked.delete(id); cancel(id); };
-  const reap = () => {
-    // A tracker showing a pending status has its timer in use (the app's own timer makes some pending
-    // each second): look again a moment later.
-    if (document.querySelector('[data-testid=status-tracker] .progress-text')) return setTimeout(reap, 150);
-    const next = raf(() => {});  // frame ids count up: the waiting ones are just below
-    cancel(next);
-    for (let id = next - 1; id > Math.max(0, next - 64); id--) if (!asked.has(id)) cancel(id);
-    setTimeout(reap, 2000);
-  };
-  setTimeout(reap, 2000);
   document.addEventListener('keydown', (e) => {
     if (e.key === 'Escape') { const b = document.querySelector('#stop'); if (b) b.click(); }
   });
