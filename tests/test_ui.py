@@ -441,6 +441,22 @@ def test_no_button_text_overflows(laptop: object) -> None:
         assert over == [], f"{tab}: {over}"
 
 
+def test_an_idle_page_has_the_browser_draw_almost_nothing(browser: object, page: object,
+                                                          tmp_path: Path) -> None:
+    """Gradio's status tracker leaves a timer asking for 60 animation frames a second once the page's
+    Loading screen is gone; served as the app serves it, it stops, so an idle page soon gets only the few
+    frames of the app's own timer (CPU that answers need: bench_ui.py)."""
+    trace = tmp_path / "trace.json"
+    for _ in range(6):  # the Loading screen's own animation ends within seconds; a timer left running never
+        browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline"])
+        page.wait_for_timeout(3000)
+        browser.stop_tracing()
+        frames = sum(e.get("name") == "FireAnimationFrame" for e in json.loads(trace.read_text())["traceEvents"])
+        if frames < 90:
+            break
+    assert frames < 90, f"{frames} animation frames in 3 s of an idle page (60 a second: a timer left running)"
+
+
 def test_the_timer_pauses_while_an_answer_is_written(page: object) -> None:
     """The page's one-second timer (job progress, the model lists) asks nothing while an answer is written
     (each tick costs the browser more than a redraw of the answer) and ticks again once it has ended."""
@@ -770,8 +786,8 @@ def test_a_finished_finetune_removes_its_checkpoints_and_dequantized_base(
         page.fill("#finetune-name textarea, #finetune-name input", "ft-tidy")
         page.click("#finetune-start")
         page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('started')")
-        page.wait_for_function("/done in|failed|stopped/.test(document.querySelector('#finetune-job-status')"
-                               ".innerText)", timeout=300_000)
+        page.wait_for_function("/ft-tidy: (done in|failed|stopped)/.test(document.querySelector("
+                               "'#finetune-job-status').innerText)", timeout=300_000)
         page.click("#finetune-job-log-box button")  # the Log, folded until opened
         log = page.inner_text("#finetune-job-log")
         assert "OK: fine-tune ft-tidy: done" in page.inner_text("#finetune-job-status"), log

@@ -11,6 +11,7 @@ from localchat.hostguard import HostGuard, HostGuardMiddleware
 
 from . import chat_tab, finetune_tab, job_panel, models_tab
 from .context import AppContext
+from .tracker_fix import TrackerTimerFix
 
 TITLE = "localchat"
 # The conversation takes the height left over at 1280x800, so the status line above it and the
@@ -126,5 +127,6 @@ def launch(ctx: AppContext, host: str, port: int, open_browser: bool,
     _, url, _ = app.launch(server_name=host, server_port=port or None, share=False, inbrowser=open_browser,
                            prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, js=JS,
                            max_file_size="20gb", ssr_mode=False, footer_links=[],
-                           app_kwargs={"middleware": [Middleware(HostGuardMiddleware, guard=guard)]})
+                           app_kwargs={"middleware": [Middleware(HostGuardMiddleware, guard=guard),
+                                                         Middleware(TrackerTimerFix)]})
     return app, url
