@@ -56,7 +56,8 @@ def screenshot_store(home: Path) -> Path:
 
 def session_files(home: Path) -> tuple[Path, Path]:
     """The checkpoint folder Convert and Fine-tune start from (the starter dequantized, made once) and
-    the fine-tune's rows; the models an earlier run made are removed, so each run shows its own jobs."""
+    the fine-tune's rows; the models and chats an earlier run made are removed, so each run shows its own
+    session (not a second copy of the same question in the saved chats)."""
     import json
 
     from localchat.store import STARTER, Store
@@ -66,6 +67,7 @@ def session_files(home: Path) -> tuple[Path, Path]:
     for name in (CONVERTED, TUNED):
         if name in store.models():
             store.remove(name)
+    shutil.rmtree(store.root / "chats", ignore_errors=True)
     folder = cache / CHECKPOINT
     if not (folder / "config.json").is_file():
         import torch

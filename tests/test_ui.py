@@ -410,7 +410,12 @@ def test_model_imported_from_the_command_line_appears_and_a_deleted_one_goes(pag
     while "from-cli" not in picker_options(page):
         assert time.time() < deadline, "the imported model never appeared in the picker"
         time.sleep(0.5)
+    page.get_by_text("Plan: how this model runs here").click()
+    page.wait_for_selector("#plan")
     pick(page, "model-picker", "from-cli")
+    # The pick is answered (its plan shown) before the model goes: an answer to a pick made while the
+    # model was there, arriving after the note, would clear the note it races with.
+    page.wait_for_function("document.querySelector('#plan').innerText.includes('from-cli')")
     Store(app.home).remove("from-cli")
     page.wait_for_function("document.querySelector('#chat-status').innerText.includes('removed from the store')")
     assert "“from-cli” was removed from the store" in status(page)
