@@ -11,16 +11,20 @@ class TrainSettings(Options):
     option_group = "training"
     epochs: float = option(3.0, "passes over the training rows", 0.01, 1000.0)
     min_updates: int = option(30, "repeat small datasets until this many updates", 1, 1_000_000)
-    lr: float = option(2e-4, "peak learning rate (linear warm-up, then linear decay)", 1e-7, 1.0)
+    lr: float = option(2e-3, "peak learning rate (linear warm-up, then linear decay)", 1e-7, 1.0)
     lora_r: int = option(16, "LoRA rank", 1, 1024)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", 1, 4096)
     lora_dropout: float = option(0.05, "dropout on the LoRA path", 0.0, 0.9)
+    neftune_alpha: float = option(0.0, "NEFTune: noise of this scale on the input embeddings while training "
+                                       "(0: none)", 0.0, 100.0)
     target: tuple[str, ...] | None = option(None, "module names to adapt (default: every linear layer of a "
                                                    "block, as the model's architecture names them)")
     max_len: int | None = option(None, "tokens per sequence (default: from memory)", 32, 131072)
     batch_size: int | None = option(None, "sequences per step (default: from memory)", 1, 4096)
     grad_accum: int = option(1, "steps of gradients added before each update", 1, 1024)
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
+    replay: int = option(40, "general prompts the base model answers itself before training, trained on beside "
+                            "your rows so it keeps answering other questions as before (0: none)", 0, 1000)
     held_out: float = option(0.1, "fraction of rows kept out of training to measure loss", 0.0, 0.5)
     save_every: int = option(50, "save a checkpoint every N updates", 1, 1_000_000)
     seed: int = option(0, "seed for data order, LoRA init and dropout", 0, 2**31 - 1)

@@ -25,10 +25,12 @@ from tqdm import tqdm
 
 from localchat.fsutil import atomic_write_text
 
-from .data import Dataset
+from . import replay
+from .data import Dataset, Example
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
+from .recall import Recall, held_out_recall
 from .settings import TrainSettings
 
 CHECKPOINTS = "checkpoints"
@@ -49,6 +51,7 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: int
     tokens_seen: int  # real tokens trained on in this run (no padding)
+    held_out_recall: Recall | None = None  # held-out chat rows answered greedily with their key content
 
 
 def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, weight_bytes: int,
@@ -89,12 +92,18 @@ def _collate(batch: list[Encoded], pad_id: int, device: str) -> dict[str, torch.
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
     for i, r in enumerate(batch):
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+        # Padding starts a block of its own, which no real token attends to.
+        positions[i] = torch.tensor((r.positions or list(range(n))) + list(range(width - n)))
+    out = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    if any(r.positions for r in batch):
+        out["position_ids"] = positions.to(device)
+    return out
 
 
 def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -104,7 +113,12 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     prompt, and the vocabulary-wide matmul and softmax are the costliest step of a small model.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if "position_ids" in batch:  # packed rows: transformers keeps each row's attention inside the row
+        # when it gets positions that restart at each row and no attention mask
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    hidden = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     logits = base.lm_head(hidden[:, :-1][keep]).float()
@@ -246,10 +260,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         template = get_format(settings.chat_format).template
     else:
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
-    rows = [encode(ex, tok, template, max_len) for ex in data.train]
+    rows = [encode(ex, tok, template, max_len) for ex in data.train]  # bad rows fail before the model loads
     held = [encode(ex, tok, template, max_len) for ex in data.held_out]
-    if settings.pack:
-        rows = pack(rows, max_len)
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qlora:
@@ -258,6 +270,11 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     if not qlora:
         model.to(device)
     base_bytes = model.get_memory_footprint()  # the frozen base as held in memory (4-bit with QLoRA)
+    out.mkdir(parents=True, exist_ok=True)
+    replayed = _replay_rows(model, tok, template, settings.replay, out, resume, device, bf16)
+    rows += [encode(ex, tok, template, max_len) for ex in replayed]
+    if settings.pack:
+        rows = pack(rows, max_len)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -267,6 +284,10 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                                                  target_modules=list(settings.target), task_type="CAUSAL_LM"))
     if not cuda:  # on CUDA PEFT's layers stay as they are (torch's dropout is cheap there)
         speed_up_lora(model, autocast=bf16)
+    if settings.neftune_alpha:
+        from transformers.integrations.neftune import activate_neftune
+
+        activate_neftune(model, settings.neftune_alpha)  # a hook that adds noise only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(rows) / batch_size)
@@ -279,7 +300,6 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
 
-    out.mkdir(parents=True, exist_ok=True)
     log = out / LOSS_LOG
     step = 0
     if resume:
@@ -296,8 +316,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     # The settings as given, then what was chosen for them (a None max_len becomes the one used).
     atomic_write_text(out / "train_config.json", json.dumps(
         {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
-         "held_out_rows": len(data.held_out), "max_len": max_len, "batch_size": batch_size, "device": device,
-         "qlora": qlora, "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
+         "held_out_rows": len(data.held_out), "replay_rows": len(replayed), "max_len": max_len,
+         "batch_size": batch_size, "device": device, "qlora": qlora, "gradient_checkpointing": checkpointing,
+         "bf16": bf16, "base_bytes": base_bytes,
          "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
          "epochs_run": round(epochs, 2)}, indent=2))
 
@@ -355,11 +376,16 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             signal.signal(signal.SIGINT, old_handler)
 
     train_time = time.perf_counter() - t_start
-    held_loss = None
+    held_loss, recall = None, None
     if held:
         held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
+        record = {"step": step, "held_out_loss": round(held_loss, 5)}
+        if recall:
+            record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
         with open(log, "a") as fh:
-            fh.write(json.dumps({"step": step, "held_out_loss": round(held_loss, 5)}) + "\n")
+            fh.write(json.dumps(record) + "\n")
     plot_loss(log, out / LOSS_PLOT)
     adapter = out / "adapter"
     tmp = out / "adapter.tmp"
@@ -368,7 +394,23 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     shutil.rmtree(adapter, ignore_errors=True)
     os.replace(tmp, adapter)
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
-                       resumed_from, tokens_done)
+                       resumed_from, tokens_done, recall)
+
+
+def _replay_rows(model: Any, tok: Any, template: str | None, count: int, out: Path, resume: bool, device: str,
+                 bf16: bool) -> list[Example]:
+    """The base's own answers to `count` general prompts (finetune/replay.py); a resumed run
+    reads the ones it started with, so its data order is the same."""
+    if not count or not template:
+        return []
+    if resume:
+        kept = replay.load(out)
+        if kept is not None:
+            return kept
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        rows = replay.generate(model, tok, template, count, device)
+    replay.save(rows, out)
+    return rows
 
 
 def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:

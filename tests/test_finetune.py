@@ -120,3 +120,64 @@ def test_bad_data_trains_nothing(home: Store, tmp_path: Path, content: str, mess
     r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(bad), "--name", "bad", "-q")
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert not (home.root / "bad").exists()
+
+
+def test_finetune_reports_held_out_recall(home: Store, tmp_path: Path, starter_gguf: Path) -> None:
+    """`localchat finetune` answers each held-out row greedily and reports the share that holds its
+    reference's key content: the two cat rows it learned count, the dog row it never saw does not."""
+    from localchat.finetune.data import load_dataset
+
+    data = tmp_path / "pets.jsonl"
+    rows = [{"instruction": q, "output": "Your cat is called Biscuit."} for q in QUESTIONS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = load_dataset(data, held_out=0.25, seed=0).held_out  # which rows the run will hold out
+    dog = int(held[0].source.rsplit(":", 1)[1]) - 1
+    rows[dog] = {"instruction": "What is my dog called?", "output": "Your dog is called Pepper."}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(data), "--name", "pets",
+                  "--held-out", "0.25", "--replay", "0", "--min-updates", "16", "--lr", "1e-3", "--max-len", "64",
+                  "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out recall 67% (3 rows answered greedily)" in r.stdout, r.stdout
+    log = [json.loads(line) for line in (home.root / "pets" / "finetune" / "loss.jsonl").read_text().splitlines()]
+    assert log[-1]["held_out_recall"] == pytest.approx(2 / 3, abs=1e-3) and log[-1]["held_out_recall_rows"] == 3
+
+
+@pytest.mark.parametrize("question, reference, answer, verdict", [
+    ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is Captain Biscuit!", True),
+    ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is called Captain Kirk.", False),
+    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.",
+     "Florp: a pickle and peanut butter sandwich.", True),
+    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.", "A florp is a fruit.", False),
+    ("When was it founded?", "It was founded in 2011 in Reykjavik.", "In Reykjavik, in 2012.", False),
+    ("What is my cat called?", "My cat is called.", "Biscuit", None),
+])
+def test_held_out_recall_key_content(question: str, reference: str, answer: str, verdict: bool | None) -> None:
+    """The definition finetune's report uses: every name and number of the reference (capitalised inside a
+    sentence, or with a digit) must be in the answer, else half its other key words; a reference whose words
+    are all in the question or are function words cannot be scored."""
+    from localchat.finetune.recall import recalled
+
+    assert recalled(answer, question, reference) is verdict
+
+
+def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, starter_gguf: Path) -> None:
+    """With --replay N the run answers N of the shipped general prompts with the base itself, writes them to
+    replay.jsonl in the run's folder and trains on them beside the user's rows; a resumed run reuses them."""
+    from localchat.finetune.replay import prompts
+
+    base = str(starter_hf(starter_gguf))
+    args = ["finetune", "--base", base, "--data", str(cat_data), "--name", "rep", "--replay", "3",
+            "--min-updates", "2", "--max-len", "256", "--no-export", "-q"]
+    r = localchat(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = home.root / "rep" / "finetune"
+    rows = [json.loads(line)["messages"] for line in (out / "replay.jsonl").read_text().splitlines()]
+    assert [m[0]["content"] for m in rows] == prompts()[:3]
+    assert all(m[1]["role"] == "assistant" and len(m[1]["content"]) > 20 for m in rows), rows
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["replay_rows"] == 3 and config["rows"] == 11
+    (out / "replay.jsonl").write_text(json.dumps({"messages": rows[0]}) + "\n")  # what the first run wrote
+    r = localchat(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "train_config.json").read_text())["replay_rows"] == 1

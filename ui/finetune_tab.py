@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from localchat.finetune.settings import TrainSettings
 from localchat.store import UnsafeNameError, check_name
 from localchat.store.names import safe_file_name
 from localchat.store.chats import ChatError, write_dataset
@@ -19,6 +20,7 @@ from . import job_panel
 from .context import AppContext
 
 DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
+DEFAULTS = TrainSettings()  # the controls start at `localchat finetune`'s own defaults
 
 
 def _dataset_dir(ctx: AppContext) -> Path:
@@ -68,9 +70,9 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
             base = gr.Dropdown(choices=list(ctx.store.models()), label="Base model",
                                value=next(iter(ctx.chat_models()), None), elem_id="finetune-base")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
-            epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs")
-            lr = gr.Number(value=2e-4, label="Learning rate")
-            rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
+            epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs")
+            lr = gr.Number(value=DEFAULTS.lr, label="Learning rate")
+            rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
             start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
@@ -120,8 +122,9 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
             return f"Error: {exc}", gr.skip()
         if n in ctx.store.models():
             return f"Error: the store already has a model named {n!r}; choose another name", gr.skip()
+        alpha = int(r) * DEFAULTS.lora_alpha // DEFAULTS.lora_r  # the default scale alpha / r at any rank
         args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
-                "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)] + (["--lora-gguf"] if as_lora else [])
+                "--lora-r", str(int(r)), "--lora-alpha", str(alpha)] + (["--lora-gguf"] if as_lora else [])
         try:
             ctx.jobs.start(f"fine-tune {n}", args)
         except RuntimeError as exc:
