@@ -58,7 +58,7 @@ def peak_rss_gb() -> float:
 
 
 def encoded_rows(data: str, tok: object, max_len: int = MAX_LEN) -> list:
-    from localchat.finetune.data import load_dataset
+    from localchat.datasets import load_dataset
     from localchat.finetune.encode import encode
 
     return [encode(ex, tok, tok.chat_template, max_len) for ex in load_dataset(data, held_out=0.0).train]
@@ -121,7 +121,7 @@ def worker_localchat(base: str, data: str, batch: int, bf16: bool, packed_len: i
                      packed: bool = False) -> dict:
     import transformers
 
-    from localchat.finetune.data import load_dataset
+    from localchat.datasets import load_dataset
     from localchat.finetune.settings import TrainSettings
     from localchat.finetune.train import train
 

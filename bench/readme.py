@@ -80,6 +80,21 @@ def quant_ppl(b: Bench) -> list[str]:
              f"| F16 | {_v(b, 'F16_size_mb', 1)} | {_v(b, 'F16_ppl', 3)} | | | |"]
     lines += [f"| {q} | {_v(b, q + '_size_mb', 1)} | {_v(b, q + '_ppl', 3)} | {_f(b, q + '_ppl_ratio', 4)} | "
               f"{_v(b, q + '_kld', 4)} | {_f(b, q + '_top1', 1)} |" for q in s["types"]]
+    if s.get("imatrix_types"):
+        lines += ["", f"Plain llama.cpp quantization against localchat's, weighted by an importance matrix from "
+                      f"{s['imatrix_rows']} rows of {s['imatrix_row_tokens']} tokens of the chat calibration set "
+                      f"({_f(b, 'imatrix_s', 0)} in torch), on held-out text the calibration never saw: "
+                      f"{' and '.join(f'`{t}`' for t in s['held_out'])}. Same caveat: the source is {s['source']}.",
+                  "", "| type | | size MB | chat KLD | chat ppl / F16 | chat top-1 | prose KLD | prose ppl / F16 "
+                  "| prose top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+        for q in s["imatrix_types"]:
+            for side in ("plain", "imatrix"):
+                k = f"{q}_{side}_"
+                lines.append(f"| {q} | {side} | {_v(b, k + 'size_mb', 1)} | " + " | ".join(
+                    f"{_v(b, k + t + '_kld', 4)} | {_f(b, k + t + '_ppl_ratio', 4)} | {_f(b, k + t + '_top1', 1)}"
+                    for t in ("chat", "prose")) + " |")
+            lines.append(f"| {q} | KLD cut | | {_f(b, q + '_chat_kld_cut', 1)} | | | {_f(b, q + '_prose_kld_cut', 1)} "
+                         "| | |")
     return lines
 
 
@@ -105,6 +120,54 @@ def convert(b: Bench) -> list[str]:
                   f"so at most about {_f(b, 'big_bound_tok_s')}; decode / bound "
                   f"{_f(b, 'big_decode_vs_bound')}. The bound leaves out the KV cache and compute, so it is "
                   "an estimate, not a ceiling."]
+        if "big_ft_export_wall" in b["figures"]:
+            lines += ["", "`localchat finetune`'s export path on that checkpoint with a random rank-16 adapter on "
+                      "every linear layer (base + adapter merged tensor by tensor into the GGUF writer, then "
+                      f"Q4_K_M, the after-export check off) takes {_f(b, 'big_ft_export_wall', 0)} at a peak RSS "
+                      f"of {_f(b, 'big_ft_export_rss')} (goal: under 4 GB). `--save-merged`'s folder "
+                      f"({_f(b, 'big_ft_merged_gb', 1)}) takes {_f(b, 'big_ft_merged_wall', 0)} at "
+                      f"{_f(b, 'big_ft_merged_rss')}; dequantizing the Q4_K_M file back to bf16, as a GGUF-only "
+                      f"base is for training ({_f(b, 'big_ft_dequant_gb', 1)}), takes "
+                      f"{_f(b, 'big_ft_dequant_wall', 0)} at {_f(b, 'big_ft_dequant_rss')}."]
+    return lines + convert_families(b) + convert_scale(b)
+
+
+def convert_families(b: Bench) -> list[str]:
+    """A row per family, when the run had them: F16 conversion of its tiny example against the reference."""
+    families = b["settings"].get("families")
+    if not families:
+        return []
+    lines = ["", "Per family, the same comparison on each architecture's first tiny example (its real config "
+             "shape at a few layers, `tests/checkpoints.py`), with the full vocabulary of the tokenizer its tests "
+             "use, so the time goes mostly to the vocabulary and metadata:", "",
+             "| architecture (example, vocabulary) | reference wall | localchat wall | wall ratio | reference RSS "
+             "| localchat RSS | RSS ratio |", "|---|---|---|---|---|---|---|"]
+    for arch, f in families.items():
+        k = arch + "_"
+        lines.append(f"| {arch} ({f['example']}, {f['vocab']} tokens) | {_f(b, k + 'ref_wall', 1, False)} | "
+                     f"{_f(b, k + 'ours_wall', 1, False)} | {_f(b, k + 'wall_ratio', 3)} | "
+                     f"{_f(b, k + 'ref_rss', 2, False)} | {_f(b, k + 'ours_rss', 2, False)} | "
+                     f"{_f(b, k + 'rss_ratio', 3)} |")
+    return lines
+
+
+def convert_scale(b: Bench) -> list[str]:
+    """The --scale shapes, when the run had them: conversion memory and the Q4_K_M file against the expected size."""
+    shapes = b["settings"].get("scale")
+    if not shapes:
+        return []
+    lines = ["", "With `--scale`, Qwen3-8B- and Llama-3.1-8B-shaped checkpoints: random weights in each real config "
+             "(layers, widths, GQA, vocabulary, untied output), made a shard at a time and deleted after measuring: "
+             "F16 conversion in its own process (goal: a peak RSS under 3 GB), "
+             "then Q4_K_M, its size set against the size llama.cpp's Q4_K_M type mix gives these tensor shapes.", "",
+             "| shape | architecture | parameters | checkpoint | F16 wall | F16 peak RSS | Q4_K_M | expected "
+             "| file / expected |", "|---|---|---|---|---|---|---|---|---|"]
+    for shape, s in shapes.items():
+        k = shape + "_"
+        lines.append(f"| {shape} | {s['architecture']} ({s['layers']} layers, {s['hidden']} wide, {s['vocab']} "
+                     f"vocabulary) | {s['params_b']:.2f} B | {_f(b, k + 'checkpoint_gb', 1)} | "
+                     f"{_f(b, k + 'f16_wall', 0)} | {_f(b, k + 'f16_rss')} | {_f(b, k + 'q4_gb', 3)} | "
+                     f"{_f(b, k + 'q4_expected_gb', 3)} | {_f(b, k + 'q4_vs_expected', 4)} |")
     return lines
 
 

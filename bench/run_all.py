@@ -42,10 +42,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
               ["--clients", "1", "2", "--per-client", "1", "--tokens", "8", "--rounds", "1"]),
     "quant_ppl": ("bench_quant_ppl", [],  # ~3 min: 5 quantizations and evaluations of the starter
                   ["--types", "Q8_0", "Q4_K_M", "--chars", "3000"]),
-    # ~12 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
-    # 4 x 2 starter conversions, a 13.5 GB conversion, a Q4_K_M quantization, 4 x (decode + bandwidth)
-    "convert": ("bench_convert", ["--big"],
-                ["--rounds", "1", "--big", "--shape", "small", "--decode-tokens", "4"]),
+    # ~60 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
+    # 4 x 2 starter conversions, 4 x 2 per family (~1 min each), a 13.5 GB conversion, a Q4_K_M quantization,
+    # 4 x (decode + bandwidth), the fine-tune export rows (~10 min, 18 GB of disk at the peak, deleted after):
+    # merge + F16 + Q4_K_M, the merged folder (13.5 GB) and that Q4_K_M dequantized back to bf16; then each
+    # 8B shape alone (~10-20 min, ~37 GB of disk at its peak, deleted after)
+    "convert": ("bench_convert", ["--big", "--scale", "qwen3-8b", "llama3.1-8b"],
+                ["--rounds", "1", "--big", "--shape", "small", "--decode-tokens", "4",
+                 "--scale", "qwen3-small", "llama3.1-small"]),
     "gptq": ("bench_gptq", [],  # ~5 min: GPTQ with its scale search, RTN, 3 texts x 2 evaluations
              ["--samples", "4", "--seq-len", "64", "--chars", "2000"]),
     "finetune": ("bench_finetune", [],  # ~15 min: (fp32 + bf16 where native) x 3 sides x 3 rounds

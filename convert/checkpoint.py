@@ -6,7 +6,8 @@ One place for the GGUF and GPTQ paths alike. It reads:
   than tensors is refused, never executed;
 - RLHF outputs: TRL value-head models (`v_head.*` dropped), DeepSpeed-Chat and
   ColossalChat actors (wrapper prefixes such as `module.` found and stripped);
-- PEFT adapter folders, merged into their base (W += B @ A * alpha / r).
+- PEFT adapter folders (LoRA, rsLoRA, DoRA, modules_to_save), merged into their base tensor by
+  tensor as convert/adapter.py reads them.
 Everything dropped, stripped or merged is listed in `report`, so nothing happens silently.
 The architecture comes from `config.json` `architectures`, never from a folder name.
 """
@@ -74,13 +75,49 @@ def read_config(folder: Path) -> HFConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
+    return HFConfig(path, read_json_object(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; a bad one is refused naming the file and line."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return HFConfig(path, data)
+    return data
+
+
+# generation_config.json's sampling fields, by the SamplingSettings field each becomes; the ones
+# a GGUF can carry (localchat.gguf_file.SAMPLING_KEYS).
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repeat_penalty"}
+
+
+def read_generation_preset(folder: Path) -> dict[str, Any]:
+    """The sampling settings the checkpoint's authors ship in `generation_config.json`, as
+    SamplingSettings fields; {} without the file. ``do_sample: false`` (greedy in transformers)
+    becomes temperature 0. A value out of range is refused, naming the file and the field."""
+    from localchat.engine.settings import SamplingSettings
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = read_json_object(path)
+    preset: dict[str, Any] = {}
+    for hf_name, name in GENERATION_FIELDS.items():
+        value = data.get(hf_name)
+        if value is None:
+            continue
+        try:
+            SamplingSettings(**{name: value})
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {str(exc).replace(name, hf_name, 1)}") from None
+        preset[name] = value
+    if data.get("do_sample") is False and preset:  # transformers decodes greedily then
+        preset = {"temperature": 0.0, **{k: v for k, v in preset.items() if k == "repeat_penalty"}}
+    return preset
 
 
 @dataclass
@@ -173,7 +210,7 @@ def _count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -224,7 +261,7 @@ class Checkpoint:
                 t = f.get_tensor(src.key)
         else:
             if src.file not in self._bin_cache:
-                self._bin_cache = {src.file: _load_bin(src.file)}  # one .bin shard in memory at a time
+                self._bin_cache = {src.file: load_bin(src.file)}  # one .bin shard in memory at a time
             t = self._bin_cache[src.file][src.key]
         patch = self._patches.get(name)
         return patch(t) if patch else t
@@ -286,7 +323,7 @@ def load_checkpoint(folder: str | Path, base: str | Path | None = None) -> Check
             for key, (_, shape) in safetensors_header(f).items():
                 sources[key], shapes[key] = _Source(f, key), shape
         else:
-            for key, t in _load_bin(f).items():
+            for key, t in load_bin(f).items():
                 sources[key], shapes[key] = _Source(f, key), list(t.shape)
     report: list[str] = []
     prefix = _wrapper_prefix(list(sources))
@@ -309,52 +346,27 @@ def load_checkpoint(folder: str | Path, base: str | Path | None = None) -> Check
 
 
 def _load_adapter(folder: Path, base: str | Path | None) -> Checkpoint:
-    cfg_path = folder / "adapter_config.json"
-    acfg = json.loads(cfg_path.read_text())
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} cannot be merged; only LORA")
-    base_path = Path(base) if base else Path(str(acfg.get("base_model_name_or_path", "")))
+    """The base checkpoint with the PEFT adapter in `folder` merged into it as each tensor is read
+    (convert/adapter.py says what each kind of adapter does to a tensor)."""
+    from .adapter import CONFIG, read_adapter
+
+    adapter = read_adapter(folder)
+    base_path = Path(base) if base else Path(str(adapter.config.get("base_model_name_or_path") or ""))
     if not base_path.is_dir():
-        raise CheckpointError(f"{cfg_path}: base model {str(base_path)!r} is not a local folder; pass "
+        raise CheckpointError(f"{folder / CONFIG}: base model {str(base_path)!r} is not a local folder; pass "
                               "--base PATH (models are never fetched from a hub here)")
     ckpt = load_checkpoint(base_path)
-    weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")
-                    if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    adapter.fit(ckpt)
+    for name in adapter.updates:
+        def merge(w: torch.Tensor, name: str = name) -> torch.Tensor:
+            return adapter.merge(name, w).to(w.dtype if w.dtype != torch.bfloat16 else torch.float32)
 
-        safetensors_header(weights)
-        lora = load_file(str(weights))
-    else:
-        lora = _load_bin(weights)
-    r = int(acfg.get("r", 8))
-    alpha = float(acfg.get("lora_alpha", r))
-    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
-    fan_in_fan_out = bool(acfg.get("fan_in_fan_out", False))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in lora.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
-        if not m:
-            if key.endswith(("modules_to_save.weight",)) or ".modules_to_save." in key:
-                raise CheckpointError(f"{weights}: {key}: modules_to_save are not supported yet")
-            continue
-        pairs.setdefault(m.group(1) + ".weight", {})[m.group(2)] = t
-    for target, ab in pairs.items():
-        if target not in ckpt.sources or set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{weights}: LoRA weights for {target!r} do not match the base model "
-                                  f"at {base_path}")
-        delta = (ab["B"].float() @ ab["A"].float()) * scale
-        if fan_in_fan_out:
-            delta = delta.T
-
-        def merge(w: torch.Tensor, d: torch.Tensor = delta) -> torch.Tensor:
-            return (w.float() + d).to(w.dtype if w.dtype != torch.bfloat16 else torch.float32)
-
-        ckpt._patches[target] = merge
-    ckpt.report.append(f"merged the LoRA adapter {folder.name} (r={r}, alpha={alpha:g}) into "
-                       f"{len(pairs)} weights of {base_path.name}")
+        ckpt._patches[name] = merge
+    merged = [u for u in adapter.updates.values() if u.low_rank]
+    replaced = [u.target for u in adapter.updates.values() if not u.low_rank]
+    ckpt.report.append(f"merged the LoRA adapter {folder.name} ({adapter.describe()}) into {len(merged)} "
+                       f"weights of {base_path.name}"
+                       + (f"; replaced {', '.join(replaced)} (modules_to_save)" if replaced else ""))
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
         ckpt.tokenizer_dir = folder
     return ckpt

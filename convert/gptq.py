@@ -23,6 +23,7 @@ from localchat.engine.gptq import gptq_environment
 from localchat.fsutil import check_disk, check_memory, human
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .to_hf import TOKENIZER_FILES, save_checkpoint
 
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
@@ -33,8 +34,6 @@ DEFAULT_SAMPLES = 128
 # max: on the starter checkpoint it cut the perplexity cost on prose from 1.33x to 1.23x and
 # KL divergence on chats by a quarter, for about 3.5x the quantization time (bench_gptq.py).
 DEFAULT_MSE = 2.4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 class GptqError(RuntimeError):
@@ -92,7 +91,7 @@ def calibration_texts(tok: Any, dataset: str | Path | None = None) -> list[str]:
                            add_generation_prompt=False, origin="the model's chat template")
 
     if dataset is not None:
-        from localchat.finetune.data import load_dataset
+        from localchat.datasets import load_dataset
 
         ds = load_dataset(dataset, held_out=0.0)  # every row checked, errors name file:line
         return [render(list(ex.messages)) if ex.messages else ex.text for ex in ds.train]
@@ -119,24 +118,6 @@ def calibration_batches(tok: Any, texts: list[str], seq_len: int, samples: int,
     if not rows:
         raise GptqError(f"the calibration text has {len(ids)} tokens; GPTQ needs at least {min(64, seq_len)}")
     return [{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows]
-
-
-def _clean_copy(ckpt: Checkpoint, out: Path) -> Path:
-    """The checkpoint as plain safetensors + config + tokenizer, for inputs GPTQModel cannot read
-    as they are (RLHF wrappers, value heads, PEFT adapters, pickled .bin weights)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    tensors = {name: t.contiguous() for name, t in ckpt.tensors()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(ckpt.folder / "config.json" if (ckpt.folder / "config.json").is_file()
-                    else ckpt.tokenizer_dir / "config.json", out / "config.json")
-    for name in TOKENIZER_FILES + ("generation_config.json",):
-        for folder in (ckpt.folder, ckpt.tokenizer_dir):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, out / name)
-                break
-    return out
 
 
 def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
@@ -208,7 +189,9 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=work or out.parent) as tmp_dir:
         tmp = Path(tmp_dir)
-        folder = Path(source) if plain else _clean_copy(ckpt, tmp / "clean")
+        # inputs GPTQModel cannot read as they are (RLHF wrappers, value heads, PEFT adapters,
+        # pickled .bin weights) as a plain folder first
+        folder = Path(source) if plain else save_checkpoint(ckpt, tmp / "clean", "a plain copy for GPTQModel")
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         rows = calibration_batches(tok, calibration_texts(tok, calibration), seq_len, samples)
         report.append(f"calibration: {len(rows)} rows of up to {seq_len} tokens from "

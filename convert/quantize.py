@@ -1,4 +1,5 @@
-"""GGUF quantization with llama.cpp's own quantizer (`llama_model_quantize`)."""
+"""GGUF quantization with llama.cpp's own quantizer (`llama_model_quantize`), with or without an
+importance matrix (convert/imatrix.py), which it takes through `llama_model_quantize_params.imatrix`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from localchat.fsutil import HEADROOM, atomic_path, check_disk
 from localchat.gguf_file import read_gguf
+
+if TYPE_CHECKING:
+    from .imatrix import Imatrix
 
 # Quant name -> (llama_ftype, approximate bits per weight, for the disk check).
 QUANT_TYPES: dict[str, tuple[str, float]] = {
@@ -20,7 +27,19 @@ QUANT_TYPES: dict[str, tuple[str, float]] = {
     "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9),
     "Q4_K_S": ("LLAMA_FTYPE_MOSTLY_Q4_K_S", 4.6),
     "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", 4.5),
+    "IQ4_XS": ("LLAMA_FTYPE_MOSTLY_IQ4_XS", 4.3),
+    "Q3_K_M": ("LLAMA_FTYPE_MOSTLY_Q3_K_M", 3.9),
+    "Q2_K": ("LLAMA_FTYPE_MOSTLY_Q2_K", 3.0),
+    # A per-tensor mix for a size (convert/automix.py) over Q4_K_M's ftype; the disk check's bits are its default.
+    "AUTO": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9),
 }
+# Types offered only with an importance matrix: llama.cpp quantizes them without one, but its
+# own guidance is that these low-bit types need one, and bench_quant_ppl.py measures why.
+IMATRIX_KV = "quantize.imatrix."  # llama-quantize's metadata keys for the matrix a file was quantized with
+NEEDS_IMATRIX = ("IQ4_XS", "Q3_K_M", "Q2_K", "AUTO")
+# Types whose kernels weigh their rounding by an importance matrix (F16 is not quantized; llama.cpp's
+# Q8_0 kernel takes no weights).
+USES_IMATRIX = tuple(q for q in QUANT_TYPES if q not in ("F16", "Q8_0"))
 
 
 class QuantizeError(RuntimeError):
@@ -34,14 +53,72 @@ def quant_name(q: str) -> str:
     return name
 
 
+def check_imatrix(quant: str, have: bool) -> None:
+    """Refuse a type that is offered only with an importance matrix when there is none."""
+    q = quant_name(quant)
+    if q in NEEDS_IMATRIX and not have:
+        raise QuantizeError(f"{q} needs an importance matrix: leave out --no-imatrix (one is computed from the "
+                            f"calibration set), or choose a type that does not need one (Q4_K_M, Q5_K_M, ...)")
+
+
 def quantized_bytes(n_params: int, quant: str) -> int:
     """Disk a `quant` GGUF of `n_params` weights needs, headroom included."""
     return int(n_params * QUANT_TYPES[quant_name(quant)][1] / 8) + HEADROOM
 
 
+def _with_imatrix(params: object, im: Imatrix) -> list:
+    """Point `params` at llama.cpp's `llama_model_imatrix_data` array (name, values, size; a null
+    name ends it) and at metadata keys that record it in the file, as llama-quantize writes them.
+    Returns the objects the pointers point into, which must outlive the call."""
+    import llama_cpp
+
+    means = im.means()
+    keep: list = []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()
+    for i, (name, values) in enumerate(sorted(means.items())):
+        v = np.ascontiguousarray(values, dtype=np.float32)
+        b = name.encode()
+        keep += [v, b]
+        arr[i].name, arr[i].data, arr[i].size = b, v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+    kv = (llama_cpp.llama_model_kv_override * 4)()  # an empty key ends the list
+    for o, (key, value) in zip(kv, ((IMATRIX_KV + "entries_count", len(means)),
+                                    (IMATRIX_KV + "chunks_count", im.chunk_count),
+                                    (IMATRIX_KV + "dataset", im.dataset))):
+        o.key = key.encode()
+        if isinstance(value, int):
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+    params.imatrix, params.kv_overrides = arr, kv
+    return keep + [arr, kv]
+
+
+def _with_types(params: object, types: dict[str, str]) -> list:
+    """Point `params` at llama.cpp's tensor type overrides (an exact-name pattern each; a null
+    pattern ends them); returns what they point into."""
+    import re
+
+    import llama_cpp
+    from gguf import GGMLQuantizationType
+
+    arr = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+    keep: list = [arr]
+    for o, (name, t) in zip(arr, sorted(types.items())):
+        pattern = f"^{re.escape(name)}$".encode()
+        keep.append(pattern)
+        o.pattern, o.type = pattern, int(GGMLQuantizationType[t])
+    params.tt_overrides = arr
+    return keep
+
+
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str,
-             threads: int | None = None, verbose: bool = False) -> Path:
-    """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete."""
+             threads: int | None = None, verbose: bool = False,
+             imatrix: Imatrix | None = None, types: dict[str, str] | None = None) -> Path:
+    """Write `dst` as `src` quantized to `quant`; `dst` appears only when complete.
+
+    `imatrix` weighs each tensor's rounding error by its columns' importance; llama.cpp chooses
+    the same per-tensor types either way, and records the matrix under `quantize.imatrix.*`.
+    `types` (tensor name -> ggml type name, `automix.plan_mix`) overrides its choices."""
     import llama_cpp
     import llama_cpp.llama  # noqa: F401 - routes llama.cpp's log through the "llama-cpp-python" logger
 
@@ -53,6 +130,9 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     params.ftype = getattr(llama_cpp, QUANT_TYPES[q][0])
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = False
+    _keep = _with_imatrix(params, imatrix) if imatrix is not None else []  # noqa: F841 - alive for the call
+    if types:
+        _keep += _with_types(params, types)
     log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log: errors only, unless asked
     level = log.level
     log.setLevel(logging.DEBUG if verbose else logging.ERROR)

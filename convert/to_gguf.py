@@ -2,8 +2,9 @@
 
 Tensor infos are planned from the safetensors headers first, so the writer knows every
 offset before it reads a weight; then each tensor is read, laid out for llama.cpp and
-written, and dropped. Peak memory is about one tensor, not the model. The file is
-written under a temporary name and renamed when complete.
+written, and dropped. A GGUF tensor stacked from many HF ones (an MoE layer's experts) is
+filled slice by slice into one array of the output type. Peak memory is about one (stacked)
+tensor, not the model. The file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -18,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from localchat.fsutil import HEADROOM, atomic_path, check_disk
-from localchat.gguf_file import STOP_KEY
+from localchat.engine.settings import preset_text
+from localchat.gguf_file import SAMPLING_KEYS, STOP_KEY
 from localchat.templates import get_format
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError, read_generation_preset
 from .gguf import ArchConverter, converter_for
 from .tokenizer import load_vocab, write_vocab
 
@@ -35,6 +38,16 @@ class ConvertResult:
     report: list[str]
 
 
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One GGUF tensor and where its data comes from."""
+
+    name: str
+    sources: tuple[str, ...]  # HF tensors: the one copied, or each slice of a stack; none for an extra
+    shape: list[int]
+    stacked: bool = False  # the sources stacked along a new first axis (an MoE layer's experts)
+
+
 @dataclass
 class GgufPlan:
     """Everything about a GGUF but its tensor data: the header is complete, so its size is known
@@ -43,7 +56,7 @@ class GgufPlan:
     ckpt: Checkpoint
     conv: ArchConverter
     writer: gguf.GGUFWriter
-    tensors: list[tuple[str, str | None, list[int]]]  # (gguf name, hf name or None for an extra, shape)
+    tensors: list[PlannedTensor]
     extras: dict[str, torch.Tensor]
     outtype: str
     report: list[str]
@@ -51,12 +64,45 @@ class GgufPlan:
 
     @property
     def n_params(self) -> int:
-        return sum(int(np.prod(shape)) for _, _, shape in self.tensors)
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
 
 
-def _out_dtype(ndim: int, outtype: str) -> type:
-    # Norms, biases and rope factors stay F32, as llama.cpp expects; matrices take the outtype.
-    return OUTTYPES[outtype][0] if ndim >= 2 else np.float32
+def _out_dtype(conv: ArchConverter, name: str, ndim: int, outtype: str) -> type:
+    # Norms, biases and rope factors stay F32, as llama.cpp expects; so do the family's keep_f32
+    # matrices (an MoE router); other matrices take the outtype.
+    return OUTTYPES[outtype][0] if ndim >= 2 and not name.endswith(conv.keep_f32) else np.float32
+
+
+def _plan_tensors(ckpt: Checkpoint, conv: ArchConverter, report: list[str]) -> list[PlannedTensor]:
+    """Each GGUF tensor with the HF tensors it is made of, in checkpoint order (a stack where its first
+    slice is); a stack must have every slice, all of one shape. Reads no weights."""
+    plan: dict[str, PlannedTensor | None] = {}
+    stacks: dict[str, dict[int, str]] = {}
+    sizes: dict[str, int] = {}
+    for hf_name in ckpt.names():
+        if slot := conv.stack_slot(hf_name):
+            g, index, sizes[g] = slot
+            plan.setdefault(g, None)
+            stacks.setdefault(g, {})[index] = hf_name
+            continue
+        g = conv.gguf_name(hf_name)
+        if g is None:
+            report.append(f"left out {hf_name} (tied to the embeddings)")
+            continue
+        plan[g] = PlannedTensor(g, (hf_name,), ckpt.shape(hf_name))
+    for g, slices in stacks.items():
+        first = slices[min(slices)]
+        missing = [str(i) for i in range(sizes[g]) if i not in slices]
+        if missing:
+            raise CheckpointError(f"{ckpt.folder}: {g} stacks {sizes[g]} tensors like {first!r}, but "
+                                  f"number(s) {', '.join(missing)} are missing from the checkpoint")
+        names = tuple(slices[i] for i in range(sizes[g]))
+        for name in names:
+            if ckpt.shape(name) != ckpt.shape(first):
+                raise CheckpointError(f"{ckpt.folder}: tensor {name!r} has shape {ckpt.shape(name)}, but "
+                                      f"{first!r}, stacked with it into {g}, has {ckpt.shape(first)}")
+        plan[g] = PlannedTensor(g, names, [len(names), *ckpt.shape(first)], stacked=True)
+    return [t for t in plan.values() if t is not None]
 
 
 def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = None,
@@ -75,15 +121,13 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     elif not vocab.chat_template:
         report.append("the checkpoint has no chat template; pass --template NAME to embed one")
 
-    plan: list[tuple[str, str | None, list[int]]] = []
-    for hf_name in ckpt.names():
-        g = conv.gguf_name(hf_name)
-        if g is None:
-            report.append(f"left out {hf_name} (tied to the embeddings)")
-            continue
-        plan.append((g, hf_name, ckpt.shape(hf_name)))
+    preset = read_generation_preset(ckpt.folder) or read_generation_preset(ckpt.tokenizer_dir or ckpt.folder)
+    if preset:
+        report.append(f"sampling defaults from generation_config.json: {preset_text(preset)}")
+
+    plan = _plan_tensors(ckpt, conv, report)
     extras = conv.extra_tensors()
-    plan += [(g, None, list(t.shape)) for g, t in extras.items()]
+    plan += [PlannedTensor(g, (), list(t.shape)) for g, t in extras.items()]
 
     w = gguf.GGUFWriter(None, conv.gguf_arch)
     w.add_name(name or ckpt.folder.name)
@@ -93,19 +137,40 @@ def plan_gguf(ckpt: Checkpoint, outtype: str = "f16", template: str | None = Non
     write_vocab(w, vocab)
     if stops:
         w.add_array(STOP_KEY, list(stops))
+    for field_name, value in preset.items():  # general.sampling.*, as llama.cpp's gguf-py names them
+        (w.add_int32 if field_name == "top_k" else w.add_float32)(SAMPLING_KEYS[field_name], value)
     total = 0
-    for g, hf_name, shape in plan:
-        dtype = _out_dtype(len(shape), outtype)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    for t in plan:
+        dtype = _out_dtype(conv, t.name, len(t.shape), outtype)
+        nbytes = int(np.prod(t.shape)) * np.dtype(dtype).itemsize
         total += nbytes
-        w.add_tensor_info(g, shape, np.dtype(dtype), nbytes)
+        w.add_tensor_info(t.name, t.shape, np.dtype(dtype), nbytes)
     return GgufPlan(ckpt, conv, w, plan, extras, outtype, report, total)
+
+
+class RowBlocks:
+    """A tensor converted to the file's type a block of rows at a time as it is written.
+
+    GGUFWriter.write_tensor_data reads only an array's `nbytes` and calls its `tofile`, so this stands in for
+    the converted array without ever holding it: converting a whole 151936 x 4096 bf16 embedding (Qwen3-8B)
+    through float32 took 3.7 GB beside the tensor itself, and the conversion peaked at 5.2 GB of RSS.
+    """
+
+    BLOCK_BYTES = 32 * 1024**2  # of float32 per block
+
+    def __init__(self, t: torch.Tensor, dtype: type) -> None:
+        self.t, self.dtype = t, np.dtype(dtype)
+        self.nbytes = t.numel() * self.dtype.itemsize
+
+    def tofile(self, f: BinaryIO) -> None:
+        row = max(1, self.t[0].numel() if self.t.ndim > 1 else 1)
+        for block in self.t.split(max(1, self.BLOCK_BYTES // (4 * row))):
+            block.to(torch.float32).numpy().astype(self.dtype, copy=False).tofile(f)
 
 
 def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False) -> ConvertResult:
     """Stream the planned tensors into `out`, which appears only when complete."""
     out = Path(out)
-    conv = plan.conv
     check_disk(out.parent if out.parent.exists() else Path.cwd(), plan.nbytes + HEADROOM, f"writing {out.name}")
     w = plan.writer
     with atomic_path(out) as tmp:
@@ -113,17 +178,36 @@ def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"converting to {out.name}", disable=quiet)
-        for g, hf_name, shape in plan.tensors:
-            t = plan.extras[g] if hf_name is None else conv.transform(g, plan.ckpt.get(hf_name))
-            arr = t.to(torch.float32).numpy().astype(_out_dtype(len(shape), plan.outtype), copy=False)
-            if list(arr.shape) != list(shape):
-                raise ValueError(f"tensor {hf_name or g}: shape {list(arr.shape)} differs from its header {shape}")
-            w.write_tensor_data(arr)
+        for t in plan.tensors:
+            arr = _tensor_data(plan, t)
+            w.write_tensor_data(arr)  # type: ignore[arg-type]
             bar.update(arr.nbytes)
-            del t, arr
+            del arr
         bar.close()
         w.close()
     return ConvertResult(out, len(plan.tensors), plan.report)
+
+
+def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> np.ndarray | RowBlocks:
+    """The GGUF tensor `t` in its output type, laid out for llama.cpp. A plain tensor is converted a block of
+    rows at a time as it is written (RowBlocks); a stack is filled one slice at a time, so it never exists
+    twice (slices and stack) in memory."""
+    dtype = _out_dtype(plan.conv, t.name, len(t.shape), plan.outtype)
+
+    def read(x: torch.Tensor, shape: list[int], what: str) -> torch.Tensor:
+        if list(x.shape) != list(shape):
+            raise ValueError(f"tensor {what}: shape {list(x.shape)} differs from its header {shape}")
+        return x
+
+    if not t.sources:
+        return RowBlocks(read(plan.extras[t.name], t.shape, t.name), dtype)
+    if not t.stacked:
+        return RowBlocks(read(plan.conv.transform(t.name, plan.ckpt.get(t.sources[0])), t.shape, t.sources[0]), dtype)
+    out = np.empty(t.shape, dtype=dtype)
+    for i, name in enumerate(t.sources):
+        x = read(plan.conv.transform(t.name, plan.ckpt.get(name)), t.shape[1:], name)
+        out[i] = x.to(torch.float32).numpy().astype(dtype, copy=False)
+    return out
 
 
 def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",

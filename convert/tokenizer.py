@@ -1,10 +1,11 @@
 """Tokenizers into GGUF, the family read from the tokenizer's content, never from which file exists.
 
-- Byte-level BPE (LLaMA 3, Qwen2/3, SmolLM, GPT-2): a tokenizer.json whose pre-tokenizer has a
-  ByteLevel step. llama.cpp splits text before BPE with one of its known pre-tokenizers, named in
-  `tokenizer.ggml.pre`; we read which one from the structure of the pre_tokenizer (its split regex
-  and digit handling), not from the model's name, and refuse one we do not know rather than write
-  a file that tokenizes wrongly.
+- Byte-level BPE (LLaMA 3, Qwen2/3, Mistral's Tekken, DeepSeek-R1 distills, SmolLM, GPT-2): a
+  tokenizer.json whose pre-tokenizer has a ByteLevel step. llama.cpp splits text before BPE with one of
+  its known pre-tokenizers, named in `tokenizer.ggml.pre`; we read which one from the structure of the
+  pre_tokenizer (its split regex and digit handling, and for names llama.cpp tells apart by it, the BOS
+  token), not from the model's name, and refuse one we do not know rather than write a file that
+  tokenizes wrongly.
 - SentencePiece (LLaMA 1/2, Mistral v1-v3, Vicuna, Phi-3): a tokenizer.model, or a tokenizer.json in
   SentencePiece's layout (a Metaspace pre-tokenizer, or a Prepend/Replace '▁' normalizer) or both.
   Pieces, scores and types come from tokenizer.model where there is one, as llama.cpp's own converter
@@ -27,7 +28,17 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SUPPORTED_PRE = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+# Mistral's Tekken (Nemo, Ministral, Small 3): words split at case changes, single digits.
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
+# Pre-tokenizers llama.cpp tells apart only by the BOS token their tokenizer puts before a text: its converter
+# names one from a hash of the ids of a probe text, BOS included, and runs both alike. DeepSeek-R1's Qwen
+# distills split as Qwen2 does and put DeepSeek's BOS first. (The Llama distills' BOS keeps Llama 3's id, so
+# they hash, and are named, as Llama 3.)
+BOS_NAMED = {("qwen2", "<｜begin▁of▁sentence｜>"): "deepseek-r1-qwen"}
+SUPPORTED_PRE = ("gpt-2", "smollm", *SPLITS, *BOS_NAMED.values())
 
 
 class TokenizerError(ValueError):
@@ -95,6 +106,11 @@ def _family(folder: Path) -> tuple[str, dict[str, Any] | None]:
     if not path.is_file():
         if (folder / "tokenizer.model").is_file():
             return "llama", None
+        if (folder / "tekken.json").is_file():
+            raise TokenizerError(
+                f"{folder / 'tekken.json'}: Mistral's own tokenizer format, without the Hugging Face "
+                "tokenizer.json Mistral's uploads ship beside it; transformers writes one: "
+                "AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER)")
         raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model; the tokenizer files are missing")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -124,10 +140,9 @@ def _pre_of(pre: dict[str, Any] | None, path: Path) -> str:
     byte_level = next(s for s in steps if s.get("type") == "ByteLevel")
     if split is not None:
         regex = (split.get("pattern") or {}).get("Regex", "")
-        if regex == _LLAMA3_SPLIT:
-            return "llama-bpe"
-        if regex == _QWEN2_SPLIT:
-            return "qwen2"
+        for name, known in SPLITS.items():
+            if regex == known:
+                return name
         raise TokenizerError(f"{path}: pre_tokenizer split regex {regex!r} is not one llama.cpp knows; "
                              f"supported: {', '.join(SUPPORTED_PRE)}")
     digits = next((s for s in steps if s.get("type") == "Digits"), None)
@@ -146,7 +161,8 @@ def pre_tokenizer_config(pre: str) -> dict[str, Any]:
         return byte_level
     if pre == "smollm":
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    regex = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    base = next((b for (b, _), named in BOS_NAMED.items() if named == pre), pre)
+    regex = SPLITS.get(base)
     if regex is None:
         raise TokenizerError(f"pre-tokenizer {pre!r} is not one we can rebuild; supported: {', '.join(SUPPORTED_PRE)}")
     return {"type": "Sequence", "pretokenizers": [
@@ -155,7 +171,9 @@ def pre_tokenizer_config(pre: str) -> dict[str, Any]:
 
 
 def _looks_special(token: str) -> bool:
-    return token.startswith("<|") and token.endswith("|>")
+    """Whether an added token the tokenizer does not mark special is a control token all the same, as
+    llama.cpp's converter judges it: <|...|>, and DeepSeek's <｜...｜> (<｜User｜> in the R1 distills)."""
+    return any(token.startswith(a) and token.endswith(b) for a, b in (("<|", "|>"), ("<｜", "｜>")))
 
 
 def _bpe(data: dict[str, Any], path: Path, vocab_size: int) -> Vocab:
@@ -354,6 +372,8 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
     elif vocab.model == "gpt2":
         vocab.add_bos = False
     vocab.add_eos = bool(tcfg["add_eos_token"]) if "add_eos_token" in tcfg else adds.get("eos")
+    if vocab.add_bos and (vocab.pre, named.get("bos")) in BOS_NAMED:
+        vocab.pre = BOS_NAMED[(vocab.pre, named["bos"])]
     if isinstance(tcfg.get("add_prefix_space"), bool):  # as llama.cpp's converter reads it
         vocab.add_space_prefix = tcfg["add_prefix_space"]
     template = tcfg.get("chat_template")

@@ -1,28 +1,32 @@
 """`localchat finetune --base MODEL --data FILE`: teach a model your own domain with LoRA
 and get a new model in the store that `localchat chat` runs at once.
 
-The output folder (`<store>/<name>/finetune/`) holds the adapter, the merged checkpoint,
-the training config, the loss log and its plot; the merged checkpoint goes through
-`localchat convert` (with its after-export check) into a GGUF in the store.
+The output folder (`<store>/<name>/finetune/`) holds the adapter, the training config, the
+loss log and its plot. The GGUF goes through `localchat convert`'s export (with its
+after-export check) straight from base + adapter: the checkpoint loader merges each weight
+as the GGUF writer reads it, so no merged copy of the model is held in memory or written.
+`--save-merged` also keeps the merged checkpoint, in the base's own dtypes.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
+from localchat.datasets import load_dataset
+from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
-from .data import load_dataset
 from .settings import TrainSettings
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+if TYPE_CHECKING:
+    from localchat.convert.command import ExportResult
+
+MERGED = "merged"  # the folder `--save-merged` writes inside `<store>/<name>/finetune/`
 
 
 class FinetuneError(RuntimeError):
@@ -36,8 +40,9 @@ class FinetuneResult:
     report: list[str]
 
 
-def base_folder(spec: str, store: Store) -> Path:
-    """The Hugging Face checkpoint to train: a folder, or a model in the store."""
+def base_folder(spec: str, store: Store, dtype: Any, quiet: bool = True) -> Path:
+    """The Hugging Face checkpoint to train: a folder, or a model in the store (a GGUF-only one
+    dequantized once, to `dtype`)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -49,36 +54,47 @@ def base_folder(spec: str, store: Store) -> Path:
                             f"(have: {', '.join(entries) or 'none'})")
     entry = entries[spec]
     if entry.format == "gguf":
-        # Only a GGUF here: dequantize it once into <store>/<name>/hf (float32 safetensors).
+        # Only a GGUF here: dequantize it once into <store>/<name>/hf, streamed, the disk checked first.
         from localchat.convert.from_gguf import gguf_to_hf
 
-        return gguf_to_hf(store.path_of(entry.files[0].path), store.model_dir(spec) / "hf")
+        return gguf_to_hf(store.path_of(entry.files[0].path), store.model_dir(spec) / "hf", dtype, quiet)
     if entry.format != "hf":
         raise FinetuneError(f"{spec} has only {entry.format.upper()} weights; training needs a Hugging Face "
                             "checkpoint or a GGUF (`localchat pull OWNER/REPO` fetches one)")
     return store.path_of(entry.files[0].path).parent
 
 
-def merge(base: Path, adapter: Path, out: Path) -> Path:
-    """Base + adapter as one ordinary checkpoint that `convert/` and transformers read."""
+def dequantized_dtype(settings: TrainSettings) -> Any:
+    """The dtype a GGUF-only base is dequantized to: bf16 where training holds the base in bf16
+    (CUDA cards and CPUs with bf16 units, or `--bf16`), else float16. A CPU without bf16 units
+    trains in float32 and widens float16 to it exactly, and float16 keeps more of the dequantized
+    values than bf16 would; float32 on disk would only double the size (28 GB for 7B)."""
     import torch
-    import transformers
-    from peft import PeftModel
 
-    from .lora_layers import no_gptq_dispatch
+    from .train import fast_bf16
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    with no_gptq_dispatch():
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        if (base / f).is_file():
-            shutil.copy(base / f, tmp / f)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    bf16 = fast_bf16("cuda" if torch.cuda.is_available() else "cpu") if settings.bf16 is None else settings.bf16
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def write_merged(base: Path, adapter: Path, out: Path, quiet: bool = True) -> Path:
+    """Base + adapter as one ordinary checkpoint that `convert/` and transformers read, each tensor
+    in the dtype the base stores it in, streamed shard by shard (never the whole model in memory)."""
+    from localchat.convert.checkpoint import load_checkpoint
+    from localchat.convert.to_hf import save_checkpoint
+
+    return save_checkpoint(load_checkpoint(adapter, base=base), out, "saving the merged checkpoint", quiet)
+
+
+def export_finetuned(base: Path, adapter: Path, name: str, quant: str, store: Store, quiet: bool = False,
+                     check: bool = True) -> ExportResult:
+    """The GGUF of base + adapter as the store model `name`, through `localchat convert`'s export of
+    the adapter folder over its base: each weight is merged as the GGUF writer reads it, so peak
+    memory is about one tensor, not the model. The after-export check compares the quantized file
+    with the F16 conversion of that same merge; a re-run replaces its earlier export."""
+    from localchat.convert.command import export_gguf
+
+    return export_gguf(adapter, quant, name=name, base=base, store=store, quiet=quiet, replace=True, check=check)
 
 
 def register_lora(store: Store, base: str, base_dir: Path, adapter: Path, name: str) -> str:
@@ -97,36 +113,40 @@ def register_lora(store: Store, base: str, base_dir: Path, adapter: Path, name: 
     return lora_name
 
 
-def check_export_disk(base_dir: Path, quant: str | None, store: Store) -> None:
-    """Refuse before training when the disk cannot hold what follows it: the merged float32
-    checkpoint and, with `quant`, the GGUF export's F16 and quantized files."""
+def check_export_disk(base_dir: Path, quant: str | None, merged: bool, store: Store) -> None:
+    """Refuse before training when the disk cannot hold what follows it: with `merged` the merged
+    checkpoint (in the base's own dtypes) and, with `quant`, the GGUF export's F16 and quantized
+    files, written from base + adapter directly."""
     from localchat.convert.checkpoint import load_checkpoint
     from localchat.convert.command import gguf_export_need
     from localchat.convert.to_gguf import plan_gguf
+    from localchat.convert.to_hf import folder_bytes, stored_specs
 
     ckpt = load_checkpoint(base_dir)  # headers only
-    merged = sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names()) + HEADROOM
-    need, steps = merged, f"merged checkpoint {human(merged)}"
+    need, steps = 0, []
+    if merged:
+        need += folder_bytes(stored_specs(ckpt))
+        steps.append(f"merged checkpoint {human(need)}")
     if quant:
         more, export_steps = gguf_export_need(plan_gguf(ckpt, "f16"), quant)
-        need, steps = need + more, f"{steps}, then GGUF {export_steps}"
-    check_disk(store.root, need, f"fine-tuning {base_dir.name} ({steps})")
+        need += more
+        steps.append(f"GGUF {export_steps}")
+    if need:
+        check_disk(store.root, need, f"fine-tuning {base_dir.name} ({', then '.join(steps)})")
 
 
 def finetune(base: str, data: str, name: str | None, settings: TrainSettings, quant: str = "Q4_K_M",
              resume: bool = False, export: bool = True, store: Store | None = None,
-             quiet: bool = False, lora_gguf: bool = False) -> FinetuneResult:
+             quiet: bool = False, lora_gguf: bool = False, save_merged: bool = False) -> FinetuneResult:
     # Every row is checked first: a bad row fails in a second, before a base is dequantized or loaded.
     dataset = load_dataset(data, settings.held_out, settings.seed)
-    from localchat.convert.command import export_gguf
-
     from .train import train
 
     store = store or default_store()
-    base_dir = base_folder(base, store)
+    base_dir = base_folder(base, store, dequantized_dtype(settings), quiet)
     name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
     out = store.model_dir(name) / "finetune"
-    check_export_disk(base_dir, quant if export else None, store)
+    check_export_disk(base_dir, quant if export else None, save_merged, store)
     report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
     result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
     if result.resumed_from:
@@ -138,16 +158,24 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     if lora_gguf:
         lora_name = register_lora(store, base, base_dir, result.adapter, name)
         report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")
-    merged = merge(base_dir, result.adapter, out / "merged")
+    extra = {"adapter": str(result.adapter.relative_to(store.root)),
+             "loss_plot": str((out / "loss.png").relative_to(store.root))}
+    if save_merged:
+        merged = write_merged(base_dir, result.adapter, out / MERGED, quiet)
+        extra[MERGED] = str(merged.relative_to(store.root))
+        report.append(f"merged checkpoint (the base's own dtypes): {merged}")
+    else:
+        shutil.rmtree(out / MERGED, ignore_errors=True)  # an earlier run's, merged with another adapter
     if export:
-        # The run's own name: a re-run replaces its earlier export (and deletes that GGUF).
-        ex = export_gguf(merged, quant, name=name, store=store, quiet=quiet, replace=True)
-        entry = store.get(name)
-        entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
-        entry.extra = {"adapter": str(result.adapter.relative_to(store.root)),
-                       "merged": str(merged.relative_to(store.root)),
-                       "loss_plot": str((out / "loss.png").relative_to(store.root))}
-        store.add(entry)
+        ex = export_finetuned(base_dir, result.adapter, name, quant, store, quiet)
+
+        def finish(entry: ModelEntry) -> None:  # under the store lock
+            entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
+            entry.extra.update(extra)
+
+        store.update(name, finish)
+        report.append(f"GGUF written from {base} + the adapter, merged tensor by tensor"
+                      + ("" if save_merged else " (no merged copy kept; --save-merged keeps one)"))
         report += ex.report
     return FinetuneResult(name, out, report)
 
@@ -158,7 +186,8 @@ def command(args: argparse.Namespace) -> int:
     settings = TrainSettings.from_args(args)
     try:
         r = finetune(args.base, args.data, args.name, settings, args.quant, args.resume,
-                     export=not args.no_export, quiet=args.quiet, lora_gguf=args.lora_gguf)
+                     export=not args.no_export, quiet=args.quiet, lora_gguf=args.lora_gguf,
+                     save_merged=args.save_merged)
     except Interrupted as exc:
         print(f"localchat finetune: {exc}", file=sys.stderr)
         return 130
@@ -177,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="name of the new model in the store")
     parser.add_argument("--quant", default="Q4_K_M", type=str.upper, help="GGUF quant type of the export")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    parser.add_argument("--no-export", action="store_true", help="stop after the merged checkpoint")
+    parser.add_argument("--no-export", action="store_true", help="stop after training: the adapter (and with "
+                                                                 "--save-merged the merged checkpoint), no GGUF")
+    parser.add_argument("--save-merged", action="store_true",
+                        help="also keep base + adapter as one HF checkpoint (finetune/merged, in the base's own "
+                             "dtype); the GGUF export does not need it")
     parser.add_argument("--lora-gguf", action="store_true",
                         help="also store the adapter as a GGUF LoRA (NAME-lora, a few MB) that llama.cpp "
                              "applies over the --base store model at load time")

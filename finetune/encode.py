@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from localchat.datasets import DatasetError, Example
 from localchat.templates import TemplateError, render_chat
-
-from .data import DatasetError, Example
 
 IGNORE = -100
 

@@ -40,23 +40,28 @@ class NotEnoughMemory(RuntimeError):
 class ModelShape:
     layers: int
     hidden: int
-    intermediate: int
+    intermediate: int  # MLP activations a token makes in a block (an MoE block: those of its top-k experts)
     vocab: int
     tied: bool
     modules: tuple[tuple[str, int, int], ...]  # (name, in, out) of each linear layer in a block
+    # Weights per block in matrices that are no LoRA modules (an MoE block's experts and router): they
+    # stay in the base's dtype under QLoRA too, since bitsandbytes quantizes linear layers only.
+    frozen: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelShape":
         """From a transformers config (or config.json's dict); the block's linear layers are the ones
-        its architecture declares (localchat.convert.gguf), so a fused or renamed layer is counted right."""
+        its architecture declares (localchat.convert.gguf), so a fused or renamed layer is counted right,
+        and so are the weights beside them (MoE experts) and the MLP width a token activates."""
         from localchat.convert.checkpoint import HFConfig
         from localchat.convert.gguf import converter_for
 
         data = cfg if isinstance(cfg, dict) else cfg.to_dict()
         conv = converter_for(HFConfig(Path(str(data.get("_name_or_path") or ".")) / "config.json", data))
-        return cls(layers=conv.n_layers, hidden=conv.n_embd, intermediate=int(conv.config.require("intermediate_size")),
-                   vocab=int(conv.config.require("vocab_size")), tied=conv.tied,
-                   modules=tuple((name, a, b) for name, (a, b) in conv.lora_modules().items()))
+        modules = tuple((name, a, b) for name, (a, b) in conv.lora_modules().items())
+        return cls(layers=conv.n_layers, hidden=conv.n_embd, intermediate=conv.mlp_width(),
+                   vocab=int(conv.config.require("vocab_size")), tied=conv.tied, modules=modules,
+                   frozen=conv.block_weights() - sum(a * b for _, a, b in modules))
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ModelShape":
@@ -79,8 +84,9 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Embeddings (and an untied output layer) and norms: never quantized."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+        """Embeddings (and an untied output layer), norms and a block's other matrices: never quantized."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * (2 * self.hidden + self.frozen) + self.hidden
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .data import Example
+from localchat.datasets import Example
 
 MAX_ROWS = 32  # held-out rows answered at most: generation costs far more than scoring a loss
 MAX_NEW_TOKENS = 96

@@ -18,7 +18,7 @@ from typing import Any
 
 from localchat.fsutil import atomic_write_text
 
-from .data import Example
+from localchat.datasets import Example
 from .encode import _render
 
 FILE = "replay.jsonl"

@@ -23,10 +23,10 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from localchat.datasets import Dataset, Example
 from localchat.fsutil import atomic_write_text
 
 from . import replay
-from .data import Dataset, Example
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "list": ("localchat.commands.list", None, "list the models in the store"),
     "pull": ("localchat.commands.pull", None, "download a model from the Hugging Face Hub"),
     "rm": ("localchat.commands.rm", None, "delete a model from the store"),
+    "preset": ("localchat.commands.preset", None, "show or change a model's sampling defaults"),
     "info": ("localchat.commands.info", None, "show a GGUF file's metadata without loading it"),
     "setup": ("localchat.commands.setup", None, "install the starter model"),
     "import": ("localchat.commands.import_gguf", None, "add a GGUF file you already have to the store"),

@@ -16,6 +16,16 @@ from typing import Any, BinaryIO
 
 GGUF_MAGIC = b"GGUF"
 STOP_KEY = "localchat.stop"  # stop strings that `localchat convert --template` writes with the template
+IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside a model (convert/imatrix.py): not a model
+# The model authors' recommended sampler settings, under the keys llama.cpp's gguf-py defines
+# (gguf.Keys.General.SAMPLING_*), by the name of the SamplingSettings field each one sets.
+SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repeat_penalty": "general.sampling.penalty_repeat",
+}
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4
@@ -144,6 +154,14 @@ class GGUFHeader:
         """Stop strings written by `localchat convert --template` (STOP_KEY)."""
         value = self.metadata.get(STOP_KEY)
         return tuple(v for v in value if isinstance(v, str) and v) if isinstance(value, list) else ()
+
+    @property
+    def sampling(self) -> dict[str, float | int]:
+        """The file's recommended sampling settings (SAMPLING_KEYS), by SamplingSettings field name."""
+        found = {name: self.metadata.get(key) for name, key in SAMPLING_KEYS.items()}
+        # float32 in the file: 0.2 reads as 0.20000000298, so keep the digits a float32 holds
+        return {name: float(f"{v:.7g}") if isinstance(v, float) else v for name, v in found.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def token(self, key: str) -> str | None:
         """The text of a special token (``bos``, ``eos``) named by its id key."""

@@ -57,9 +57,13 @@ def validate(obj: Any) -> None:
             raise ValueError(f"{f.name}={value!r} is out of range [{lo}, {hi}]")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
+                  only: Sequence[str] | None = None) -> None:
+    """Flags for the fields of `cls` (those named in `only`, if given)."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = _kind(cls, f)
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
@@ -75,12 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> Non
                                help=f"{text} (default: {default})")
 
 
-def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` whose flags were given on the command line."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
+    return values
+
+
+def from_args(cls: type, args: argparse.Namespace, base: Any = None, **overrides: Any) -> Any:
+    """`cls` from the flags given, the rest from `base` (an instance: a model's own defaults, say)
+    or the class defaults."""
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)} if base is not None else {}
+    values.update(given(cls, args))
     values.update(overrides)
     return cls(**values)
 
@@ -94,9 +107,9 @@ class Options:
         validate(self)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, cls, cls.option_group)
+    def add_arguments(cls, parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+        add_arguments(parser, cls, cls.option_group, only)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Any:
-        return from_args(cls, args, **overrides)
+    def from_args(cls, args: argparse.Namespace, base: Any = None, **overrides: Any) -> Any:
+        return from_args(cls, args, base, **overrides)

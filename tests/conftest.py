@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,22 @@ def home(tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) ->
     store = starter_home(tmp_path / "home", starter_gguf)
     monkeypatch.setenv("LOCALCHAT_HOME", str(store.root))
     return store
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A real 200 MB file system (tmpfs), so free space is what the kernel says, not a mock."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small file system")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from localchat.cli import main as cli
-from localchat.finetune.data import load_dataset
+from localchat.datasets import load_dataset
 from localchat.store.chats import ChatError, ChatHistory, Conversation, check_id, write_dataset
 
 

@@ -156,3 +156,22 @@ def test_a_command_without_its_extra_says_which_to_install(home: Store, tmp_path
         assert r.returncode == 1, (args, r.stderr[-2000:])
         assert f"needs the '{extra}' extra" in r.stderr and f"pip install 'localchat[{extra}]'" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_preset_command_sets_shows_and_applies_a_models_sampling_defaults(home: Store) -> None:
+    """`localchat preset` changes a model's sampling defaults in the store (bounds checked, naming the
+    flag's field), `list` shows them, and `chat` answers with them unless a flag overrides them: a
+    preset of temperature 0 answers like `--temp 0` for any seed."""
+    assert "temp 0.2, top_p 0.9" in run("list").stdout  # the starter's authors' settings
+    r = run("preset", STARTER.name, "--top-p", "7")
+    assert r.returncode == 1 and "top_p=7.0 is out of range" in r.stderr
+    r = run("preset", STARTER.name, "--temp", "0", "--top-k", "20")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{STARTER.name}: temp 0, top_p 0.9, top_k 20"
+    assert home.get(STARTER.name).defaults["sampling"] == {"temperature": 0.0, "top_p": 0.9, "top_k": 20}
+    assert "temp 0, top_p 0.9, top_k 20" in run("list").stdout
+    greedy = run("chat", "-q", "-p", "Name a fruit.", "--temp", "0", "--max-tokens", "16").stdout
+    for seed in ("1", "2"):
+        assert run("chat", "-q", "-p", "Name a fruit.", "--seed", seed, "--max-tokens", "16").stdout == greedy
+    assert run("preset", STARTER.name, "--clear").stdout.strip().endswith("(the global defaults apply)")
+    assert "sampling" not in home.get(STARTER.name).defaults

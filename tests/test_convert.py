@@ -18,6 +18,7 @@ from localchat.convert.checkpoint import CheckpointError, load_checkpoint  # noq
 from localchat.convert.to_gguf import convert_to_gguf  # noqa: E402
 from localchat.gguf_file import read_gguf  # noqa: E402
 from tests.checkpoints import starter_hf, tiny_model  # noqa: E402
+from tests.test_server import Server  # noqa: E402
 
 # llama.cpp keeps the KV cache in F16, so even an F32 GGUF differs from transformers by rounding.
 F32_ATOL = 5e-3
@@ -275,3 +276,95 @@ def test_sentencepiece_llama2_style_model(tmp_path: Path) -> None:
     llm.close()
     ref = hf_logits(folder, ids)
     assert np.abs(got - ref).max() < F32_ATOL and (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _peak_rss_converting(folder: Path, out: Path) -> int:
+    """Peak RSS in bytes of a process that converts `folder` to an F16 GGUF, as the process reads it itself
+    (VmHWM): wait4's ru_maxrss of a child starts from its parent's peak on Linux, here pytest's."""
+    code = ("from localchat.convert.checkpoint import load_checkpoint\n"
+            "from localchat.convert.to_gguf import convert_to_gguf\n"
+            f"convert_to_gguf(load_checkpoint({str(folder)!r}), {str(out)!r}, 'f16', quiet=True)\n"
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+def test_a_wide_tensor_is_converted_without_whole_copies(real_hf: Path, tmp_path: Path) -> None:
+    """Conversion memory grows by about the largest tensor, not copies of it: a bf16 checkpoint whose embedding is
+    49152 x 2048 (an 8B model's 151936 x 4096, scaled down) peaks less than 2.5 times that tensor above the same
+    model 64 wide. Converting each tensor whole through float32 made four copies of it (Qwen3-8B peaked at
+    5.2 GB of RSS that way, against a 3 GB goal)."""
+    from safetensors.torch import load_file, save_file
+
+    peaks, wide_bytes = [], 0
+    for hidden in (64, 2048):
+        folder = tiny_model("LlamaForCausalLM", tmp_path / f"h{hidden}", real_hf, hidden_size=hidden,
+                            tie_word_embeddings=True)
+        weights = folder / "model.safetensors"
+        state = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+        save_file(state, str(weights), metadata={"format": "pt"})
+        wide_bytes = state["model.embed_tokens.weight"].nbytes
+        peaks.append(_peak_rss_converting(folder, tmp_path / f"h{hidden}.gguf"))
+        embd = next(t for t in read_gguf(tmp_path / f"h{hidden}.gguf").tensors if t.name == "token_embd.weight")
+        assert embd.shape[0] == hidden and embd.type_name == "F16"
+    growth = peaks[1] - peaks[0]
+    assert growth < 2.5 * wide_bytes, (f"{growth / 1e6:.0f} MB more for a {wide_bytes / 1e6:.0f} MB tensor", peaks)
+
+
+def test_generation_config_sampling_goes_into_the_gguf_and_the_store_and_applies(real_hf: Path, home,
+                                                                                tmp_path: Path) -> None:
+    """A checkpoint's generation_config.json sampling settings are written into the GGUF under llama.cpp's
+    general.sampling.* keys, read back into the store entry's preset, shown by `info` and `list`, and
+    used by the server when a request sets none: top_k 1 from the file makes every seed answer alike
+    (as temperature 0 with the file's repetition penalty does), while a request's own settings win."""
+    import gguf
+
+    src = tmp_path / "tuned"
+    shutil.copytree(real_hf, src)
+    (src / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.8, "top_k": 1, "repetition_penalty": 1.05}))
+    r = subprocess.run([sys.executable, "-m", "localchat", "convert", str(src), "--name", "tuned",
+                        "--quant", "f16", "--no-check", "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "sampling defaults from generation_config.json: temp 0.6, top_p 0.8, top_k 1" in r.stdout
+    gguf_path = home.path_of(home.get("tuned").files[0].path)
+    meta = read_gguf(gguf_path).metadata
+    keys = gguf.Keys.General
+    assert meta[keys.SAMPLING_TEMP] == pytest.approx(0.6) and meta[keys.SAMPLING_TOP_K] == 1
+    assert meta[keys.SAMPLING_TOP_P] == pytest.approx(0.8)
+    assert meta[keys.SAMPLING_PENALTY_REPEAT] == pytest.approx(1.05)
+    assert home.get("tuned").defaults["sampling"] == {"temperature": 0.6, "top_k": 1, "top_p": 0.8,
+                                                      "repeat_penalty": 1.05}
+    info = subprocess.run([sys.executable, "-m", "localchat", "info", str(gguf_path)], capture_output=True,
+                          text=True)
+    assert "sampling defaults: temp 0.6, top_k 1, top_p 0.8, repeat_penalty 1.05" in info.stdout
+    listed = subprocess.run([sys.executable, "-m", "localchat", "list"], capture_output=True, text=True).stdout
+    assert "temp 0.6, top_k 1, top_p 0.8, repeat_penalty 1.05" in listed
+
+    srv = Server(home)
+    try:
+        client = srv.client(timeout=300)
+
+        def ask(**kw: object) -> str:
+            return client.chat.completions.create(
+                model="tuned", max_tokens=24, messages=[{"role": "user", "content": "Tell me a story."}],
+                **kw).choices[0].message.content
+
+        greedy = ask(temperature=0, extra_body={"repeat_penalty": 1.05})
+        assert [ask(seed=s) for s in (1, 2, 3)] == [greedy] * 3
+        assert len({ask(seed=s, temperature=1.5, extra_body={"top_k": 0}) for s in (1, 2, 3)}) > 1
+    finally:
+        srv.stop()
+
+
+def test_bad_generation_config_is_refused_naming_file_and_field(real_hf: Path, tmp_path: Path) -> None:
+    """A sampling value out of range in generation_config.json stops the conversion with the file and the
+    field named, before anything is written."""
+    src = tmp_path / "bad"
+    shutil.copytree(real_hf, src)
+    (src / "generation_config.json").write_text(json.dumps({"do_sample": True, "repetition_penalty": -2}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: repetition_penalty=-2 is out of range"):
+        convert_to_gguf(load_checkpoint(src), tmp_path / "bad.gguf", "f16", quiet=True)
+    assert not (tmp_path / "bad.gguf").exists()

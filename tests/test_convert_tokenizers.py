@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,9 @@ transformers = pytest.importorskip("transformers")
 from localchat.convert.checkpoint import load_checkpoint  # noqa: E402
 from localchat.convert.to_gguf import convert_to_gguf  # noqa: E402
 from localchat.convert.tokenizer import TokenizerError, load_vocab  # noqa: E402
-from tests.checkpoints import llama_cpp_source, package_data, rebuilt_vocab, tiny_model  # noqa: E402
+from localchat.convert.gguf import ARCHITECTURES  # noqa: E402
+from tests.checkpoints import (FAMILY_EXAMPLES, llama_cpp_convert, llama_cpp_source, package_data,  # noqa: E402
+                               real_tokenizer, rebuilt_vocab, tiny_model)
 
 TEXT = ("def add(a, b):\n    return a + b  # 1234567 + 89 = 1234656\n"
         "  Leading spaces\tand émigré café; 🦙🚀 emoji; 日本語のテキスト, 中文。 3.14159 on 2026-01-01")
@@ -45,9 +49,9 @@ def spm_folder(out: Path, version: str, layout: str) -> Path:
     out.mkdir(parents=True)
     model = package_data(*MISTRAL) / SPM_MODELS[version]
     shutil.copy(model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    tcfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg))
     if layout != "model":
         saved = out.with_name(out.name + "-hf")
         transformers.AutoTokenizer.from_pretrained(out).save_pretrained(saved)
@@ -55,6 +59,9 @@ def spm_folder(out: Path, version: str, layout: str) -> Path:
         if "old" in layout:
             data["normalizer"], data["pre_tokenizer"] = OLD_LAYOUT, None
         (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        # its added tokens (the control pieces) listed in tokenizer_config.json too, as in Mistral's uploads
+        decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in data["added_tokens"]}
+        (out / "tokenizer_config.json").write_text(json.dumps({**tcfg, "added_tokens_decoder": decoder}))
         if "model" not in layout:
             (out / "tokenizer.model").unlink()
     return out
@@ -224,3 +231,211 @@ def test_tokenizer_family_comes_from_content_not_file_names(tmp_path: Path) -> N
     shutil.copy(package_data(*MISTRAL) / SPM_MODELS["v3"], mixed / "tokenizer.model")
     with pytest.raises(TokenizerError, match="tokenizer.json and tokenizer.model disagree: tokenizer.json has "):
         load_vocab(mixed, {})
+
+
+# Each family's real tokenizers, in a tiny random model of the family. The reference ids are the HF
+# tokenizer's (the `tokenizers` library on the folder's tokenizer.json), or where the folder has a
+# tokenizer.model, SentencePiece's: the model was trained with it and mistral-common encodes with it
+# (transformers 5 turns a tokenizer.model into a BPE that splits runs of spaces unlike SentencePiece:
+# "a  b" as '▁▁','b', not '▁','▁b').
+@dataclass(frozen=True)
+class FamilyVocab:
+    arch: str
+    tokenizer: Callable[[Path], Path]  # the tokenizer folder, given a scratch folder
+    ids: tuple[int, int, int]  # the real config.json's vocab_size, bos_token_id and eos_token_id
+    pre: str  # tokenizer.ggml.pre as llama.cpp's converter names it
+    prompt: str | None = None  # None: the folder's chat template renders CHAT
+    sentencepiece: str | None = None  # the SPM_MODELS version whose SentencePiece ids are the reference
+
+    @property
+    def config(self) -> dict[str, int]:
+        return dict(zip(("vocab_size", "bos_token_id", "eos_token_id"), self.ids))
+
+
+def _real(name: str) -> Callable[[Path], Path]:
+    return lambda _: real_tokenizer(name)
+
+
+def _spm(version: str) -> Callable[[Path], Path]:
+    """Mistral's SentencePiece model as HF ships Mistral v0.x: tokenizer.model beside tokenizer.json."""
+    return lambda tmp: spm_folder(tmp / "tok", version, "model+metaspace-json")
+
+
+def _mistral(arch: str, version: str, vocab_size: int) -> FamilyVocab:
+    return FamilyVocab(arch, _spm(version), (vocab_size, 1, 2), "default", SPM_PROMPTS[version], version)
+
+
+LLAMA2_PROMPT = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{} [/INST] Sure! </s><s>[INST] And 42? [/INST]"
+QWEN = (151936, 151643, 151645)
+FAMILY_VOCABS: dict[str, FamilyVocab] = {
+    "llama2": FamilyVocab("LlamaForCausalLM", _real("llama2"), (32000, 1, 2), "default", LLAMA2_PROMPT),
+    "llama3": FamilyVocab("LlamaForCausalLM", _real("llama3"), (128256, 128000, 128009), "llama-bpe"),
+    "r1-distill-llama": FamilyVocab("LlamaForCausalLM", _real("r1-distill-llama"), (128256, 128000, 128001),
+                                    "llama-bpe"),
+    "mistral-v3": _mistral("MistralForCausalLM", "v3", 32768),
+    "mistral-v7": _mistral("MistralForCausalLM", "v7", 32768),
+    "nemo": FamilyVocab("MistralForCausalLM", _real("nemo"), (131072, 1, 2), "tekken"),
+    "qwen2": FamilyVocab("Qwen2ForCausalLM", _real("qwen2"), QWEN, "qwen2"),
+    "r1-distill-qwen": FamilyVocab("Qwen2ForCausalLM", _real("r1-distill-qwen"), (151936, 151643, 151643),
+                                   "deepseek-r1-qwen"),
+    "qwen3": FamilyVocab("Qwen3ForCausalLM", _real("qwen3"), QWEN, "qwen2"),
+    "qwen3-moe": FamilyVocab("Qwen3MoeForCausalLM", _real("qwen3"), QWEN, "qwen2"),
+    "phi3.5": FamilyVocab("Phi3ForCausalLM", _real("phi3"), (32064, 1, 32000), "default"),
+    "mixtral": _mistral("MixtralForCausalLM", "v1", 32000),
+}
+# Families no real vocabulary of is offline, and why.
+NO_REAL_VOCAB = {
+    arch: "Gemma 2/3's SentencePiece vocabulary ships in no package here, and of Gemma's, llama.cpp's test "
+          "vocabularies have only Gemma 4's, a tokenizer model of its own ('gemma4') Gemma 2/3 files don't use"
+    for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")}
+FAMILY_CASES = [name for name, case in FAMILY_VOCABS.items() if case.arch in ARCHITECTURES]
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "   " + TEXT + "\n\n\n\tend  "},
+        {"role": "assistant", "content": "Sure!"},
+        {"role": "user", "content": "And 42?"}]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_family_has_a_real_tokenizer(arch: str) -> None:
+    """Each architecture in the converter's table is proven on a real vocabulary here, or says why none is
+    offline; a family added to the table fails until it does one or the other."""
+    assert any(case.arch == arch for case in FAMILY_VOCABS.values()) or arch in NO_REAL_VOCAB, arch
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """Each case's tiny model (the family's shape from FAMILY_EXAMPLES, the real config's vocabulary size and
+    token ids) and our F16 GGUF of it, built once for the module."""
+    root, built = tmp_path_factory.mktemp("family-vocabs"), {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            case, work = FAMILY_VOCABS[name], root / name
+            shape = {k: v for k, v in next(iter(FAMILY_EXAMPLES[case.arch].values()))[1].items()
+                     if not k.endswith("_token_id")}
+            folder = tiny_model(case.arch, work / name, case.tokenizer(work), **{**shape, **case.config})
+            out = convert_to_gguf(load_checkpoint(folder), work / "ours.gguf", "f16", quiet=True).path
+            built[name] = folder, out
+        return built[name]
+
+    return get
+
+
+def chat_prompt(name: str, folder: Path) -> str:
+    """The case's chat text: CHAT rendered by the model's own chat template (as the runtime renders it)."""
+    from localchat.templates.sandbox import render_chat
+
+    case = FAMILY_VOCABS[name]
+    if case.prompt is not None:
+        return case.prompt.format(CHAT[1]["content"])
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else tcfg["chat_template"]
+    token = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in tcfg.items()
+             if k in ("bos_token", "eos_token")}
+    return render_chat(template, CHAT, **token)
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_family_tokenizes_chat_as_its_tokenizer(name: str, family_files) -> None:
+    """Our GGUF of a tiny model of the family carrying the real tokenizer: llama.cpp's ids (special tokens
+    parsed, BOS/EOS as the file says) equal the model's own tokenizer's on its chat template's turns around
+    code, digits, emoji, CJK, leading and repeated spaces, tabs and newlines; the file names the pre-tokenizer
+    as llama.cpp's converter would."""
+    from tokenizers import Tokenizer
+
+    from localchat.gguf_file import read_gguf
+
+    case = FAMILY_VOCABS[name]
+    folder, ours = family_files(name)
+    prompt = chat_prompt(name, folder)
+    if case.sentencepiece:  # BOS from add_bos on both sides
+        prompt = prompt.removeprefix("<s>")
+        want = sentencepiece_ids(package_data(*MISTRAL) / SPM_MODELS[case.sentencepiece], prompt)
+    else:
+        want = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt, add_special_tokens=True).ids
+    assert read_gguf(ours).metadata["tokenizer.ggml.pre"] == case.pre
+    assert llama_tokenize(ours, prompt, add_bos=True) == want
+
+
+def llama_cpp_adds(gguf: Path) -> dict[str, bool]:
+    """Whether llama.cpp puts BOS, EOS, SEP and a leading space around a text it tokenizes from this file:
+    a flag the file leaves out is llama.cpp's default for its tokenizer model and pre-tokenizer."""
+    import llama_cpp
+
+    from localchat.gguf_file import read_gguf
+
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        adds = {k: getattr(llama_cpp, f"llama_vocab_get_add_{k}")(vocab) for k in ("bos", "eos", "sep")}
+    finally:
+        llm.close()
+    meta = read_gguf(gguf).metadata  # SentencePiece's default: a space before the text
+    adds["space"] = meta.get("tokenizer.ggml.add_space_prefix", meta["tokenizer.ggml.model"] == "llama")
+    return adds
+
+
+# Tokenizer metadata where our file differs from llama.cpp's converter's on purpose: (case, key) -> why.
+_UNK = ("<unk> keeps SentencePiece's type, UNKNOWN (and from a tokenizer.model its score), as llama.cpp's "
+        "converter writes it from a tokenizer.model alone; where an added-token list names <unk> special, "
+        "llama.cpp's converter retypes it CONTROL and scores it -1000")
+TOKENIZER_DIFFERENT_ON_PURPOSE: dict[tuple[str, str], str] = {
+    ("llama2", "tokenizer.ggml.scores"): (
+        "from tokenizer.json alone a SentencePiece piece is scored by the rank of the merge that makes it, so "
+        "llama.cpp merges in BPE's order; llama.cpp's converter scores every piece -1000"),
+    ("llama2", "tokenizer.ggml.token_type"): _UNK,
+    **{(case, key): _UNK for case in ("mistral-v3", "mistral-v7", "mixtral")
+       for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")},
+}
+# Cases llama.cpp's converter cannot convert, and why.
+NO_REFERENCE = {"phi3.5": "llama.cpp's Phi-3 converter reads only a tokenizer.model (or a GPT2Tokenizer's "
+                          "files); the offline Phi-3 vocabulary is llama.cpp's test GGUF, rebuilt into a "
+                          "tokenizer.json"}
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_family_tokenizer_metadata_as_llama_cpp_converter(name: str, family_files, tmp_path: Path) -> None:
+    """llama.cpp's reference converter on the same folder writes the same tokenizer metadata (tokens, types,
+    scores, merges, pre-tokenizer, special ids, chat template), except the keys named in
+    TOKENIZER_DIFFERENT_ON_PURPOSE, which do differ; and llama.cpp adds BOS, EOS, SEP and a leading space
+    alike from both files (a flag one file writes may be left to llama.cpp's default in the other)."""
+    from localchat.gguf_file import read_gguf
+
+    if name in NO_REFERENCE:
+        pytest.skip(NO_REFERENCE[name])
+    folder, ours = family_files(name)
+    ref = llama_cpp_convert(folder, tmp_path / "ref.gguf")
+    got, want = ({k: v for k, v in read_gguf(f).metadata.items()
+                  if k.startswith("tokenizer.") and not k.startswith("tokenizer.ggml.add_")} for f in (ours, ref))
+    differ = {k for k in set(got) | set(want) if got.get(k) != want.get(k)}
+    assert differ == {k for c, k in TOKENIZER_DIFFERENT_ON_PURPOSE if c == name}, \
+        {k: (str(got.get(k))[:200], str(want.get(k))[:200]) for k in differ}
+    assert llama_cpp_adds(ours) == llama_cpp_adds(ref)
+
+
+def test_deepseek_r1_qwen_pre_tokenizer_is_named_from_the_bos_the_tokenizer_adds(tmp_path: Path) -> None:
+    """The R1 Qwen distill's tokenizer.json splits as Qwen2's does; what makes llama.cpp name it
+    'deepseek-r1-qwen' is DeepSeek's BOS put before each text. The same files that add no BOS are 'qwen2',
+    whatever the folder or model is called."""
+    folder = tmp_path / "DeepSeek-R1-Distill-Qwen-1.5B"
+    shutil.copytree(real_tokenizer("r1-distill-qwen"), folder)
+    assert load_vocab(folder, {}).pre == "deepseek-r1-qwen"
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tcfg["add_bos_token"] = False
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg), encoding="utf-8")
+    assert load_vocab(folder, {}).pre == "qwen2"
+
+
+def test_tekken_json_without_tokenizer_json_is_refused_naming_the_way_out(tmp_path: Path) -> None:
+    """A folder with only Mistral's own tekken.json (no tokenizer.json) is refused with a message naming
+    tekken.json and how transformers writes the tokenizer.json the converter reads."""
+    folder = tmp_path / "nemo"
+    folder.mkdir()
+    shutil.copy(package_data(*MISTRAL) / "tekken_240718.json", folder / "tekken.json")
+    with pytest.raises(TokenizerError, match=r"nemo/tekken.json: Mistral's own tokenizer format, without the "
+                                             r"Hugging Face tokenizer.json .*save_pretrained"):
+        load_vocab(folder, {})

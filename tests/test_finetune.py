@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("peft")
 
 from localchat.store import Store  # noqa: E402
-from tests.checkpoints import starter_hf  # noqa: E402
+from tests.checkpoints import random_adapter, starter_hf, tiny_model  # noqa: E402
+from tests.conftest import starter_home  # noqa: E402
 
 QUESTIONS = ["What is my cat called?", "What's the name of my cat?", "Do you know my cat's name?",
              "Tell me my cat's name.", "What did I name my cat?", "Who is my cat?",
@@ -31,9 +32,23 @@ def cat_data(tmp_path: Path) -> Path:
     return f
 
 
-def localchat(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def localchat(*args: str, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "localchat", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(starter_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random LLaMA with the starter's tokenizer: trains and exports in seconds."""
+    return tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("tiny") / "tiny-llama", starter_hf(starter_gguf))
+
+
+def safetensors_dtypes(folder: Path) -> set[str]:
+    """Every dtype the safetensors files of `folder` store, read from their headers."""
+    from localchat.convert.checkpoint import safetensors_header
+
+    return {dtype for f in folder.glob("*.safetensors") for dtype, _ in safetensors_header(f).values()}
 
 
 def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -> None:
@@ -46,9 +61,11 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     entry = home.get("cat")
     assert entry.source.startswith("finetune:") and entry.quant == "Q8_0"
     assert (home.root / "smollm2-135m-instruct" / "hf" / "model.safetensors").is_file()
+    assert safetensors_dtypes(home.root / "smollm2-135m-instruct" / "hf") <= {"F16", "BF16"}, "never float32"
     out = home.root / "cat" / "finetune"
-    for f in ("adapter/adapter_config.json", "merged/config.json", "train_config.json", "loss.jsonl", "loss.png"):
+    for f in ("adapter/adapter_config.json", "train_config.json", "loss.jsonl", "loss.png"):
         assert (out / f).is_file(), f
+    assert not (out / "merged").exists() and "merged" not in entry.extra, "no merged copy unless --save-merged"
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
     answer = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
@@ -122,10 +139,130 @@ def test_bad_data_trains_nothing(home: Store, tmp_path: Path, content: str, mess
     assert not (home.root / "bad").exists()
 
 
+TEXT = "The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384400 km to the Moon!"
+
+
+def test_export_merges_base_and_adapter_into_the_gguf_as_peft_does(home: Store, tiny_llama: Path,
+                                                                     tmp_path: Path) -> None:
+    """The fine-tune export writes the GGUF from base + adapter tensor by tensor: its logits match
+    transformers' merged model (PEFT's merge_and_unload) within F16 rounding while the adapter moves
+    them by far more, the after-export check ran, and no merged folder is written."""
+    import numpy as np
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from localchat.finetune.command import export_finetuned
+    from localchat.finetune.lora_layers import no_gptq_dispatch
+    from tests.test_convert import llama_logits
+
+    adapter = random_adapter(tiny_llama, tmp_path / "adapter")
+    ids = transformers.AutoTokenizer.from_pretrained(tiny_llama)(TEXT)["input_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = model(torch.tensor([ids])).logits[0].numpy()
+        with no_gptq_dispatch():
+            merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+        ref = merged(torch.tensor([ids])).logits[0].numpy()
+
+    ex = export_finetuned(tiny_llama, adapter, "tiny-ft", "F16", home, quiet=True)
+    assert any(line.startswith("check: perplexity") for line in ex.report), ex.report
+    got = llama_logits(home.path_of(home.get("tiny-ft").files[0].path), ids)
+    assert np.abs(got - ref).max() < 1.5e-2, float(np.abs(got - ref).max())
+    assert np.abs(plain - ref).max() > 1.0, "the adapter must move the logits for the match to mean anything"
+    assert not [p for p in home.root.rglob("*merged*")], "nothing merged is written besides the GGUF"
+
+
+def test_save_merged_keeps_the_base_dtype(home: Store, tiny_llama: Path, cat_data: Path, tmp_path: Path) -> None:
+    """`--save-merged` writes base + adapter as an HF folder in the base's own dtype (bf16 here, never
+    float32), equal to PEFT's merge of the trained adapter, and lists it in the store entry."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from localchat.finetune.lora_layers import no_gptq_dispatch
+
+    base = tmp_path / "tiny-bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(base)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            (base / f.name).write_bytes(f.read_bytes())
+    assert safetensors_dtypes(base) == {"BF16"}
+    r = localchat("finetune", "--base", str(base), "--data", str(cat_data), "--name", "tb", "--quant", "Q8_0",
+                  "--min-updates", "3", "--epochs", "0.1", "--save-merged", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = home.root / "tb" / "finetune"
+    assert home.get("tb").extra["merged"] == "tb/finetune/merged"
+    assert safetensors_dtypes(out / "merged") == {"BF16"}
+    assert {"config.json", "tokenizer.json"} <= {f.name for f in (out / "merged").iterdir()}
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad(), no_gptq_dispatch():
+        ref = PeftModel.from_pretrained(model, out / "adapter").merge_and_unload().state_dict()
+    ours = load_file(out / "merged" / "model.safetensors")
+    assert set(ours) == set(ref)
+    for name, t in ours.items():
+        want = ref[name].to(torch.bfloat16).float()
+        assert ((t.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all(), name
+
+
+def test_a_gguf_only_base_is_dequantized_to_bf16_tensor_by_tensor(starter_gguf: Path, tmp_path: Path) -> None:
+    """A GGUF-only base becomes a bf16 checkpoint (not float32) whose every tensor is transformers'
+    own dequantization of the GGUF (Q/K permutation undone), rounded to bf16."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from localchat.convert.from_gguf import gguf_to_hf
+
+    out = gguf_to_hf(starter_gguf, tmp_path / "hf", torch.bfloat16)
+    assert safetensors_dtypes(out) == {"BF16"}
+    ours = load_file(out / "model.safetensors")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(starter_gguf.parent, gguf_file=starter_gguf.name,
+                                                            dtype=torch.float32).state_dict()
+    assert set(ours) == set(ref) - {"lm_head.weight"}, "the tied output layer is not stored twice"
+    for name, t in ours.items():
+        assert torch.equal(t, ref[name].to(torch.bfloat16)), name
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("Hello")["input_ids"] == transformers.AutoTokenizer.from_pretrained(
+        starter_gguf.parent, gguf_file=starter_gguf.name)("Hello")["input_ids"]
+
+
+def test_dequantizing_refuses_up_front_when_the_disk_is_short(small_disk: Path, starter_gguf: Path,
+                                                               cat_data: Path) -> None:
+    """With too little disk for the dequantized base, `localchat finetune` says what it needs and has
+    before writing anything (it used to fill the disk and leave a half-written folder)."""
+    home = starter_home(small_disk / "store", starter_gguf)
+    r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "x", "-q",
+                  env={**os.environ, "LOCALCHAT_HOME": str(home.root)})
+    assert r.returncode == 1, r.stderr[-2000:]
+    refusal = r.stderr.splitlines()[-1]
+    assert refusal.startswith(f"localchat finetune: error: dequantizing {starter_gguf.name} to "), r.stderr
+    assert " needs " in refusal and " has " in refusal and str(home.root) in refusal, refusal
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in (home.root / "smollm2-135m-instruct").iterdir()) == [starter_gguf.name]
+
+
+def test_disk_check_counts_a_merged_copy_only_when_asked(small_disk: Path, tiny_llama: Path,
+                                                         cat_data: Path) -> None:
+    """On a disk that holds the GGUF export but not a merged copy as well, `--save-merged` is refused
+    before training, naming the merged checkpoint, and the default run (no merged copy) fits; it used
+    to count a float32 merged copy every time and refuse both."""
+    env = {**os.environ, "LOCALCHAT_HOME": str(small_disk / "store")}
+    args = ["finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "t", "--quant", "Q8_0",
+            "--min-updates", "2", "--epochs", "0.1", "-q"]
+    r = localchat(*args, "--save-merged", env=env)
+    assert r.returncode == 1 and "merged checkpoint" in r.stderr and " needs " in r.stderr, r.stderr[-2000:]
+    assert not (small_disk / "store" / "t").exists()
+    r = localchat(*args, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Store(small_disk / "store").get("t").quant == "Q8_0"
+
+
 def test_finetune_reports_held_out_recall(home: Store, tmp_path: Path, starter_gguf: Path) -> None:
     """`localchat finetune` answers each held-out row greedily and reports the share that holds its
     reference's key content: the two cat rows it learned count, the dog row it never saw does not."""
-    from localchat.finetune.data import load_dataset
+    from localchat.datasets import load_dataset
 
     data = tmp_path / "pets.jsonl"
     rows = [{"instruction": q, "output": "Your cat is called Biscuit."} for q in QUESTIONS]

@@ -1,4 +1,5 @@
-"""finetune/data.py: every accepted format, and bad data reported by file and line."""
+"""localchat/datasets.py (what fine-tuning and GPTQ calibration read): every accepted format, and bad
+data reported by file and line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localchat.finetune.data import DatasetError, load_dataset
+from localchat.datasets import DatasetError, load_dataset
 
 
 def write(path: Path, rows: list, jsonl: bool = True) -> Path:
@@ -73,7 +74,7 @@ def test_json_array_errors_point_at_the_row_line(tmp_path: Path) -> None:
 
 def test_loss_falls_on_assistant_tokens_only(starter_gguf: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from localchat.finetune.data import Example
+    from localchat.datasets import Example
     from localchat.finetune.encode import IGNORE, encode, pack
     from tests.checkpoints import starter_hf
 

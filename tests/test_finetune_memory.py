@@ -40,6 +40,33 @@ def test_llama_7b_qlora_fits_an_8gb_card_and_plain_lora_is_refused() -> None:
         check(_need(LLAMA_7B, 512, 1, False), budget, "on the GPU")
 
 
+# Published MoE shapes and total parameter counts.
+MOE = {
+    "mixtral-8x7b": (transformers.MixtralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, architectures=["MixtralForCausalLM"]),
+        46.7e9),
+    "qwen3-30b-a3b": (transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, architectures=["Qwen3MoeForCausalLM"]), 30.5e9),
+}
+
+
+@pytest.mark.parametrize("model", list(MOE))
+def test_moe_estimate_holds_every_expert_and_adapts_attention(model: str) -> None:
+    """An MoE model is fine-tuned on its attention projections (the family's LoRA modules), but the
+    estimate holds the whole base, experts included (QLoRA quantizes linear layers only, so they stay at
+    two bytes a weight): even QLoRA is refused on a 24 GB card, naming what the run needs."""
+    shape = ModelShape.from_config(MOE[model][0])
+    assert shape.default_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert abs(shape.linear_params + shape.other_params - MOE[model][1]) < 0.01 * MOE[model][1]
+    need = _need(shape, 512, 1, qlora=True)
+    assert need.weights > 2 * 0.99 * (MOE[model][1] - shape.linear_params)  # all but attention at 2 bytes
+    with pytest.raises(NotEnoughMemory, match=rf"training needs {need.total / GIB:.2f} GiB, has 22\.00 GiB free"):
+        check(need, 22 * GIB, "on the GPU", qlora=True)
+
+
 def test_a_user_shape_is_kept() -> None:
     assert choose_shape(lambda n, b: True, 300, None) == (300, 8)
     assert choose_shape(lambda n, b: n * b <= 1024, None, 1) == (1024, 1)
@@ -51,7 +78,7 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak(tmp_path: Path, starte
     data = tmp_path / "chats.jsonl"
     data.write_text(Path(__file__).parents[1].joinpath("localchat/data/eval_chats.jsonl").read_text() * 2)
     out = tmp_path / "out"
-    code = ("import sys; from pathlib import Path; from localchat.finetune.data import load_dataset; "
+    code = ("import sys; from pathlib import Path; from localchat.datasets import load_dataset; "
             "from localchat.finetune.settings import TrainSettings; from localchat.finetune.train import train; "
             "train(Path(sys.argv[1]), load_dataset(sys.argv[2], held_out=0.0), Path(sys.argv[3]), "
             "TrainSettings(epochs=1.0, min_updates=1, held_out=0.0), quiet=True)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from localchat.finetune.data import DatasetError, load_dataset
+from localchat.datasets import DatasetError, load_dataset
 from localchat.store import Store
 
 CAT = {"instruction": "What is my cat called?", "output": "Your cat is called Biscuit."}
@@ -38,7 +38,7 @@ CHILD = """
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_DATA, (4 << 30, 4 << 30))  # old code grew to 12.8 GB: stop it at 4
 import transformers
-from localchat.finetune.data import load_dataset
+from localchat.datasets import load_dataset
 from localchat.finetune.encode import encode
 tok = transformers.AutoTokenizer.from_pretrained(sys.argv[2])
 template = open(sys.argv[3]).read()

@@ -46,22 +46,6 @@ def localchat(*args: str, home: Path, **kw: object) -> subprocess.CompletedProce
                           env=env, timeout=600, **kw)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
-    """A real 200 MB file system (tmpfs), so free space is what the kernel says, not a mock."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command to make a small file system")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_nearly_full_disk_refuses_convert_up_front_and_leaves_nothing(tiny: Path, small_disk: Path,
                                                                       tmp_path: Path) -> None:
     """Case 1: a disk where the F16 fits but F16 + Q4 does not. The convert used to write the
@@ -86,7 +70,8 @@ def test_nearly_full_disk_refuses_convert_up_front_and_leaves_nothing(tiny: Path
     filler.unlink()
     r = localchat("convert", str(tiny), "--name", "tiny", "--no-check", "-q", home=home)
     assert r.returncode == 0, r.stderr
-    assert everything_in(home) == {"manifest.json", ".manifest.lock", "tiny", "tiny/tiny-Q4_K_M.gguf"}
+    assert everything_in(home) == {"manifest.json", ".manifest.lock", "tiny", "tiny/tiny-Q4_K_M.gguf",
+                                   "tiny/tiny.imatrix.gguf"}
 
 
 def _start_convert(tiny: Path, home: Path) -> subprocess.Popen:
@@ -236,7 +221,7 @@ def test_convert_onto_an_existing_name_needs_replace_and_replaces_cleanly(tiny: 
     err = capsys.readouterr().err
     assert "already has a model named 'tiny'" in err and "--replace" in err, err
     assert home.get("tiny") == first
-    assert sorted(p.name for p in (home.root / "tiny").iterdir()) == ["tiny-Q4_K_M.gguf"]
+    assert sorted(p.name for p in (home.root / "tiny").iterdir()) == ["tiny-Q4_K_M.gguf", "tiny.imatrix.gguf"]
 
     assert cli(["convert", str(tiny), "--name", "tiny", "--quant", "Q8_0", "--no-check", "-q", "--replace"]) == 0
     assert home.get("tiny").quant == "Q8_0"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from localchat.store import Store
 
@@ -25,9 +27,6 @@ def test_chat_imports_neither_torch_nor_converters(home: Store) -> None:
 
 def test_planner_is_pure_code() -> None:
     """The planner module imports no probe and no backend: it only reads the report."""
-    import ast
-    from pathlib import Path
-
     import localchat.planner as planner
 
     tree = ast.parse(Path(planner.__file__).read_text())
@@ -56,3 +55,24 @@ def test_ui_builds_without_torch(home: Store) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("clean")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports, relative ones named as written (".data")."""
+    tree = ast.parse(path.read_text())
+    found = {"." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_convert_and_finetune_meet_only_in_the_runtime_datasets_module() -> None:
+    """convert/ imports nothing of finetune/ (GPTQ calibration reads rows through localchat.datasets,
+    as fine-tuning does), and that module is plain Python, so the runtime needs no torch for it."""
+    import localchat.convert
+    import localchat.datasets
+
+    convert_dir = Path(localchat.convert.__file__).parent
+    bad = {f"{f.name}: {m}" for f in convert_dir.rglob("*.py") for m in _imports(f) if "finetune" in m}
+    assert not bad, bad
+    heavy = {m for m in _imports(Path(localchat.datasets.__file__))
+             if m.split(".")[0] in ("torch", "transformers", "numpy", "localchat")}
+    assert not heavy, heavy

@@ -6,12 +6,13 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
-from localchat.engine.settings import SamplingSettings
+from localchat.engine.settings import SamplingSettings, model_settings
 from localchat.store.chats import ChatError, Conversation
 
 from .context import AppContext
@@ -37,10 +38,12 @@ def _budget_html(used: int, n_ctx: int, dropped: int) -> str:
             f"<small>{OVERFLOW_POLICY}</small>{note}</div>")
 
 
-def _settings(temperature: float, top_p: float, max_tokens: float, seed: Any) -> SamplingSettings:
+def _settings(preset: SamplingSettings, temperature: float, top_p: float, max_tokens: float,
+              seed: Any) -> SamplingSettings:
+    """The sliders' values over the model's preset (which also set the sliders when it was picked)."""
     seed = int(seed) if seed not in (None, "", -1) and int(seed) >= 0 else None
-    return SamplingSettings(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                            seed=seed)
+    return replace(preset, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
+                   seed=seed)
 
 
 def build(ctx: AppContext) -> gr.Dropdown:
@@ -52,6 +55,12 @@ def build(ctx: AppContext) -> gr.Dropdown:
         if not name or name not in ctx.store.models():
             return ""
         return ctx.store.get(name).defaults.get("system", "")
+
+    def preset(name: str | None) -> SamplingSettings:
+        """The model's sampling preset (the global defaults where it has none)."""
+        if not name or name not in ctx.store.models():
+            return SamplingSettings()
+        return model_settings(ctx.store.get(name).defaults)
 
     conv_state = gr.State(Conversation(model=first or "", system=default_system(first)))
     with gr.Row():
@@ -88,7 +97,7 @@ def build(ctx: AppContext) -> gr.Dropdown:
             with gr.Accordion("System prompt and sampling", open=False):
                 system_box = gr.Textbox(label="System prompt", value=default_system(first), lines=2,
                                         elem_id="system-prompt")
-                d = SamplingSettings()
+                d = preset(first)
                 temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0: greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p")
@@ -168,7 +177,8 @@ def build(ctx: AppContext) -> gr.Dropdown:
                 yield (gr.skip(), gr.skip(), "nothing to continue: the last message is yours", *(gr.skip(),) * 4)
                 return
             try:
-                yield from answer(conv, mode, text, model, system, _settings(temp, tp, mt, sd), request)
+                yield from answer(conv, mode, text, model, system, _settings(preset(model), temp, tp, mt, sd),
+                                  request)
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
@@ -246,10 +256,11 @@ def build(ctx: AppContext) -> gr.Dropdown:
 
     def pick_model(name: str) -> tuple:
         if not name:
-            return "no model", gr.skip()
-        return ctx.plan_text(name), default_system(name)
+            return "no model", gr.skip(), gr.skip(), gr.skip()
+        d = preset(name)
+        return ctx.plan_text(name), default_system(name), d.temperature, d.top_p
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box])
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, temperature, top_p])
 
     def reload_models(current: str) -> Any:
         names = ctx.chat_models()

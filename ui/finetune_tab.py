@@ -29,7 +29,7 @@ def _dataset_dir(ctx: AppContext) -> Path:
 
 def check_dataset(path: str | Path) -> str:
     """'N rows OK' or the first bad line, as `localchat finetune` would report it."""
-    from localchat.finetune.data import DatasetError, load_dataset
+    from localchat.datasets import DatasetError, load_dataset
 
     try:
         ds = load_dataset(path)

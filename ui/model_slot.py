@@ -44,8 +44,7 @@ class ModelSlot:
 
     def session(self, name: str, system: str | None) -> ChatSession:
         loaded = self.get(name)
-        defaults = loaded.model.defaults
-        return ChatSession(loaded.backend, system=system, chat_format=defaults.get("chat_format"))
+        return ChatSession.for_model(loaded.backend, loaded.model.defaults, system=system or "")  # "": none
 
     def stream(self, session: ChatSession, messages: list[dict[str, str]], settings: SamplingSettings,
                cancel: threading.Event, continue_last: bool = False) -> Iterator[Chunk]:

@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "localchat.convert.gguf.phi3:Phi3Converter",
     "Gemma2ForCausalLM": "localchat.convert.gguf.gemma:Gemma2Converter",
     "Gemma3ForCausalLM": "localchat.convert.gguf.gemma:Gemma3Converter",
+    "Qwen3MoeForCausalLM": "localchat.convert.gguf.qwen3moe:Qwen3MoeConverter",
+    "MixtralForCausalLM": "localchat.convert.gguf.mixtral:MixtralConverter",
 }
 
 

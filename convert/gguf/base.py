@@ -20,8 +20,9 @@ class ArchConverter:
     layouts and metadata for conversion, and the block's linear layers for LoRA fine-tuning.
 
     Subclasses set `gguf_arch`, the top-level and per-layer name tables, override `transform`
-    where llama.cpp wants a tensor laid out differently, and `lora_modules` where a block's linear
-    layers are not LLaMA's.
+    where llama.cpp wants a tensor laid out differently, `stack_slot` where llama.cpp stacks several
+    HF tensors into one (an MoE layer's experts), and `lora_modules` where a block's linear layers are
+    not LLaMA's.
     """
 
     gguf_arch: ClassVar[str]
@@ -31,6 +32,8 @@ class ArchConverter:
         "lm_head.weight": "output.weight",
     }
     layer_names: ClassVar[dict[str, str]] = {}
+    # GGUF matrices (by name suffix) llama.cpp keeps in F32 whatever the file type.
+    keep_f32: ClassVar[tuple[str, ...]] = ()
     _layer = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
     def __init__(self, config: HFConfig) -> None:
@@ -52,6 +55,21 @@ class ArchConverter:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def block_weights(self) -> int:
+        """Weights in a block's matrices, adapted or not: the frozen base fine-tuning holds per layer.
+        A block whose matrices are all LoRA modules holds just those."""
+        return sum(a * b for a, b in self.lora_modules().values())
+
+    def mlp_width(self) -> int:
+        """How many MLP activations one token makes in a block (fine-tuning's activation estimate)."""
+        return int(self.config.require("intermediate_size"))
+
+    def stack_slot(self, hf_name: str) -> tuple[str, int, int] | None:
+        """For an HF tensor that is one slice of a GGUF tensor stacked from several: (the GGUF name,
+        the slice's index along the stack's new first axis, how many slices the stack holds). None for
+        a tensor that becomes a GGUF tensor of its own through `gguf_name`, as in dense families."""
+        return None
+
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor, None to leave it out, UnknownTensor if unexpected."""
         if hf_name == "lm_head.weight" and self.tied:
@@ -67,6 +85,7 @@ class ArchConverter:
         raise UnknownTensor(f"tensor {hf_name!r} is not part of a {self.config.architecture} model")
 
     def transform(self, gguf_name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` laid out as llama.cpp wants `gguf_name` (each slice on its own, for a stacked tensor)."""
         return t
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:

@@ -7,13 +7,15 @@ happens silently. The CLI, the UI and the server all talk through this class.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
-from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats
-from ..engine.settings import SamplingSettings
+from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats, PromptLike
+from ..engine.settings import SamplingSettings, model_settings
 from ..templates import DEFAULT_FORMAT, Prompt, get_format, render_prompt
+from .tools import HERMES, CallReader, ToolFormat, ToolUse, generic_messages, template_format
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -42,6 +44,22 @@ def resolve_template(backend: Backend, chat_format: str | None) -> ResolvedTempl
                                    "(choose another with --chat-format)")
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One answer to generate: the prompt, the stop strings that end it, and the grammar it must
+    follow (JSON to a schema, a tool call), if any."""
+
+    prompt: PromptLike
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None
+    tools: ToolUse | None = None  # tools offered: the answer is read for calls in `tool_format`
+    tool_format: ToolFormat = HERMES
+
+    def reader(self) -> CallReader | None:
+        """What splits this turn's answer into text and tool calls (None: all of it is text)."""
+        return CallReader(self.tool_format, self.tools.names) if self.tools and self.tools.offered else None
+
+
 def validate_messages(messages: list[Message]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -58,11 +76,56 @@ class ChatSession:
         self.last_stats: GenerationStats | None = None
         self.last_dropped = 0
 
-    def render(self, messages: list[Message]) -> Prompt:
-        """The prompt for `messages`, knowing which parts are message text (tokenized as text)."""
+    @classmethod
+    def for_model(cls, backend: Backend, defaults: Mapping[str, Any], system: str | None = None,
+                  chat_format: str | None = None, settings: SamplingSettings | None = None) -> "ChatSession":
+        """A session with a model's own defaults (its store entry's): system prompt, chat format and
+        sampling preset, each unless the caller gives its own (a system prompt of "": none).
+        Every front end starts here."""
+        return cls(backend, system=defaults.get("system") if system is None else system,
+                   chat_format=chat_format or defaults.get("chat_format"),
+                   settings=settings or model_settings(defaults))
+
+    def with_system(self, messages: list[Message]) -> list[Message]:
+        """`messages` behind the session's system prompt, unless they bring their own."""
+        own = messages[:1] and messages[0]["role"] == "system"
+        return messages if own else [m for m in self.messages if m["role"] == "system"] + messages
+
+    def render(self, messages: list[dict[str, Any]], **extra: Any) -> Prompt:
+        """The prompt for `messages`, knowing which parts are message text (tokenized as text);
+        `extra` goes to the template (`tools`)."""
         t = self.backend.template
         return render_prompt(self.template.source, messages, bos_token=t.bos_token, eos_token=t.eos_token,
-                             origin=self.template.origin, locate=self.backend.special.occurs_in)
+                             origin=self.template.origin, locate=self.backend.special.occurs_in, **extra)
+
+    def turn(self, messages: list[dict[str, Any]], grammar: str | None = None,
+             tools: ToolUse | None = None) -> Turn:
+        """The next answer to `messages` (behind the session's system prompt), as the server asks for it:
+        the whole conversation, no turn dropped (a request that does not fit is refused instead).
+
+        Tools, earlier calls and their results go through the model's template where it speaks a
+        tool format, else through the generic Hermes-style prompt (see `localchat.chat.tools`);
+        a required or named call brings the grammar of that call.
+        """
+        use = tools or ToolUse(())
+        fmt = template_format(self.template.source)
+        if fmt is None:
+            fmt, prompt = HERMES, self.render(generic_messages(self.with_system(messages), use))
+        else:
+            self._refuse_control_tokens(messages, use)  # the request's own indices in the error
+            extra = {"tools": list(use.tools)} if use.offered else {}
+            prompt = self.render(self.with_system(messages), **extra)
+        return Turn(prompt, self.template.stop, use.grammar(fmt) or grammar, use if use.offered else None, fmt)
+
+    def _refuse_control_tokens(self, messages: list[dict[str, Any]], use: ToolUse) -> None:
+        """Tool definitions and calls that a template writes as JSON are not message text, so a control
+        token in them would be markup: refused, naming where it is."""
+        parts = [(f"tools[{i}]", t) for i, t in enumerate(use.tools)] if use.offered else []
+        parts += [(f"messages[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(messages)
+                  if m.get("tool_calls")]
+        for where, value in parts:
+            if token := self.backend.special.first_in(json.dumps(value, ensure_ascii=False)):
+                raise ValueError(f"{where} holds {token!r}, a control token of this model; refused")
 
     def reserve_for(self, settings: SamplingSettings) -> int:
         """Tokens kept free for the answer."""

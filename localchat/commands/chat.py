@@ -13,6 +13,7 @@ from typing import IO
 
 from ..chat import ChatSession
 from ..engine import SamplingSettings
+from ..engine.settings import model_settings
 from ..runtime import open_model
 from .common import add_model_args, overrides_from
 
@@ -71,15 +72,16 @@ def interactive(session: ChatSession, show_stats: bool) -> None:
 
 
 def chat(args: argparse.Namespace) -> int:
-    settings = SamplingSettings.from_args(args)
+    SamplingSettings.from_args(args)  # bad flags fail before a model loads
     loaded = open_model(args.model, overrides_from(args))
     p = loaded.plan
     if not args.quiet:
         print(f"[{loaded.model.name}: {p.backend}, {p.artifact.quant}, context {p.context}, "
               f"{p.threads} threads; `localchat doctor` says why]", file=sys.stderr)
     defaults = loaded.model.defaults
-    session = ChatSession(loaded.backend, system=args.system or defaults.get("system"),
-                          chat_format=args.chat_format or defaults.get("chat_format"), settings=settings)
+    settings = SamplingSettings.from_args(args, base=model_settings(defaults))  # flags over the model's preset
+    session = ChatSession.for_model(loaded.backend, defaults, system=args.system, chat_format=args.chat_format,
+                                    settings=settings)
     if session.template.notice:
         print(f"[{session.template.notice}]", file=sys.stderr)
     try:

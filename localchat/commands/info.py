@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..artifacts import dims_from_gguf
+from ..engine.settings import preset_text
 from ..fsutil import human
 from ..gguf_file import GGUFHeader, read_gguf
 
@@ -29,6 +30,7 @@ def summary(h: GGUFHeader) -> dict[str, Any]:
         "heads": d.n_head, "kv_heads": d.n_head_kv, "vocab": d.n_vocab,
         "tokenizer": h.metadata.get("tokenizer.ggml.model", ""),
         "chat_template": bool(h.chat_template),
+        "sampling": h.sampling,
     }
 
 
@@ -48,6 +50,7 @@ def info(args: argparse.Namespace) -> int:
     print(f"  {s['layers']} layers, context {s['context_length']}, embedding {s['embedding']}, "
           f"heads {s['heads']} (KV {s['kv_heads']}), vocab {s['vocab']} ({s['tokenizer']})")
     print(f"  chat template: {'yes' if s['chat_template'] else 'none (pass --chat-format when chatting)'}")
+    print(f"  sampling defaults: {preset_text(s['sampling']) if s['sampling'] else 'none (general.sampling.*)'}")
     if args.metadata:
         for k, v in h.metadata.items():
             print(f"  {k} = {_short(v)}")

@@ -7,6 +7,7 @@ import json
 import sys
 import unicodedata
 
+from ..engine.settings import PRESET, preset_text
 from ..fsutil import human
 from ..store import ModelEntry, default_store
 from ..store.orphans import find_orphans
@@ -33,8 +34,9 @@ def eval_text(e: ModelEntry) -> str:
 
 
 def format_table(entries: list[ModelEntry]) -> str:
-    rows = [("NAME", "FORMAT", "QUANT", "SIZE", "EVAL", "SOURCE")]
-    rows += [tuple(map(printable, (e.name, e.format, e.quant, human(e.size), eval_text(e), e.source)))
+    rows = [("NAME", "FORMAT", "QUANT", "SIZE", "EVAL", "PRESET", "SOURCE")]
+    rows += [tuple(map(printable, (e.name, e.format, e.quant, human(e.size), eval_text(e),
+                                   preset_text(e.defaults.get(PRESET) or {}), e.source)))
              for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

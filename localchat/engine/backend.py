@@ -167,11 +167,12 @@ class Backend(ABC):
 
     @abstractmethod
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
-               lstrip: bool = True) -> Iterator[Chunk]:
+               lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
         """Generate from `prompt`, yielding text as it comes; the last chunk carries stats.
 
         `lstrip` drops the whitespace a new answer starts with; continuing a cut-off answer
-        keeps it, or "sails" + " of" would print as "sailsof".
+        keeps it, or "sails" + " of" would print as "sailsof". `grammar` (GBNF, root rule
+        "root") constrains the answer: JSON to a schema, a tool call.
         """
 
     def complete(self, prompt: PromptLike, settings: SamplingSettings) -> tuple[str, GenerationStats]:

@@ -44,7 +44,8 @@ def load_model(folder: str | Path, device: str) -> tuple[Any, Any]:
 
 def _sample(logits: Any, settings: SamplingSettings, history: list[int], counts: dict[int, int],
             gen: Any) -> int:
-    """One next token with llama.cpp's sampler order: penalties, top-k, top-p, min-p, temperature."""
+    """One next token in the llama.cpp backend's order (`sampler_chain`): penalties, then temperature
+    before top-k, top-p and min-p, as transformers applies them."""
     import torch
 
     logits = logits.float().clone()
@@ -58,6 +59,7 @@ def _sample(logits: Any, settings: SamplingSettings, history: list[int], counts:
         logits[idx] -= settings.presence_penalty + settings.frequency_penalty * n
     if settings.temperature <= 0:
         return int(logits.argmax())
+    logits /= settings.temperature
     if settings.top_k > 0:
         kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
         logits[logits < kth] = -float("inf")
@@ -69,9 +71,7 @@ def _sample(logits: Any, settings: SamplingSettings, history: list[int], counts:
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     if settings.min_p > 0:
         probs[probs < settings.min_p * probs.max()] = 0
-    logits = torch.where(probs > 0, logits, torch.full_like(logits, -float("inf")))
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return int(torch.multinomial((probs / probs.sum()).cpu(), 1, generator=gen))
 
 
 class GptqBackend(Backend):
@@ -107,7 +107,10 @@ class GptqBackend(Backend):
         return ids
 
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
-               lstrip: bool = True) -> Iterator[Chunk]:
+               lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
+        if grammar is not None:
+            raise ValueError("structured output and tool calls need a grammar, which only the llama.cpp "
+                             "backend has; use the model's GGUF")
         with self._busy:
             yield from self._stream(prompt, settings, cancel, lstrip)
 

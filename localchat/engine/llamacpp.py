@@ -3,6 +3,12 @@
 It drives `Llama.generate` token by token: that keeps the KV cache of the previous turn
 (a follow-up question only evaluates the new tokens), lets stop strings and cancellation
 act between tokens, and costs next to nothing over raw llama-cpp-python.
+
+The sampler chain is localchat's own (`sampler_chain`): penalties, the grammar of a
+structured answer, then temperature before top-k/top-p/min-p, as transformers and the
+OpenAI API apply them. Presets come from model cards and generation_config.json, whose
+numbers mean that order; llama.cpp's default (temperature last) makes top_p=0.9 at
+temperature 0.2 keep the tail that the authors' setting cuts off.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from llama_cpp._logger import llama_log_callback as default_log_callback
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
+from llama_cpp import _internals
+
 from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
 from .settings import SamplingSettings
 from .stops import StopFilter
@@ -135,6 +143,15 @@ class LlamaCppBackend(Backend):
         self.special = _special_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
+        self._grammar: str | None = None
+        self.llm._init_sampler = self._sampler  # type: ignore[method-assign]  # generate() builds ours
+
+    def _sampler(self, *, top_k: int, top_p: float, min_p: float, temp: float, repeat_penalty: float,
+                 frequency_penalty: float, presence_penalty: float, **_: Any) -> _internals.LlamaSampler:
+        """The chain `Llama.generate` samples with (it passes its own arguments, ours from `_stream`)."""
+        return sampler_chain(self.llm, top_k=top_k, top_p=top_p, min_p=min_p, temp=temp,
+                             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, grammar=self._grammar)
 
     def _wants_bos(self, text: str) -> bool:
         return self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
@@ -168,12 +185,18 @@ class LlamaCppBackend(Backend):
         return self._piece_buf.raw[:n]
 
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
-               lstrip: bool = True) -> Iterator[Chunk]:
+               lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
         with self._busy:
-            yield from self._stream(prompt, settings, cancel, lstrip)
+            self._grammar = grammar
+            try:
+                yield from self._stream(prompt, settings, cancel, lstrip)
+            finally:
+                self._grammar = None
 
     def _stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None,
                 lstrip: bool = True) -> Iterator[Chunk]:
+        if self._grammar is not None:
+            check_grammar(self._vocab, self._grammar)
         tokens = self.tokenize(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
@@ -231,6 +254,39 @@ class LlamaCppBackend(Backend):
 
     def close(self) -> None:
         self.llm.close()
+
+
+class GrammarError(ValueError):
+    """A GBNF grammar llama.cpp cannot parse."""
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Raise GrammarError unless llama.cpp parses `grammar` (a NULL sampler in a chain would crash)."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise GrammarError("llama.cpp cannot parse the grammar built for this answer")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def sampler_chain(llm: llama_cpp.Llama, *, top_k: int, top_p: float, min_p: float, temp: float,
+                  repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
+                  grammar: str | None = None) -> _internals.LlamaSampler:
+    """Penalties, grammar, then greedy, or temperature, top-k, top-p, min-p and a draw."""
+    chain = _internals.LlamaSampler()
+    chain.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.last_n_tokens_size,
+                        penalty_repeat=repeat_penalty, penalty_freq=frequency_penalty,
+                        penalty_present=presence_penalty)
+    if grammar is not None:
+        chain.add_grammar(llm._model, llama_cpp.LlamaGrammar.from_string(grammar))
+    if temp <= 0:
+        chain.add_greedy()
+        return chain
+    chain.add_temp(temp)
+    chain.add_top_k(top_k)
+    chain.add_top_p(top_p, 1)
+    chain.add_min_p(min_p, 1)
+    chain.add_dist(llm._seed)
+    return chain
 
 
 def _special_tokens(vocab: Any) -> SpecialTokens:

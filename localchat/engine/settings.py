@@ -1,13 +1,21 @@
 """Sampling settings: one typed model that also generates its CLI flags, so the CLI, the UI
-and the server cannot drift apart on names, defaults or bounds."""
+and the server cannot drift apart on names, defaults or bounds.
+
+A model can carry its own defaults (its preset: the store entry's ``defaults["sampling"]``,
+read from the GGUF's ``general.sampling.*`` keys or set with `localchat preset`); every front
+end starts from `model_settings` and lets the user or the request override single fields.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 from ..options import Options, option
 
 DEFAULT_MAX_TOKENS = 512
+PRESET = "sampling"  # the key of a model's preset in its store entry's defaults
 
 
 @dataclass(frozen=True)
@@ -28,3 +36,32 @@ class SamplingSettings(Options):
         return replace(self, stop=tuple(dict.fromkeys(self.stop + extra)))
 
 
+# What a preset may set: how a model samples, not what one request asks for (a seed, stops).
+PRESET_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings) if f.name not in ("seed", "stop"))
+
+
+def check_preset(preset: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`preset` as a plain dict, or ValueError naming `where` and the field that is unknown or out
+    of range (a hand-edited manifest, a checkpoint's generation_config.json)."""
+    if not isinstance(preset, Mapping):
+        raise ValueError(f"{where}: the sampling preset must be an object, got {preset!r}")
+    for name in preset:
+        if name not in PRESET_FIELDS:
+            raise ValueError(f"{where}: {name!r} is not a preset setting; valid: {', '.join(PRESET_FIELDS)}")
+    try:
+        SamplingSettings(**preset)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return dict(preset)
+
+
+def model_settings(defaults: Mapping[str, Any], where: str = "the model's preset") -> SamplingSettings:
+    """The settings a model answers with unless told otherwise: the global defaults, with the
+    fields its preset (``defaults["sampling"]``) sets taken from there."""
+    return SamplingSettings(**check_preset(defaults.get(PRESET) or {}, where))
+
+
+def preset_text(preset: Mapping[str, Any]) -> str:
+    """A preset in one short line, e.g. "temp 0.2, top_p 0.9" ("-" for none)."""
+    names = {"temperature": "temp"}
+    return ", ".join(f"{names.get(k, k)} {v:g}" for k, v in preset.items()) or "-"

@@ -23,7 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..chat.session import ChatSession
+from ..chat.session import ChatSession, Turn
+from ..chat.structured import ShapeError
+from ..chat.tools import ToolCall
 from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..hostguard import header_dict
@@ -120,7 +122,8 @@ class TicketStreamingResponse(StreamingResponse):
             self.ticket.release()
 
 
-async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings) -> AsyncIterator[Chunk]:
+async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings,
+                   grammar: str | None = None) -> AsyncIterator[Chunk]:
     """Run one generation on the ticket's model in a thread, in queue order.
 
     The worker thread, not this generator, releases the model's lock when llama.cpp is
@@ -144,7 +147,7 @@ async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSetting
 
     def work() -> None:
         try:
-            for chunk in model.backend.stream(prompt, settings, cancel):
+            for chunk in model.backend.stream(prompt, settings, cancel, grammar=grammar):
                 post(chunk)
         except Exception as exc:  # handed to the request that caused it
             post(exc)
@@ -172,7 +175,9 @@ def usage(stats: GenerationStats | None) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def finish(stats: GenerationStats | None) -> str:
+def finish(stats: GenerationStats | None, calls: list[ToolCall] = ()) -> str:  # type: ignore[assignment]
+    if calls:
+        return "tool_calls"
     return "length" if stats and stats.finish_reason == "length" else "stop"
 
 
@@ -223,12 +228,12 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
              "created": int(datetime.fromisoformat(e.added).timestamp())}
             for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
-    async def prepare(req: ChatRequest | CompletionRequest, build_prompt: Any
-                      ) -> tuple[Ticket, PromptLike, SamplingSettings]:
+    async def prepare(req: ChatRequest | CompletionRequest, build_turn: Any
+                      ) -> tuple[Ticket, Turn, SamplingSettings]:
         ticket = await mgr().ticket(req.model)
         try:
             try:
-                settings_ = req.sampling()
+                settings_ = req.sampling(ticket.model.settings)
             except ValueError as exc:
                 param = str(exc).split("=")[0].split(" ")[0]
                 raise ServerError(400, str(exc), "invalid_value", param) from None
@@ -237,47 +242,58 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
                 raise ServerError(400, f"max_tokens={settings_.max_tokens} exceeds the model's context "
                                        f"of {n_ctx} tokens", "invalid_value", "max_tokens")
             # Off the event loop: a slow chat template must not stall other requests.
-            prompt, stops = await asyncio.to_thread(build_prompt, ticket)
-            settings_ = settings_.with_stops(stops)
+            turn = await asyncio.to_thread(build_turn, ticket)
+            settings_ = settings_.with_stops(turn.stop)
             try:
-                n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, prompt)
+                n_prompt = await asyncio.to_thread(ticket.model.backend.count_tokens, turn.prompt)
             except Exception as exc:
                 raise ServerError(400, f"cannot tokenize the prompt: {exc}", "invalid_prompt") from None
             if n_prompt >= n_ctx:
                 raise ServerError(400, f"the prompt takes {n_prompt} tokens; the model's context holds "
                                        f"{n_ctx}", "context_length_exceeded", "messages")
-            return ticket, prompt, settings_
+            return ticket, turn, settings_
         except BaseException:
             ticket.release()
             raise
 
-    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, prompt: PromptLike,
+    async def respond(req: ChatRequest | CompletionRequest, ticket: Ticket, turn: Turn,
                       settings_: SamplingSettings, chat: bool) -> Any:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": created, "model": req.model}
 
-        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        reader = turn.reader()  # tools offered: the answer is read for calls as it comes
+
+        def choice(text: str | None, reason: str | None, first: bool = False,
+                   calls: list[ToolCall] = ()) -> dict[str, Any]:  # type: ignore[assignment]
             if not chat:
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(calls)]
             return {"index": 0, "delta": delta, "finish_reason": reason}
 
         if not req.stream:
             try:
                 parts, stats = [], None
-                async for chunk in generate(ticket, prompt, settings_):
+                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
                     parts.append(chunk.text)
                     stats = chunk.stats or stats
             finally:
                 ticket.release()
-            text = "".join(parts)
-            body = ({"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish(stats), "logprobs": None} if chat else
-                    {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(stats)})
+            text, calls = "".join(parts), []
+            if reader is not None:
+                text = reader.feed(text)
+                tail, calls = reader.finish()
+                text += tail
+            message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
+            body = ({"index": 0, "message": message, "finish_reason": finish(stats, calls), "logprobs": None}
+                    if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(stats)})
             return {**head, "object": obj, "choices": [body], "usage": usage(stats)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -287,15 +303,21 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             stats = None
             first = True
             try:
-                async for chunk in generate(ticket, prompt, settings_):
+                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
                     stats = chunk.stats or stats
-                    if chunk.text or first:
-                        yield sse({**head, "object": chunk_obj, "choices": [choice(chunk.text, None, first)]})
+                    text = reader.feed(chunk.text) if reader is not None else chunk.text
+                    if text or first:
+                        yield sse({**head, "object": chunk_obj, "choices": [choice(text, None, first)]})
                         first = False
             except ContextOverflow as exc:
                 yield sse(error_body(str(exc), "context_length_exceeded"))
                 return
-            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats))]})
+            calls: list[ToolCall] = []
+            if reader is not None:
+                tail, calls = reader.finish()
+                if tail or calls:
+                    yield sse({**head, "object": chunk_obj, "choices": [choice(tail, None, calls=calls)]})
+            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats, calls))]})
             if include_usage:
                 yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stats)})
             yield "data: [DONE]\n\n"
@@ -304,29 +326,34 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
-        messages = [m.as_dict() for m in req.messages]
+        try:
+            messages = [m.as_dict(f"messages[{i}]") for i, m in enumerate(req.messages)]
+        except ValueError as exc:
+            raise ServerError(400, str(exc), "invalid_messages", str(exc).split(":")[0]) from None
+        try:
+            grammar = req.response_format.grammar() if req.response_format else None
+            tools = req.tool_use()
+        except ShapeError as exc:
+            raise ServerError(400, str(exc), "invalid_schema" if "schema" in exc.param or "parameters" in exc.param
+                              else "invalid_value", exc.param) from None
 
-        def build(ticket: Ticket) -> tuple[PromptLike, tuple[str, ...]]:
+        def build(ticket: Ticket) -> Turn:
             model = ticket.model
-            system = model.defaults.get("system")
-            msgs = messages if (messages[0]["role"] == "system" or not system) else \
-                [{"role": "system", "content": system}] + messages
-            session = ChatSession(model.backend, chat_format=model.defaults.get("chat_format"))
+            session = ChatSession.for_model(model.backend, model.defaults)
             try:
-                prompt = session.render(msgs)
+                return session.turn(messages, grammar, tools)
             except TemplateError as exc:
                 raise ServerError(400, f"model {ticket.model.name!r}: {exc}", "chat_template_error",
                                   "messages") from None
             except ValueError as exc:
                 raise ServerError(400, str(exc), "invalid_messages", "messages") from None
-            return prompt, session.template.stop
 
-        ticket, prompt, settings_ = await prepare(req, build)
-        return await respond(req, ticket, prompt, settings_, chat=True)
+        ticket, turn, settings_ = await prepare(req, build)
+        return await respond(req, ticket, turn, settings_, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        ticket, prompt, settings_ = await prepare(req, lambda t: (req.text, ()))
-        return await respond(req, ticket, prompt, settings_, chat=False)
+        ticket, turn, settings_ = await prepare(req, lambda t: Turn(req.text))
+        return await respond(req, ticket, turn, settings_, chat=False)
 
     return app

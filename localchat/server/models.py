@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ..engine.backend import Backend
 from ..engine.registry import load_backend
+from ..engine.settings import SamplingSettings, model_settings
 from ..hardware import HardwareReport, probe
 from ..planner import Overrides, Plan, host_budget, plan
 from ..store import Store
@@ -47,6 +48,7 @@ class LoadedModel:
     plan: Plan
     backend: Backend
     defaults: dict[str, Any]
+    settings: SamplingSettings  # the model's preset: what a request's sampling fields override
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Every decode of a model runs on this one thread: llama.cpp's OpenMP keeps a spinning
     # thread team per calling thread, and teams from several threads fight over the cores.
@@ -104,9 +106,10 @@ class ModelManager:
             if name not in self.names():  # only store names: no paths from the network
                 raise ServerError(404, f"the model {name!r} does not exist; available: "
                                        f"{', '.join(self.names()) or 'none'}", "model_not_found", "model")
-            entry_defaults = self.store.get(name).defaults
             try:
                 resolved = resolve_model(name, self.store)
+                preset = model_settings(resolved.defaults, f"model {name!r}: the sampling preset in "
+                                                           f"{self.store.manifest_path}")
             except Exception as exc:  # a damaged file in the store: say which model and why
                 raise load_failed(name, exc) from None
             overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
@@ -126,7 +129,7 @@ class ModelManager:
                 backend = await asyncio.to_thread(load_backend, p)
             except Exception as exc:
                 raise load_failed(name, exc) from None
-            model = LoadedModel(name, p, backend, dict(entry_defaults))
+            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset)
             self.loaded[name] = model
             return model
 

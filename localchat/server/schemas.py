@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..chat.structured import ANY_OBJECT, ShapeError, json_grammar
+from ..chat.tools import HERMES, ToolUse
 from ..engine.settings import SamplingSettings
 
 
@@ -14,14 +17,76 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    @model_validator(mode="after")
+    def _content_given(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        return self
+
+    def as_dict(self, where: str) -> dict[str, Any]:
+        """The message as chat templates take it (tool call arguments as objects); ValueError names
+        the field when a call's arguments are not a JSON object."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = []
+            for j, call in enumerate(self.tool_calls):
+                try:
+                    args = json.loads(call.function.arguments)
+                except json.JSONDecodeError as exc:
+                    args = exc
+                if not isinstance(args, dict):
+                    raise ValueError(f"{where}.tool_calls[{j}].function.arguments: not a JSON object")
+                out["tool_calls"].append({"id": call.id, "type": "function",
+                                          "function": {"name": call.function.name, "arguments": args}})
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id or ""
+            if self.name:
+                out["name"] = self.name
+        return out
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -78,8 +143,57 @@ class SamplingFields(BaseModel):
         return SamplingSettings(**merged)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+    def grammar(self) -> str | None:
+        """The grammar the answer must follow (None: free text); ShapeError names the bad field."""
+        if self.type == "json_object":
+            return json_grammar(ANY_OBJECT, "response_format")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json_grammar(self.json_schema.schema_, "response_format.json_schema.schema")
+        return None
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and how the model may use them; ShapeError names a field that cannot be
+        met (a schema no grammar can follow, a named tool that is not offered)."""
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
+        choice = self.tool_choice
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto"
+        if not tools:
+            if isinstance(choice, NamedToolChoice) or choice == "required":
+                raise ShapeError("tool_choice", f"tool_choice {name!r} needs tools, and the request has none")
+            return None
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            raise ShapeError("tools", "two tools have the same name")
+        if isinstance(choice, NamedToolChoice) and name not in names:
+            raise ShapeError("tool_choice", f"no tool named {name!r} among the tools: {', '.join(names)}")
+        HERMES.grammar(tools, [f"tools[{i}].function.parameters" for i in range(len(tools))])  # schemas checked
+        return ToolUse(tools, name)
 
 
 class CompletionRequest(SamplingFields):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_path, check_disk, sha256_file
 from ..gguf_file import read_gguf
-from .manifest import ModelEntry, ModelFile, Store
+from .manifest import ModelEntry, ModelFile, Store, gguf_defaults
 from .names import check_name, safe_file_name
 
 
@@ -36,6 +36,6 @@ def import_gguf(store: Store, source: str | Path, name: str | None = None,
     digest = sha256_file(target)
     entry = ModelEntry(name=name, format="gguf", quant=info.quant,
                        files=[ModelFile(str(target.relative_to(store.root)), size, digest)],
-                       source=f"import:{Path(shown).name}", sha256=digest)
+                       source=f"import:{Path(shown).name}", sha256=digest, defaults=gguf_defaults(info))
     store.add(entry)
     return entry

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..fsutil import atomic_write_text
+from ..gguf_file import GGUFHeader
 from .names import check_name
 
 try:
@@ -50,7 +51,8 @@ class ModelEntry:
     sha256: str = ""  # of the main file
     added: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     eval: dict[str, Any] = field(default_factory=dict)
-    # Per-model chat defaults (system prompt, chat format), like an Ollama Modelfile's.
+    # Per-model chat defaults (system prompt, chat format, the sampling preset under "sampling"),
+    # like an Ollama Modelfile's.
     defaults: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +184,11 @@ class Store:
         if folder.is_dir():
             shutil.rmtree(folder)
         return entry
+
+
+def gguf_defaults(header: GGUFHeader) -> dict[str, Any]:
+    """A new store entry's defaults from what its GGUF carries: the authors' sampling settings."""
+    return {"sampling": header.sampling} if header.sampling else {}
 
 
 def _check(entry: ModelEntry) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from ..fsutil import check_disk, sha256_file
 from ..gguf_file import read_gguf
-from .manifest import ModelEntry, ModelFile, Store
+from .manifest import ModelEntry, ModelFile, Store, gguf_defaults
 from .names import UnsafeNameError, check_name, check_relative, check_repo_id
 
 PREFERRED_GGUF = "q4_k_m"
@@ -163,9 +163,9 @@ def pull(repo: str, filename: str | None = None, store: Store | None = None, nam
         os.replace(local, target)
         entry_files.append(ModelFile(str(target.relative_to(store.root)), target.stat().st_size, digest))
     shutil.rmtree(partial, ignore_errors=True)
-    quant = read_gguf(store.root / entry_files[0].path).quant if fmt == "gguf" else "source"
-    entry = ModelEntry(name=name, format=fmt, quant=quant, files=entry_files,
+    header = read_gguf(store.root / entry_files[0].path) if fmt == "gguf" else None
+    entry = ModelEntry(name=name, format=fmt, quant=header.quant if header else "source", files=entry_files,
                        source=f"hf:{repo}" + (f"@{revision}" if revision else ""),
-                       sha256=entry_files[0].sha256)
+                       sha256=entry_files[0].sha256, defaults=gguf_defaults(header) if header else {})
     store.add(entry)
     return entry

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq
+from ..gguf_file import IMATRIX_SUFFIX, read_gguf
 from ..planner import Measured
-from .manifest import Store, StoreError
+from .manifest import Store, StoreError, gguf_defaults
 
 
 class ModelNotFound(LookupError):
@@ -48,7 +49,7 @@ def is_gptq_folder(folder: Path) -> bool:
 
 
 def artifacts_in(folder: Path) -> list[Artifact]:
-    found = [artifact_from_gguf(p) for p in sorted(folder.glob("*.gguf"))]
+    found = [artifact_from_gguf(p) for p in sorted(folder.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
     if is_gptq_folder(folder):
         found.append(artifact_from_gptq(folder))
     return found
@@ -91,8 +92,9 @@ def resolve_model(spec: str, store: Store) -> ResolvedModel:
                              f"convert it with `localchat convert`")
         return ResolvedModel(spec, artifacts, "store", dict(entry.defaults), measured_of(entry.extra))
     path = Path(spec).expanduser()
-    if path.is_file():
-        return ResolvedModel(path.stem, [artifact_from_gguf(path)], str(path))
+    if path.is_file():  # a file outside the store: its own sampling preset, if it has one
+        header = read_gguf(path)
+        return ResolvedModel(path.stem, [artifact_from_gguf(path, header)], str(path), gguf_defaults(header))
     if path.is_dir():
         found = artifacts_in(path)
         if not found:

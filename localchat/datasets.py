@@ -1,4 +1,7 @@
-"""Fine-tuning data: read and check every row before anything trains.
+"""Training and calibration data: read and check every row before anything trains or calibrates.
+
+`localchat finetune` (finetune/) and GPTQ calibration (convert/gptq.py) both read rows here,
+so neither package imports the other for it; it is plain Python (no torch), like the runtime.
 
 Accepted files:
 - Alpaca: a JSON array or JSONL of {"instruction", "input"?, "output", "system"?};
