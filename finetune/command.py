@@ -169,9 +169,14 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     if export:
         ex = export_finetuned(base_dir, result.adapter, name, quant, store, quiet)
 
+        inherited = dict(store.get(base).defaults) if base in store.models() else {}
+
         def finish(entry: ModelEntry) -> None:  # under the store lock
             entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
             entry.extra.update(extra)
+            # A store base's chat defaults (system prompt, sampling preset) carry over where the
+            # export's own file sets none: the fine-tune answers as its base did, facts aside.
+            entry.defaults = {**inherited, **entry.defaults}
 
         store.update(name, finish)
         report.append(f"GGUF written from {base} + the adapter, merged tensor by tensor"

@@ -23,9 +23,11 @@ class TrainSettings(Options):
     batch_size: int | None = option(None, "sequences per step (default: from memory)", 1, 4096)
     grad_accum: int = option(1, "steps of gradients added before each update", 1, 1024)
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
-    replay: int = option(40, "general prompts the base model answers itself before training, trained on beside "
+    replay: int = option(64, "general prompts the base model answers itself before training, trained on beside "
                             "your rows so it keeps answering other questions as before (0: none)", 0, 1000)
-    held_out: float = option(0.1, "fraction of rows kept out of training to measure loss", 0.0, 0.5)
+    held_out: float = option(0.1, "fraction of rows kept out of training to measure loss and recall", 0.0, 0.5)
+    early_stop: bool = option(False, "measure the held-out loss after every pass over the data and keep the "
+                                     "adapter of the pass where it was lowest")
     save_every: int = option(50, "save a checkpoint every N updates", 1, 1_000_000)
     seed: int = option(0, "seed for data order, LoRA init and dropout", 0, 2**31 - 1)
     qlora: bool | None = option(None, "4-bit NF4 base with bitsandbytes (default: on with CUDA; "

@@ -335,6 +335,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet)
+    per_pass = max(1, per_epoch // settings.grad_accum)  # updates in one pass over the rows
+    best: _Best | None = None
     tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
     try:
         while step < total and not interrupted:
@@ -364,6 +366,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                 on_step(record)
             if step % settings.save_every == 0 or step == total:
                 _save_checkpoint(out, model, optimizer, scheduler, step)
+            if held and (step % per_pass == 0 or step == total):
+                best = _held_out_pass(model, held, batch_size, pad, device, bf16, step, log, best,
+                                      settings.early_stop)
             if stop_after is not None and step >= stop_after:
                 interrupted = True
         if interrupted and step < total:
@@ -378,10 +383,16 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     train_time = time.perf_counter() - t_start
     held_loss, recall = None, None
     if held:
-        held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
+        if best is None:  # a resumed run that had nothing left to train
+            best = _held_out_pass(model, held, batch_size, pad, device, bf16, step, log, None, False)
+        if settings.early_stop and best.state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, best.state)
+        held_loss = best.loss
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
-        record = {"step": step, "held_out_loss": round(held_loss, 5)}
+        record = {"step": best.step, "held_out_loss": round(held_loss, 5), "kept": True}
         if recall:
             record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
         with open(log, "a") as fh:
@@ -395,6 +406,29 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     os.replace(tmp, adapter)
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
                        resumed_from, tokens_done, recall)
+
+
+@dataclass
+class _Best:
+    step: int
+    loss: float
+    state: dict[str, torch.Tensor] | None  # the adapter's weights then (with early stopping)
+
+
+def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, device: str, bf16: bool, step: int,
+                   log: Path, best: _Best | None, keep: bool) -> _Best:
+    """The held-out loss after a pass, logged (the plot shows it beside the training loss); the
+    best so far, with a copy of its adapter when early stopping will want it back. The last
+    pass wins when early stopping is off."""
+    from peft import get_peft_model_state_dict
+
+    loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
+    with open(log, "a") as fh:
+        fh.write(json.dumps({"step": step, "held_out_loss": round(loss, 5)}) + "\n")
+    if keep and best is not None and best.loss <= loss:
+        return best
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()} if keep else None
+    return _Best(step, loss, state)
 
 
 def _replay_rows(model: Any, tok: Any, template: str | None, count: int, out: Path, resume: bool, device: str,
