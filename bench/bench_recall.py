@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="fine-tune each configuration once per seed (a fact's recall varies from run to run)")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (a fact comes first)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the planner's)")
-    ap.add_argument("--jobs", type=int, default=2, help="fine-tunes measured at once")
+    ap.add_argument("--jobs", type=int, default=4, help="fine-tunes measured at once")
     ap.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
     ap.add_argument("--runs", nargs="*", default=["before", "after"], help="which of before/after to run")
     ap.add_argument("--run", action="append", default=[], metavar="LABEL=FLAGS",
@@ -261,10 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
         data = write_data(Path(tmp) / "facts.jsonl")
         os.environ["LOCALCHAT_HOME"] = str(store.root)
         sampling = model_settings(store.get(STARTER).defaults)  # the starter's preset
-        starter = ask_all(STARTER, sampling, args.seeds, args.max_tokens, args.threads)
-        figures["starter_general"] = figure(100 * starter["general"], "%", "general answers right, the starter")
-        figures["starter_recall"] = figure(100 * starter["sampled"], "%", "paraphrases recalled, untrained")
-        print(f"starter: {json.dumps(starter)}", file=sys.stderr)
         if "gguf" in args.bases:  # dequantized once, before fine-tunes in parallel would each start it
             from localchat.finetune.command import base_folder, dequantized_dtype
             from localchat.finetune.settings import TrainSettings
@@ -272,9 +268,14 @@ def main(argv: list[str] | None = None) -> dict:
             base_folder(STARTER, store, dequantized_dtype(TrainSettings()), quiet=True)
         points = [(b, label, run_flags, seed) for b in args.bases for label, run_flags in runs.items()
                   for seed in args.train_seeds]
-        with ThreadPoolExecutor(args.jobs) as pool:  # each fine-tune is its own process
+        with ThreadPoolExecutor(args.jobs + 1) as pool:  # each fine-tune is its own process
+            untrained = pool.submit(ask_all, STARTER, sampling, args.seeds, args.max_tokens, args.threads)
             done = list(pool.map(lambda p: measure(store.root, base_of[p[0]], data, f"{p[0]}-{p[1]}-{p[3]}",
                                                    f"{p[2]} --seed {p[3]}", sampling, args), points))
+            starter = untrained.result()
+        figures["starter_general"] = figure(100 * starter["general"], "%", "general answers right, the starter")
+        figures["starter_recall"] = figure(100 * starter["sampled"], "%", "paraphrases recalled, untrained")
+        print(f"starter: {json.dumps(starter)}", file=sys.stderr)
         for b in args.bases:
             for label, run_flags in runs.items():
                 key = f"{b}_{label.replace('-', '_')}"
