@@ -58,8 +58,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
            ["--rounds", "1", "--tokens", "16"]),
     # ~40 min: 2 bases x (before, after) x 2 seeds of fine-tune + Q4_K_M export, four at a time, each asked
     # 15 paraphrases and 8 general questions under 8 seeds and greedily
-    # (run with one training seed while the shared machine was ~8x oversubscribed; two is the bench's default)
-    "recall": ("bench_recall", ["--train-seeds", "0"],
+    # (measured with one training seed and the hf base alone while the shared 2-core machine ran at a load of
+    # ~20; on an idle machine drop these arguments: both bases, two seeds)
+    "recall": ("bench_recall", ["--train-seeds", "0", "--bases", "hf"],
                ["--seeds", "1", "--bases", "hf", "--runs", "after", "--train-seeds", "0"]),
 }
 

@@ -52,6 +52,7 @@ class TrainResult:
     resumed_from: int
     tokens_seen: int  # real tokens trained on in this run (no padding)
     held_out_recall: Recall | None = None  # held-out chat rows answered greedily with their key content
+    kept_step: int | None = None  # the earlier update whose adapter --early-stop kept
 
 
 def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, weight_bytes: int,
@@ -381,18 +382,17 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             signal.signal(signal.SIGINT, old_handler)
 
     train_time = time.perf_counter() - t_start
-    held_loss, recall = None, None
+    held_loss, recall, kept_step = None, None, None
     if held:
-        if best is None:  # a resumed run that had nothing left to train
-            best = _held_out_pass(model, held, batch_size, pad, device, bf16, step, log, None, False)
-        if settings.early_stop and best.state is not None:
+        if settings.early_stop and best is not None and best.step != step:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(model, best.state)
-        held_loss = best.loss
+            kept_step = best.step
+        held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)  # of the adapter saved below
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
-        record = {"step": best.step, "held_out_loss": round(held_loss, 5), "kept": True}
+        record = {"step": kept_step or step, "held_out_loss": round(held_loss, 5), "saved": True}
         if recall:
             record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
         with open(log, "a") as fh:
@@ -405,7 +405,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     shutil.rmtree(adapter, ignore_errors=True)
     os.replace(tmp, adapter)
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
-                       resumed_from, tokens_done, recall)
+                       resumed_from, tokens_done, recall, kept_step)
 
 
 @dataclass

@@ -281,6 +281,25 @@ def test_finetune_reports_held_out_recall(home: Store, tmp_path: Path, starter_g
     assert log[-1]["held_out_recall"] == pytest.approx(2 / 3, abs=1e-3) and log[-1]["held_out_recall_rows"] == 3
 
 
+def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, tiny_llama: Path,
+                                                                 cat_data: Path) -> None:
+    """The held-out loss is measured after every pass over the rows (one point per pass in loss.jsonl and
+    the plot); with --early-stop the run keeps the adapter of the pass where it was lowest and reports that
+    loss, measured again on the adapter it saved: a learning rate that overshoots makes a later pass worse."""
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "es", "--held-out",
+                  "0.25", "--replay", "0", "--epochs", "8", "--min-updates", "1", "--lr", "0.3", "--early-stop",
+                  "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(line) for line in (home.root / "es" / "finetune" / "loss.jsonl").read_text().splitlines()]
+    passes = [x for x in log if "held_out_loss" in x and not x.get("saved")]
+    kept = log[-1]
+    assert [x["step"] for x in passes] == list(range(1, 9)), "one held-out loss per pass (one update each)"
+    best = min(passes, key=lambda x: x["held_out_loss"])
+    assert kept["saved"] and kept["step"] == best["step"] < 8, (passes, kept)
+    assert kept["held_out_loss"] == pytest.approx(best["held_out_loss"], abs=1e-4)
+    assert f"held-out loss {best['held_out_loss']:.3f} (update {best['step']} of 8, kept by --early-stop)" in r.stdout
+
+
 @pytest.mark.parametrize("question, reference, answer, verdict", [
     ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is Captain Biscuit!", True),
     ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is called Captain Kirk.", False),
