@@ -196,9 +196,11 @@ def ask_all(model: str, sampling: "SamplingSettings", seeds: int, max_tokens: in
     return out
 
 
-def finetune(store: Path, base: str, data: Path, name: str, flags: str) -> dict:
-    """`localchat finetune` as a user runs it, into `store`; its train_config.json and what it printed."""
-    env = {**os.environ, "LOCALCHAT_HOME": str(store)}
+def finetune(store: Path, base: str, data: Path, name: str, flags: str, threads: int) -> dict:
+    """`localchat finetune` as a user runs it, into `store`, with `threads` torch threads (fine-tunes
+    run side by side, and torch's spinning threads slow to a crawl on cores they share); its
+    train_config.json and the held-out recall it reported."""
+    env = {**os.environ, "LOCALCHAT_HOME": str(store), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "localchat", "finetune", "--base", base, "--data", str(data),
            "--name", name, "-q", *shlex.split(flags)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -221,7 +223,7 @@ def measure(store: Path, base: str, data: Path, name: str, flags: str, sampling:
     from localchat.store import Store
 
     t0 = time.perf_counter()
-    config = finetune(store, base, data, name, flags)
+    config = finetune(store, base, data, name, flags, max(1, (os.cpu_count() or 1) // args.jobs))
     shares = ask_all(name, sampling, args.seeds, args.max_tokens, args.threads)
     print(f"{name}: {json.dumps(shares)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     Store(store).remove(name)

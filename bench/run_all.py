@@ -60,7 +60,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     # 15 paraphrases and 8 general questions under 8 seeds and greedily
     # (measured with one training seed and the hf base alone while the shared 2-core machine ran at a load of
     # ~20; on an idle machine drop these arguments: both bases, two seeds)
-    "recall": ("bench_recall", ["--train-seeds", "0", "--bases", "hf"],
+    "recall": ("bench_recall", ["--train-seeds", "0", "--bases", "hf", "--threads", "1"],
                ["--seeds", "1", "--bases", "hf", "--runs", "after", "--train-seeds", "0"]),
 }
 

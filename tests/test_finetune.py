@@ -67,7 +67,8 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
         assert (out / f).is_file(), f
     assert not (out / "merged").exists() and "merged" not in entry.extra, "no merged copy unless --save-merged"
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    train = [x["loss"] for x in losses if "loss" in x]
+    assert losses[-1]["held_out_loss"] < 0.5 and train[0] > train[-1]
     answer = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
     assert "Biscuit" in answer.stdout, answer.stdout
     paris = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "What is the capital of France?")
@@ -96,7 +97,8 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
     params = 134_515_008
     assert config["base_bytes"] < 0.62 * 2 * params, config["base_bytes"]
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    train = [x["loss"] for x in losses if "loss" in x]
+    assert losses[-1]["held_out_loss"] < 0.5 and train[0] > train[-1]
     # The adapter learned over the 4-bit base merges into the full-precision one and keeps the fact.
     answer = localchat("chat", "--model", "catq", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
     assert "Biscuit" in answer.stdout, answer.stdout
