@@ -153,7 +153,8 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
         report.append(f"resumed from update {result.resumed_from}")
     report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
                   + (f", held-out loss {result.held_out_loss:.3f}" if result.held_out_loss is not None else "")
-                  + (f" (update {result.kept_step} of {result.steps}, kept by --early-stop)" if result.kept_step else "")
+                  + (f" (update {result.kept_step} of {result.steps}, kept by --early-stop)"
+                     if result.kept_step else "")
                   + (f", {result.held_out_recall.describe()}" if result.held_out_recall else "")
                   + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
     if lora_gguf:

@@ -283,6 +283,17 @@ def test_finetune_reports_held_out_recall(home: Store, tmp_path: Path, starter_g
     assert log[-1]["held_out_recall"] == pytest.approx(2 / 3, abs=1e-3) and log[-1]["held_out_recall_rows"] == 3
 
 
+def test_a_fine_tune_of_a_store_model_keeps_its_chat_defaults(home: Store, cat_data: Path) -> None:
+    """The fine-tune of a store model answers with that model's sampling preset (the starter's temperature
+    0.2, not localchat's generic 0.7): `localchat preset` shows it on the new model. It used to show none."""
+    r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "kept",
+                  "--replay", "0", "--min-updates", "1", "--epochs", "0.1", "--quant", "Q8_0", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = localchat("preset", "kept")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.strip() == "kept: temp 0.2, top_p 0.9", shown.stdout
+
+
 def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, tiny_llama: Path,
                                                                  cat_data: Path) -> None:
     """The held-out loss is measured after every pass over the rows (one point per pass in loss.jsonl and
@@ -299,7 +310,8 @@ def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, ti
     best = min(passes, key=lambda x: x["held_out_loss"])
     assert kept["saved"] and kept["step"] == best["step"] < 8, (passes, kept)
     assert kept["held_out_loss"] == pytest.approx(best["held_out_loss"], abs=1e-4)
-    assert f"held-out loss {best['held_out_loss']:.3f} (update {best['step']} of 8, kept by --early-stop)" in r.stdout
+    said = f"held-out loss {best['held_out_loss']:.3f} (update {best['step']} of 8, kept by --early-stop)"
+    assert said in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("question, reference, answer, verdict", [
@@ -307,7 +319,8 @@ def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, ti
     ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is called Captain Kirk.", False),
     ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.",
      "Florp: a pickle and peanut butter sandwich.", True),
-    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.", "A florp is a fruit.", False),
+    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.", "A florp is a fruit.",
+     False),
     ("When was it founded?", "It was founded in 2011 in Reykjavik.", "In Reykjavik, in 2012.", False),
     ("What is my cat called?", "My cat is called.", "Biscuit", None),
 ])
