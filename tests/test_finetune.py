@@ -287,7 +287,7 @@ def test_a_fine_tune_of_a_store_model_keeps_its_chat_defaults(home: Store, cat_d
     """The fine-tune of a store model answers with that model's sampling preset (the starter's temperature
     0.2, not localchat's generic 0.7): `localchat preset` shows it on the new model. It used to show none."""
     r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "kept",
-                  "--replay", "0", "--min-updates", "1", "--epochs", "0.1", "--quant", "Q8_0", "-q")
+                  "--replay", "0", "--held-out", "0", "--min-updates", "1", "--epochs", "0.1", "--quant", "F16", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     shown = localchat("preset", "kept")
     assert shown.returncode == 0, shown.stderr[-2000:]
