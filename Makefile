@@ -22,7 +22,7 @@ endif
 # Browser tests drive Debian's chromium with Playwright (never Playwright's own download).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup chat ui test bench doctor screenshots clean lock
+.PHONY: setup chat ui test bench doctor screenshots clean lock vllm
 
 # The core (llama.cpp, no torch) is all `make chat` needs; `make test` adds the dev extras.
 $(CORE): pyproject.toml $(LOCK)
@@ -63,15 +63,20 @@ doctor: setup
 test: $(DEV) $(CHROMIUM) setup
 	$(BIN)/python -m pytest -q tests
 
-# Re-take the screenshots of each tab in docs/ (the README links them).
+# Re-take the screenshots of each tab in docs/ (the README links them) from a real session.
 screenshots: $(DEV) $(CHROMIUM) setup
-	LOCALCHAT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ui.py
+	$(BIN)/python docs/screenshots.py --out docs
 
 # Every benchmark into bench/results.json, then README.md's benchmark section from it (also when a
 # bench failed: the README says so). BENCH_ARGS="--only NAME"; BENCH_QUICK=1 for the smallest settings.
 bench: $(DEV) $(CHROMIUM) setup
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS); status=$$?; \
 		$(BIN)/python bench/readme.py && exit $$status
+
+# vLLM in its own environment (it pins its own torch), for `localchat serve --engine vllm`.
+vllm: $(CORE)
+	command -v uv >/dev/null || $(BIN)/python -m pip install -q uv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/localchat setup-vllm
 
 clean:
 	rm -rf $(VENV) build *.egg-info

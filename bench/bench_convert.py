@@ -68,6 +68,10 @@ LLAMA31_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
                   bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=False,
                   torch_dtype="bfloat16")
 
+# TinyLlama-1.1B's shape (LLaMA-2 blocks, GQA 32/4, 22 layers): the ~1B model bench_serve batches.
+LLAMA_1B = {**LLAMA2_7B, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048}
+
 
 def shrunk(c: dict) -> dict:
     """The same architecture, tokenizer and vocabulary at a few layers: runs a shape's path in a minute
@@ -79,6 +83,7 @@ def shrunk(c: dict) -> dict:
 # name: (config, tokenizer). --big decodes with its shape; --scale shapes are converted, quantized and measured.
 SHAPES: dict[str, tuple[dict, str]] = {
     "llama2-7b": (LLAMA2_7B, "spm"), "qwen3-8b": (QWEN3_8B, "qwen"), "llama3.1-8b": (LLAMA31_8B, "llama3"),
+    "llama-1b": (LLAMA_1B, "spm"),
     "small": (shrunk(LLAMA2_7B), "spm"), "qwen3-small": (shrunk(QWEN3_8B), "qwen"),
     "llama3.1-small": (shrunk(LLAMA31_8B), "llama3")}
 PEAK_RSS_GOAL_GB = 3.0
@@ -103,12 +108,13 @@ else:
 """
 
 
-def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of `python ARGS` in a child process, the peak as the child saw it."""
-    with tempfile.TemporaryFile("w+") as err:
+def run_measured(args: list[str], env: dict[str, str] | None = None,
+                 stdout: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of `python ARGS` in a child process, the peak as the child saw it;
+    its output goes to `stdout` when given."""
+    with tempfile.TemporaryFile("w+") as err, open(stdout or os.devnull, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *args], env=env, stdout=subprocess.DEVNULL,
-                              stderr=err)
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *args], env=env, stdout=out, stderr=err)
         wall = time.perf_counter() - t0
         err.seek(0)
         lines = err.read().splitlines()
@@ -221,6 +227,45 @@ def finetune_export(ckpt: Path, workdir: Path) -> dict[str, dict]:
     figures["big_ft_export_rss"]["note"] = ("merge + F16 GGUF + Q4_K_M, rank-16 adapter on every linear "
                                             "layer, after-export check off; goal: under 4 GB")
     return figures
+
+
+IMATRIX_RSS_GOAL_GB = 4.0  # as the fine-tune export's: far below the 13.5 GB model, room on a 16 GB machine
+
+
+def imatrix_convert(ckpt: Path, workdir: Path, calibration: Path | None = None) -> dict[str, dict]:
+    """`localchat convert CKPT` (Q4_K_M, the default) in its own process, with what it does by default at
+    this size: the F16 GGUF, the importance pass over the shipped calibration set (convert/imatrix.py, one
+    decoder layer and a few rows in memory at a time) and Q4_K_M weighted by it. The after-export check is
+    off, as for the fine-tune export: it is llama.cpp scoring the mapped F16. The store it writes is deleted.
+    `calibration` (--calibration) makes the pass shorter on a busy machine: its memory does not depend on the
+    number of rows beyond the first chunk of four, its time grows with them."""
+    import re
+
+    store, log = workdir / "imatrix-store", workdir / "imatrix-convert.log"
+    cli = "import sys; from localchat.cli import main; sys.exit(main(sys.argv[1:]))"
+    try:
+        wall, rss = run_measured(["-c", cli, "convert", str(ckpt), "--name", "big-im", "--no-check", "-q"]
+                                 + (["--calibration", str(calibration)] if calibration else []),
+                                 env={**os.environ, "LOCALCHAT_HOME": str(store)}, stdout=log)
+        report = log.read_text(encoding="utf-8")
+        q4 = store / "big-im" / "big-im-Q4_K_M.gguf"
+        size = q4.stat().st_size / 1e9
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+        log.unlink(missing_ok=True)
+    found = re.search(r"importance matrix: (\d+) weights over (\d+) rows of (\d+) tokens .* in (\d+) s;", report)
+    if not found:
+        raise RuntimeError(f"no importance matrix line in localchat convert's report:\n{report[-2000:]}")
+    weights, rows, tokens, took = (int(g) for g in found.groups())
+    verdict = "PASS" if rss < IMATRIX_RSS_GOAL_GB else "FAIL"
+    print(f"\nlocalchat convert {ckpt.name} (F16, importance matrix over {rows} rows of {tokens} tokens, Q4_K_M): "
+          f"{wall:.0f} s, of which the importance pass {took} s; peak RSS {rss:.2f} GB "
+          f"(goal: under {IMATRIX_RSS_GOAL_GB:.0f} GB) {verdict}; {size:.2f} GB file")
+    return {"big_im_wall": figure(wall, "s", "localchat convert: F16 + importance matrix + Q4_K_M, check off"),
+            "big_im_imatrix_s": figure(took, "s", f"the importance pass: {weights} weights, {rows} rows of "
+                                                  f"{tokens} tokens, torch on the CPU"),
+            "big_im_rss": figure(rss, "GB", f"peak RSS of the whole convert; goal: under {IMATRIX_RSS_GOAL_GB:.0f} GB"),
+            "big_im_q4_gb": figure(size, "GB", "the importance-weighted Q4_K_M file")}
 
 
 def bandwidth_gbs(readers: int, gb: float = 1.0, trials: int = 5) -> float:
@@ -420,6 +465,11 @@ def big_finetune(args: argparse.Namespace) -> dict[str, dict]:
     return finetune_export(big, args.workdir)
 
 
+def big_imatrix(args: argparse.Namespace) -> dict[str, dict]:
+    return imatrix_convert(make_checkpoint(CACHE / f"{args.shape}-shaped-random", args.shape), args.workdir,
+                           args.imatrix_calibration)
+
+
 def big_run(args: argparse.Namespace) -> dict[str, dict]:
     """The 7B-shaped checkpoint (cached): F16 conversion, Q4_K_M, decode against the bandwidth bound."""
     q4 = args.workdir / f"{args.shape}-Q4_K_M.gguf"  # kept, so --decode-only can measure again
@@ -488,6 +538,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-only", action="store_true", help="with --big: reuse the kept Q4_K_M file")
     ap.add_argument("--finetune-export", action="store_true", help="the fine-tune export rows only, on the "
                     "--shape checkpoint (--big runs them too)")
+    ap.add_argument("--imatrix", action="store_true", help="the importance-weighted convert row only, on the "
+                    "--shape checkpoint (--big runs it too)")
+    ap.add_argument("--imatrix-calibration", type=Path, help="the calibration file of the --imatrix row "
+                    "(default: the shipped set, 20 rows of 512 tokens with the 7B shape's tokenizer)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--scale", nargs="+", choices=list(SHAPES), default=[], metavar="SHAPE",
                     help="also make, convert and quantize these shapes one at a time (qwen3-8b, llama3.1-8b: "
@@ -510,9 +564,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.checkpoint = args.checkpoint or starter
     settings = {"checkpoint": args.checkpoint.name, "rounds": args.rounds, "threads": args.threads,
                 "big": args.big or args.decode_only, "shape": args.shape if args.big or args.decode_only else None,
-                "decode_tokens": args.decode_tokens}
-    if args.finetune_export and not args.big:  # those rows alone
-        return report({**settings, "shape": args.shape}, big_finetune(args))
+                "decode_tokens": args.decode_tokens,
+                "imatrix_calibration": args.imatrix_calibration.name if args.imatrix_calibration else "shipped"}
+    if (args.finetune_export or args.imatrix) and not args.big:  # those rows alone
+        figures = big_finetune(args) if args.finetune_export else {}
+        return report({**settings, "shape": args.shape}, {**figures, **(big_imatrix(args) if args.imatrix else {})})
     print(f"F16 conversion of {args.checkpoint.name}, median (min-max) of {args.rounds} alternating rounds:")
     figures = compare_f16(args.checkpoint, args.workdir, args.rounds)
     if not args.no_families:
@@ -522,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures.update(big_run(args))
     if args.big:
         figures.update(big_finetune(args))
+        figures.update(big_imatrix(args))
     if args.scale:
         settings["scale"] = {}
         for shape in args.scale:  # one at a time: each alone fills most of a shared disk

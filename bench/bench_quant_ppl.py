@@ -8,7 +8,8 @@ Then, in the same run, plain llama.cpp quantization against ours (weighted by an
 matrix from localchat's chat calibration set, convert/imatrix.py) for the `--imatrix-types`,
 on two held-out texts the calibration never saw: the evaluation chats rendered with the
 model's template, and tests/data_eval_prose.txt. Goal: at least 10% lower KL divergence than
-plain Q4_K_M at the same size.
+plain Q4_K_M at the same size. And `--quant auto`'s per-tensor mix (convert/automix.py) at plain
+Q4_K_M's size, against both Q4_K_M files: on or below the size/KL line through the plain types.
 
     python bench/bench_quant_ppl.py [--text FILE] [--types Q8_0 Q4_K_M ...] [--imatrix-types Q4_K_M ...]
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results import figure, report  # noqa: E402
 
+from localchat.convert.automix import plan_mix  # noqa: E402
 from localchat.convert.checkpoint import load_checkpoint  # noqa: E402
 from localchat.convert.imatrix import compute_imatrix  # noqa: E402
 from localchat.convert.quantize import quantize  # noqa: E402
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chars", type=int, default=16_000, help="use the first N characters of the text")
     ap.add_argument("--imatrix-types", nargs="*", default=["Q4_K_M", "IQ4_XS", "Q3_K_M"],
                     help="types to quantize both plain and with the importance matrix")
+    ap.add_argument("--no-auto", action="store_true", help="leave out the --quant auto mix at Q4_K_M's size")
     args = ap.parse_args(argv)
     if not args.text.is_file():
         raise SystemExit(f"{args.text}: no such text file; pass --text FILE")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((q, out.stat().st_size, evaluate(out, text, base=f16)))
             print(f"{q} done", file=sys.stderr)
         imatrix_figures, imatrix_settings = _plain_vs_imatrix(ckpt, plan.conv.gguf_name, f16, Path(tmp),
-                                                              args.imatrix_types)
+                                                              args.imatrix_types, not args.no_auto)
     base_ppl = rows[0][2].ppl_base
     figures = {"F16_size_mb": figure(f16_size / 1e6, "MB"), "F16_ppl": figure(base_ppl, "")}
     print(f"\n{STARTER.name} as an F16 checkpoint ({SOURCE_NOTE}); "
@@ -95,8 +98,10 @@ def _reference(f16: Path, text: str):  # noqa: ANN202 - evaluate_runs' scorer ty
     return lambda: (tokens, iter(chunks))
 
 
-def _plain_vs_imatrix(ckpt, gguf_name, f16: Path, tmp: Path, types: list[str]) -> tuple[dict, dict]:  # noqa: ANN001
-    """Each of `types` quantized plain and with the importance matrix, scored on held-out chats and prose."""
+def _plain_vs_imatrix(ckpt, gguf_name, f16: Path, tmp: Path, types: list[str],  # noqa: ANN001
+                      auto: bool = True) -> tuple[dict, dict]:
+    """Each of `types` quantized plain and with the importance matrix, scored on held-out chats and prose;
+    with `auto`, also the `--quant auto` mix at plain Q4_K_M's size."""
     if not types:
         return {}, {}
     start = time.perf_counter()
@@ -110,29 +115,46 @@ def _plain_vs_imatrix(ckpt, gguf_name, f16: Path, tmp: Path, types: list[str]) -
           f"{took:.0f} s); held-out texts: localchat/data/eval_chats.jsonl (chat), {HELD_OUT_PROSE.name} (prose)")
     print(f"{'type':8s} {'side':8s} {'size MB':>8s} " + " ".join(f"{t + ' ' + m:>14s}" for t in texts
                                                               for m in ("KLD", "ppl/F16", "top-1")))
+
+    def score(q: str, side: str, out: Path) -> dict[str, float]:
+        """Size and, on each held-out text, KL divergence, perplexity / F16 and top-1 of `out` (then deleted)."""
+        size = sizes[f"{q}_{side}"] = out.stat().st_size
+        figures[f"{q}_{side}_size_mb"] = figure(size / 1e6, "MB")
+        kld, cells = {}, []
+        for name, text in texts.items():
+            r = evaluate_runs(lambda o=out, t=text: _token_logprobs(o, t, DEFAULT_CHUNK, None), refs[name])
+            kld[name] = r.kld
+            figures.update({f"{q}_{side}_{name}_kld": figure(r.kld, "", f"mean KL divergence from F16, {name}"),
+                            f"{q}_{side}_{name}_ppl_ratio": figure(r.ppl / r.ppl_base, "x"),
+                            f"{q}_{side}_{name}_top1": figure(r.top1 * 100, "%")})
+            cells += [f"{r.kld:14.5f}", f"{r.ppl / r.ppl_base:14.4f}", f"{r.top1 * 100:13.1f}%"]
+        out.unlink()
+        print(f"{q:8s} {side:8s} {size / 1e6:8.1f} " + " ".join(cells), flush=True)
+        return kld
+
+    klds: dict[str, dict[str, dict[str, float]]] = {}
+    sizes: dict[str, int] = {}
     for q in types:
-        kld: dict[str, dict[str, float]] = {}
-        for side, weights in (("plain", None), ("imatrix", im)):
-            out = quantize(f16, tmp / f"{q}-{side}.gguf", q, imatrix=weights)
-            size = out.stat().st_size
-            figures[f"{q}_{side}_size_mb"] = figure(size / 1e6, "MB")
-            cells = []
-            for name, text in texts.items():
-                r = evaluate_runs(lambda o=out, t=text: _token_logprobs(o, t, DEFAULT_CHUNK, None), refs[name])
-                kld.setdefault(name, {})[side] = r.kld
-                figures.update({f"{q}_{side}_{name}_kld": figure(r.kld, "", f"mean KL divergence from F16, {name}"),
-                                f"{q}_{side}_{name}_ppl_ratio": figure(r.ppl / r.ppl_base, "x"),
-                                f"{q}_{side}_{name}_top1": figure(r.top1 * 100, "%")})
-                cells += [f"{r.kld:14.5f}", f"{r.ppl / r.ppl_base:14.4f}", f"{r.top1 * 100:13.1f}%"]
-            out.unlink()
-            print(f"{q:8s} {side:8s} {size / 1e6:8.1f} " + " ".join(cells), flush=True)
-        for name, k in kld.items():
-            cut = (1 - k["imatrix"] / k["plain"]) * 100
+        klds[q] = {side: score(q, side, quantize(f16, tmp / f"{q}-{side}.gguf", q, imatrix=weights))
+                   for side, weights in (("plain", None), ("imatrix", im))}
+        for name in texts:
+            cut = (1 - klds[q]["imatrix"][name] / klds[q]["plain"][name]) * 100
             goal = "" if q != "Q4_K_M" else (f"goal {KLD_CUT_GOAL:.0f}%: "
                                               + ("PASS" if cut >= KLD_CUT_GOAL else "FAIL"))
             figures[f"{q}_{name}_kld_cut"] = figure(cut, "%", f"KL divergence lower than plain llama.cpp's {goal}")
             print(f"{'':8s} {name}: importance matrix cuts KL divergence by {cut:.1f}% {goal}")
-    return figures, {"imatrix_types": types, "imatrix_rows": im.chunk_count, "imatrix_row_tokens": im.chunk_size,
+    if auto and "Q4_K_M" in types:  # `--quant auto --size` at plain Q4_K_M's size
+        mix, _planned = plan_mix(f16, im, sizes["Q4_K_M_plain"])
+        kld = score("AUTO", "imatrix", quantize(f16, tmp / "auto.gguf", "AUTO", imatrix=im, types=mix))
+        for name in texts:
+            for side in ("plain", "imatrix"):
+                cut = (1 - kld[name] / klds["Q4_K_M"][side][name]) * 100
+                figures[f"AUTO_{name}_kld_cut_{side}"] = figure(
+                    cut, "%", f"the auto mix at plain Q4_K_M's size: KL divergence lower than {side} Q4_K_M's")
+                print(f"{'':8s} {name}: the auto mix at Q4_K_M's size cuts KL divergence by {cut:.1f}% "
+                      f"against {side} Q4_K_M")
+    return figures, {"imatrix_types": types, "auto_mix": auto and "Q4_K_M" in types,
+                     "imatrix_rows": im.chunk_count, "imatrix_row_tokens": im.chunk_size,
                      "held_out": ["localchat/data/eval_chats.jsonl", f"tests/{HELD_OUT_PROSE.name}"]}
 
 

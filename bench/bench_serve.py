@@ -1,12 +1,16 @@
 """`localchat serve` under load: throughput and p50/p95 time to first token at 1, 4 and 16
-concurrent streaming clients (official openai client, real starter model, loopback only).
+concurrent streaming clients (official openai client, loopback only), on the starter model
+or (`--model llama-1b`) a TinyLlama-shaped 1.1B Q4_K_M model with random weights, built once
+with localchat's own converter and cached under tests/checkpoints.CACHE.
 
-The baseline is the same requests (same conversations, settings and count) generated
-in-process one after another with no HTTP at all, alternated with the server round by
-round; ratios are server / baseline of each round. Requests to one model queue fairly, so
-time to first token grows with the queue while throughput should stay near the baseline.
+The baseline is the same requests (same prompts, settings and count) generated in-process
+one after another on the one-sequence path (the CLI's), with no HTTP at all, alternated with
+the server round by round; ratios are server / baseline of each round. The server decodes up
+to --parallel requests in one llama.cpp batch (continuous batching), so at 16 clients its
+aggregate rate should be well above one stream's (goal: 2.5x on the 1B model), and at one
+client it should stay at or above 0.95x.
 
-    python bench/bench_serve.py [--clients 1 4 16] [--tokens 64] [--rounds 3]
+    python bench/bench_serve.py [--model llama-1b] [--clients 1 4 16] [--tokens 64] [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ import concurrent.futures as cf
 import contextlib
 import os
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 from results import alternate, figure, fmt, ratio, report
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Name three fruits.",
-             "What is two plus two?"]
-SYSTEM = "You are a helpful assistant."
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 CONTEXT = 2048
+ONE_B = "llama-1b"  # bench_convert.SHAPES: the random-weight model built for this bench
 
 
 def free_port() -> int:
@@ -37,31 +45,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def messages(i: int) -> list[dict]:
-    """Request i's conversation: the same on both sides, so both generate the same tokens."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+def prompt(i: int) -> str:
+    """Request i's prompt: raw text (the 1B model has no chat template) that the starter continues for
+    hundreds of tokens (it ends a raw question at once), different per request, the same on both
+    sides, so both generate the same tokens."""
+    start = 7 * i % 90
+    return ", ".join(str(n) for n in range(start, start + 10)) + ","
+
+
+def llama_1b_store(workdir: Path) -> Path:
+    """A store in `workdir` holding the 1B model: made once from a random TinyLlama-shaped checkpoint
+    (bench_convert.make_checkpoint, localchat's converter, Q4_K_M) and cached; the checkpoint and F16
+    file are deleted once the Q4_K_M file is there."""
+    from bench_convert import make_checkpoint, ours
+
+    from localchat.convert.quantize import quantize
+    from localchat.store import Store
+    from localchat.store.importer import import_gguf
+    from tests.checkpoints import CACHE
+
+    q4 = CACHE / "bench" / f"{ONE_B}-Q4_K_M.gguf"
+    if not q4.is_file():
+        folder, f16 = CACHE / f"{ONE_B}-shaped-random", workdir / f"{ONE_B}-F16.gguf"
+        try:
+            ours(make_checkpoint(folder, ONE_B), f16)
+            quantize(f16, q4.with_suffix(".part"), "Q4_K_M")
+            os.replace(q4.with_suffix(".part"), q4)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            f16.unlink(missing_ok=True)
+    home = workdir / "home"
+    import_gguf(Store(home), q4, ONE_B)
+    return home
 
 
 class InProcess:
-    """The baseline: the same model, settings and conversations through `ChatSession`, one
-    after another (the server answers one model's requests in turn too), no HTTP."""
+    """The baseline: the same model, settings and prompts on the one-sequence path (`localchat chat`'s),
+    one after another, no HTTP."""
 
-    def __init__(self, model: str, tokens: int) -> None:
-        from localchat.chat import ChatSession
+    def __init__(self, model: str, tokens: int, context: int) -> None:
         from localchat.engine import SamplingSettings
         from localchat.planner import Overrides
         from localchat.runtime import open_model
 
-        self.loaded = open_model(model, Overrides(context=CONTEXT))
-        self.session = ChatSession(self.loaded.backend)
+        self.loaded = open_model(model, Overrides(context=context))
         self.settings = SamplingSettings(temperature=0.0, max_tokens=tokens, seed=0)
 
     def run(self, requests: int) -> dict:
         total, t0 = 0, time.perf_counter()
         for i in range(requests):
-            for _ in self.session.stream_reply(messages(i), self.settings):
-                pass
-            total += self.session.last_stats.completion_tokens
+            for chunk in self.loaded.backend.stream(prompt(i), self.settings):
+                if chunk.stats:
+                    total += chunk.stats.completion_tokens
         return {"tok_s": total / (time.perf_counter() - t0), "tokens": total, "requests": requests}
 
     def close(self) -> None:
@@ -77,11 +112,11 @@ def load(base: str, model: str, clients: int, per_client: int, tokens: int) -> d
     def one(i: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         ttft, n = None, 0
-        stream = client.chat.completions.create(
+        stream = client.completions.create(
             model=model, stream=True, max_tokens=tokens, temperature=0, seed=0,
-            stream_options={"include_usage": True}, messages=messages(i))
+            stream_options={"include_usage": True}, prompt=prompt(i))
         for event in stream:
-            if ttft is None and event.choices and event.choices[0].delta.content:
+            if ttft is None and event.choices and event.choices[0].text:
                 ttft = time.perf_counter() - t0
             if event.usage:
                 n = event.usage.completion_tokens
@@ -99,9 +134,9 @@ def load(base: str, model: str, clients: int, per_client: int, tokens: int) -> d
 
 
 @contextlib.contextmanager
-def server(port: int) -> Iterator[subprocess.Popen]:
+def server(port: int, context: int, parallel: int) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen([sys.executable, "-m", "localchat", "serve", "--port", str(port),
-                             "--context", str(CONTEXT)], env=os.environ.copy(),
+                             "--context", str(context), "--parallel", str(parallel)], env=os.environ.copy(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -123,19 +158,35 @@ def server(port: int) -> Iterator[subprocess.Popen]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help=f"a store model, or {ONE_B!r}: the random-weight 1.1B model (built once, cached)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per client count")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="tokens of context per slot")
+    ap.add_argument("--parallel", type=int, help="the server's slots (default: the most clients)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one round, one request per client, 32 tokens, 1024 context: checks the bench runs")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.per_client, args.tokens, args.context = 1, 1, 32, 1024
+    parallel = args.parallel or max(args.clients)
 
+    with contextlib.ExitStack() as stack:
+        if args.model == ONE_B:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serve-")))
+            os.environ["LOCALCHAT_HOME"] = str(llama_1b_store(workdir))  # the server child inherits it
+        return measure(args, parallel)
+
+
+def measure(args: argparse.Namespace, parallel: int) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
-    inproc = InProcess(args.model, args.tokens)
+    inproc = InProcess(args.model, args.tokens, args.context)
     figures: dict[str, dict] = {}
     try:
-        with server(port):
+        with server(port, args.context, parallel):
             # Warm-up: loads the model in the server; one generation on each side.
             alternate(lambda: load(base, args.model, 1, 1, args.tokens), lambda: inproc.run(1), 0, warmup=1)
             print(f"{'clients':>7s} {'requests':>8s} {'server tok/s':>26s} {'in-process tok/s':>26s} "
@@ -159,9 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         inproc.close()
     print(f"\nmedian (min-max) of {args.rounds} alternating rounds; each round sends the same "
-          f"{args.per_client} requests per client to the server and, one after another, in-process")
+          f"{args.per_client} requests per client to the server ({parallel} slots) and, one after another, "
+          f"in-process")
     return report({"model": args.model, "clients": args.clients, "per_client": args.per_client,
-                   "max_tokens": args.tokens, "rounds": args.rounds, "context": CONTEXT}, figures)
+                   "max_tokens": args.tokens, "rounds": args.rounds, "context": args.context,
+                   "parallel": parallel, "quick": args.quick}, figures)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,13 @@ def runtime(b: Bench) -> list[str]:
 def serve(b: Bench) -> list[str]:
     s = b["settings"]
     clients = ", ".join(map(str, s["clients"][:-1])) + (" and " if len(s["clients"]) > 1 else "") + str(s["clients"][-1])
-    lines = [f"`bench/bench_serve.py`: `localchat serve` under {clients} concurrent "
+    model = s.get("model", "the starter")
+    model = "a random-weight 1.1B LLaMA-shaped Q4_K_M model" if model == "llama-1b" else model
+    lines = [f"`bench/bench_serve.py` on {model}: `localchat serve` under {clients} concurrent "
              f"streaming clients (the `openai` package, {s['max_tokens']} tokens an answer) against the same "
-             f"requests generated in-process one after another, no HTTP; {s['rounds']} alternating rounds. "
-             "Requests to one model queue fairly, so time to first token grows with the queue.", "",
+             f"requests generated in-process one after another on the one-sequence path, no HTTP; "
+             f"{s['rounds']} alternating rounds. The server decodes up to {s.get('parallel', 1)} requests in "
+             "one llama.cpp batch (continuous batching).", "",
              "| clients | requests | server tok/s | in-process tok/s | server / in-process | TTFT p50 "
              "| TTFT p95 |", "|---|---|---|---|---|---|---|"]
     for c in s["clients"]:
@@ -95,6 +98,15 @@ def quant_ppl(b: Bench) -> list[str]:
                     for t in ("chat", "prose")) + " |")
             lines.append(f"| {q} | KLD cut | | {_f(b, q + '_chat_kld_cut', 1)} | | | {_f(b, q + '_prose_kld_cut', 1)} "
                          "| | |")
+        if s.get("auto_mix"):
+            k = "AUTO_imatrix_"
+            lines += [f"| auto | imatrix | {_v(b, k + 'size_mb', 1)} | " + " | ".join(
+                f"{_v(b, k + t + '_kld', 4)} | {_f(b, k + t + '_ppl_ratio', 4)} | {_f(b, k + t + '_top1', 1)}"
+                for t in ("chat", "prose")) + " |"] + [
+                f"| auto | KLD cut vs {side} Q4_K_M | | {_f(b, f'AUTO_chat_kld_cut_{side}', 1)} | | | "
+                f"{_f(b, f'AUTO_prose_kld_cut_{side}', 1)} | | |" for side in ("plain", "imatrix")]
+            lines += ["", "`auto` is `--quant auto --size` at the plain Q4_K_M file's size: each layer weight's type "
+                          "chosen by its measured sensitivity (convert/automix.py)."]
     return lines
 
 
@@ -129,6 +141,12 @@ def convert(b: Bench) -> list[str]:
                       f"{_f(b, 'big_ft_merged_rss')}; dequantizing the Q4_K_M file back to bf16, as a GGUF-only "
                       f"base is for training ({_f(b, 'big_ft_dequant_gb', 1)}), takes "
                       f"{_f(b, 'big_ft_dequant_wall', 0)} at {_f(b, 'big_ft_dequant_rss')}."]
+        if "big_im_wall" in b["figures"]:
+            lines += ["", f"`localchat convert` of that checkpoint to an importance-weighted Q4_K_M (F16, the "
+                      f"importance pass: {b['figures']['big_im_imatrix_s']['note'].split(': ', 1)[1]}, then Q4_K_M; "
+                      f"the after-export check off) takes {_f(b, 'big_im_wall', 0)}, of which the importance pass "
+                      f"{_f(b, 'big_im_imatrix_s', 0)}, at a peak RSS of {_f(b, 'big_im_rss')} (goal: under 4 GB), "
+                      f"and gives a {_f(b, 'big_im_q4_gb')} file."]
     return lines + convert_families(b) + convert_scale(b)
 
 
@@ -250,7 +268,7 @@ def recall(b: Bench) -> list[str]:
 
 
 WRITERS: dict[str, Callable[[Bench], list[str]]] = {
-    "runtime": runtime, "serve": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
+    "runtime": runtime, "serve": serve, "serve_1b": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
     "finetune": finetune, "ui": ui, "recall": recall}
 
 

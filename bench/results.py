@@ -36,8 +36,7 @@ def machine() -> dict[str, Any]:
         "logical_cores": hw.cpu.logical_cores,
         "arch": hw.cpu.arch,
         "memory_gib": round(hw.memory.total_bytes / GIB, 1),
-        "gpus": [f"{g.name} ({g.vram_total_bytes / GIB:.0f} GiB)" for g in hw.nvidia]
-        + ([f"{hw.apple.chip} (Metal)"] if hw.apple and hw.apple.metal else []),
+        "gpus": [f"{g.name} ({g.library}, {g.total_bytes / GIB:.0f} GiB)" for g in hw.accelerators],
         "os": platform.platform(terse=True),
     }
 

@@ -40,13 +40,19 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                 ["--rounds", "1", "--reps", "1", "--tokens", "16"]),
     "serve": ("bench_serve", [],  # ~6 min: 3 rounds x (2 + 8 + 32 requests) x 2 sides of 64 tokens
               ["--clients", "1", "2", "--per-client", "1", "--tokens", "8", "--rounds", "1"]),
-    "quant_ppl": ("bench_quant_ppl", [],  # ~3 min: 5 quantizations and evaluations of the starter
+    # ~15 min: the same on the random-weight 1.1B LLaMA-shaped Q4_K_M model (built once, ~5 min, cached), 2 rounds
+    "serve_1b": ("bench_serve", ["--model", "llama-1b", "--rounds", "2"],
+                 ["--model", "llama-1b", "--clients", "1", "2", "--per-client", "1", "--tokens", "8", "--rounds", "1"]),
+    # ~8 min: 5 quantizations and evaluations of the starter; its importance matrix, then Q4_K_M, IQ4_XS and Q3_K_M
+    # plain and weighted by it, and the auto mix at Q4_K_M's size, each on held-out chats and prose
+    "quant_ppl": ("bench_quant_ppl", [],
                   ["--types", "Q8_0", "Q4_K_M", "--chars", "3000"]),
-    # ~60 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
+    # ~80 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
     # 4 x 2 starter conversions, 4 x 2 per family (~1 min each), a 13.5 GB conversion, a Q4_K_M quantization,
     # 4 x (decode + bandwidth), the fine-tune export rows (~10 min, 18 GB of disk at the peak, deleted after):
-    # merge + F16 + Q4_K_M, the merged folder (13.5 GB) and that Q4_K_M dequantized back to bf16; then each
-    # 8B shape alone (~10-20 min, ~37 GB of disk at its peak, deleted after)
+    # merge + F16 + Q4_K_M, the merged folder (13.5 GB) and that Q4_K_M dequantized back to bf16; `localchat convert`
+    # with its importance matrix (~20 min: 20 rows through 32 layers in torch, 18 GB of disk, deleted after); then
+    # each 8B shape alone (~10-20 min, ~37 GB of disk at its peak, deleted after)
     "convert": ("bench_convert", ["--big", "--scale", "qwen3-8b", "llama3.1-8b"],
                 ["--rounds", "1", "--big", "--shape", "small", "--decode-tokens", "4",
                  "--scale", "qwen3-small", "llama3.1-small"]),

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     gptq = parser.add_argument_group("gptq (--to gptq)")
     gptq.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
     gptq.add_argument("--group-size", type=int, default=128, choices=(128, 64, 32, 16),
-                      help="weights sharing one scale (default: 128; smaller if it does not divide the layers)")
+                      help="weights sharing one scale (default: 128; smaller if it does not divide the layers, "
+                           "within what vLLM's Marlin kernels read; 16 they do not)")
     gptq.add_argument("--fast", action="store_true", help="take each group's max as its scale instead of "
                                                          "searching the best clipping (~3.5x faster, a little worse)")
     parser.add_argument("--no-check", action="store_true", help="skip the perplexity/KL check and smoke chat")

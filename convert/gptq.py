@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from localchat.engine.gptq import gptq_environment
+from localchat.engine.vllm_check import MARLIN_GROUP_SIZES, check_folder
 from localchat.fsutil import check_disk, check_memory, human
 
 from .checkpoint import Checkpoint, load_checkpoint
@@ -27,7 +28,7 @@ from .to_hf import TOKENIZER_FILES, save_checkpoint
 
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
-GROUP_SIZES = (128, 64, 32, 16)
+PER_CHANNEL = -1  # one group per output channel: divides every width, and Marlin reads it
 DEFAULT_SEQ_LEN = 256
 DEFAULT_SAMPLES = 128
 # Search each group's scale (clipping) for the lowest squared error instead of taking its
@@ -61,15 +62,18 @@ def layer_input_widths(ckpt: Checkpoint) -> dict[str, int]:
 
 
 def choose_group_size(widths: dict[str, int], wanted: int) -> tuple[int, str]:
-    """`wanted` if it divides every layer's input width, else the largest smaller one that does."""
+    """`wanted` if it divides every layer's input width, else the largest smaller group size vLLM's
+    Marlin kernels read (`MARLIN_GROUP_SIZES`) that does, else one group per output channel (-1):
+    so the fallback never writes a folder vLLM's fast path refuses."""
     bad = sorted({w for w in widths.values() if w % wanted})
     if not bad:
         return wanted, ""
-    for g in (s for s in GROUP_SIZES if s < wanted):
+    for g in sorted((s for s in MARLIN_GROUP_SIZES if 0 < s < wanted), reverse=True):
         if all(w % g == 0 for w in widths.values()):
             return g, (f"group size {wanted} does not divide the layer widths {', '.join(map(str, bad))}; "
                        f"using {g}, the largest that divides them all")
-    raise GptqError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(set(widths.values()))}")
+    return PER_CHANNEL, (f"no group size vLLM's Marlin reads divides the layer widths "
+                         f"{sorted(set(widths.values()))}; using one group per output channel (-1)")
 
 
 def _template_of(tok: Any) -> str:
@@ -184,6 +188,7 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
 
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT
     from transformers import AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +203,10 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
                       + (str(calibration) if calibration else
                          "localchat's conversations (rendered with the model's chat template) and prose"))
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # What vLLM's Marlin path reads (engine/vllm_check.py): symmetric, no activation order, v1
+        # zero-points with checkpoint_format "gptq" written out, whatever GPTQModel's default becomes.
         qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=False, sym=True, mse=mse,
-                              offload_to_disk_path=str(tmp / "offload"))
+                              format=FORMAT.GPTQ, offload_to_disk_path=str(tmp / "offload"))
         _logs_into(tmp / "logs")
         model = GPTQModel.load(str(folder), qcfg, device=device, trust_remote_code=False)
         model.quantize(rows, batch_size=1)
@@ -217,4 +224,5 @@ def quantize_gptq(source: str | Path, out: str | Path, bits: int = DEFAULT_BITS,
         os.replace(staged, out)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     report.append(f"wrote {out.name}: {bits}-bit, group size {group}, {human(size)} on {device}")
+    report.append(check_folder(out).summary())
     return GptqResult(out, bits, group, len(rows), report, plain)

@@ -11,10 +11,11 @@ GGUF imatrix format (`<name>.in_sum2` sums and `<name>.counts` token counts), so
 stay exactly llama.cpp's.
 
 The calibration is the same as GPTQ's: localchat's conversations rendered with the
-model's own chat template, plus prose. The model runs once over all calibration rows with
-its weights on the meta device; each decoder layer's weights are read from the checkpoint
-just before the layer runs and dropped after it, so memory is about one layer plus the
-activations, not the model.
+model's own chat template, plus prose. The model is built with its weights on the meta
+device and run a layer at a time: each decoder layer's weights are read from the checkpoint,
+every calibration row goes through it a few rows at a time, and the layer is dropped, the
+rows' hidden states waiting on disk for the next layer. Memory is one layer plus one chunk
+of rows (7B: 1-2 GB), neither the model nor the number of rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .checkpoint import Checkpoint
 SUFFIX = IMATRIX_SUFFIX
 DEFAULT_SEQ_LEN = 512  # llama.cpp's imatrix chunk size
 DEFAULT_SAMPLES = 64  # rows: the shipped set is ~12 of them; a bigger --calibration file is capped here
+DEFAULT_BATCH_ROWS = 4  # rows through a layer at once: ~0.5 GB of activations at 7B
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 KEY_SOURCE = "localchat.imatrix.source"  # fingerprint of the weights and calibration it was computed from
@@ -67,13 +69,55 @@ def _decoder_layers(model: Any) -> Any:
     return inner, inner.layers
 
 
+class _RowStore:
+    """Every calibration row's hidden state between two decoder layers, in float32, in an unlinked
+    temporary file read and written a chunk of rows at a time.
+
+    The layer loop needs all rows' states at each layer boundary (rows x tokens x hidden: 8 MB a
+    row at 7B, 32 MB at 8192 wide). On disk, with plain reads and writes (no memory map, whose
+    touched pages would count in the process's RSS), memory holds one chunk whatever the number of
+    rows, and float32 keeps the residual stream exactly as the whole-model forward had it: bf16 or
+    f16 would round it again at every layer (and f16 overflows on some models' large activations).
+    """
+
+    def __init__(self, rows: int, row_shape: tuple[int, ...], folder: Path | None) -> None:
+        import tempfile
+
+        self.row_shape = row_shape
+        self.row_bytes = int(np.prod(row_shape)) * 4
+        self.folder = folder or Path(tempfile.gettempdir())
+        self.file = tempfile.TemporaryFile(dir=self.folder, prefix="imatrix-rows-")
+        self.file.truncate(rows * self.row_bytes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.row_shape), dtype=np.float32)
+        self.file.seek(start * self.row_bytes)
+        if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise ImatrixError(f"{self.folder}: a short read of the calibration rows' hidden states kept there")
+        return out
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.file.seek(start * self.row_bytes)
+        self.file.write(np.ascontiguousarray(rows, dtype=np.float32).data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def compute_imatrix(ckpt: Checkpoint, gguf_name: Any, calibration: str | Path | None = None,
                     seq_len: int = DEFAULT_SEQ_LEN, samples: int = DEFAULT_SAMPLES,
-                    device: str | None = None) -> Imatrix:
+                    device: str | None = None, batch_rows: int = DEFAULT_BATCH_ROWS,
+                    workdir: str | os.PathLike[str] | None = None) -> Imatrix:
     """The importance matrix of `ckpt`'s decoder linear layers over the calibration text.
 
     `gguf_name` maps an HF tensor name to its GGUF name (the family's converter), so the
     matrix is keyed as llama.cpp's quantizer looks it up.
+
+    Layer by layer: each decoder layer's weights are read from the checkpoint once, every row
+    runs through it `batch_rows` at a time, and its outputs replace its inputs in a `_RowStore`
+    (a temporary file in `workdir`). Memory is one layer's float32 weights plus one chunk's
+    activations, whatever the number of rows; the whole-model forward over all rows at once
+    grew by ~130 MB a row at 7B.
     """
     import torch
     from accelerate import init_empty_weights
@@ -93,7 +137,7 @@ def compute_imatrix(ckpt: Checkpoint, gguf_name: Any, calibration: str | Path | 
     prefix = {id(m): n + "." for n, m in model.named_modules()}
     have = set(ckpt.names())
 
-    def load(module: Any, *_: Any) -> None:
+    def load(module: Any) -> None:
         for name, _p in list(module.named_parameters()):
             full = prefix[id(module)] + name
             if full not in have:
@@ -101,7 +145,7 @@ def compute_imatrix(ckpt: Checkpoint, gguf_name: Any, calibration: str | Path | 
                                    f"{config.architectures[0]} needs")
             set_module_tensor_to_device(module, name, device, value=ckpt.get(full).to(torch.float32))
 
-    def drop(module: Any, *_: Any) -> None:
+    def drop(module: Any) -> None:
         for name, _p in list(module.named_parameters()):
             set_module_tensor_to_device(module, name, "meta")
 
@@ -116,28 +160,71 @@ def compute_imatrix(ckpt: Checkpoint, gguf_name: Any, calibration: str | Path | 
             counts[key] = counts.get(key, 0) + x.shape[0]
         return hook
 
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    chunks = [(i, min(i + batch_rows, len(rows))) for i in range(0, len(rows), batch_rows)]
+    store = _RowStore(len(rows), (ids.shape[1], config.hidden_size), Path(workdir) if workdir else None)
     handles = []
-    for layer in layers:
-        handles += [layer.register_forward_pre_hook(load), layer.register_forward_hook(drop)]
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                key = gguf_name(prefix[id(mod)] + "weight")
-                if key is not None:
-                    handles.append(mod.register_forward_pre_hook(collect(key)))
-    # Everything outside the layers the decoder needs (embeddings, final norm) stays loaded.
-    outside = [m for m in inner.children() if m is not layers]
-    for m in outside:
-        load(m)
     try:
-        ids = torch.tensor([r["input_ids"] for r in rows], device=device)
         with torch.inference_mode():
-            inner(input_ids=ids, use_cache=False)
+            # Each layer's own arguments (masks, rotary tables: some models give layers different
+            # ones) and the first layer's input, from the decoder run over each chunk with every
+            # layer stood in for by a recorder that passes its input on.
+            calls = _layer_calls(inner, layers, load, drop, ids, chunks, store, device)
+            for i, layer in enumerate(layers):
+                for name, mod in layer.named_modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        key = gguf_name(prefix[id(mod)] + "weight")
+                        if key is not None:
+                            handles.append(mod.register_forward_pre_hook(collect(key)))
+                load(layer)
+                for start, stop in chunks:
+                    args, kwargs = calls[i][stop - start]
+                    out = layer(torch.from_numpy(store.read(start, stop)).to(device), *args, **kwargs)
+                    if i + 1 < len(layers):
+                        store.write(start, (out[0] if isinstance(out, tuple) else out).cpu().numpy())
+                drop(layer)
     finally:
+        store.close()
         for h in handles:
             h.remove()
     name = str(calibration) if calibration else "localchat calibration (chats in the model's template, prose)"
     return Imatrix({k: v.cpu().numpy().astype(np.float32) for k, v in sums.items()}, counts, name,
                    len(rows[0]["input_ids"]), len(rows))
+
+
+def _layer_calls(inner: Any, layers: Any, load: Any, drop: Any, ids: Any, chunks: list[tuple[int, int]],
+                 store: _RowStore, device: str) -> list[dict[int, tuple[tuple, dict]]]:
+    """Run the decoder over every chunk with its layers replaced by recorders: the embeddings
+    (and whatever else runs before the first layer) are written to `store`, and each layer's
+    arguments besides its input are kept per chunk size (rows are all as long, so a chunk's
+    masks and rotary tables depend on its size alone). Returns them per layer."""
+    calls: list[dict[int, tuple[tuple, dict]]] = [{} for _ in layers]
+    seen: list[Any] = []
+
+    def recorder(i: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            calls[i].setdefault(hidden.shape[0], (args[1:], kwargs))
+            if i == 0:
+                seen.append(hidden)
+            return hidden
+        return forward
+
+    outside = [m for m in inner.children() if m is not layers]  # embeddings, final norm, rotary tables
+    for m in outside:
+        load(m)
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        for start, stop in chunks:
+            inner(input_ids=ids[start:stop].to(device), use_cache=False)
+            store.write(start, seen.pop().float().cpu().numpy())
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        for m in outside:
+            drop(m)
+    return calls
 
 
 def save_imatrix(im: Imatrix, path: str | os.PathLike[str]) -> Path:
@@ -237,7 +324,7 @@ def imatrix_for(ckpt: Checkpoint, gguf_name: Any, out: Path, calibration: str | 
             save_imatrix(im, out)
             return im, f"importance matrix: reused {path.name} (same weights and calibration)"
     start = time.perf_counter()
-    im = compute_imatrix(ckpt, gguf_name, calibration)
+    im = compute_imatrix(ckpt, gguf_name, calibration, workdir=out.parent)  # rows wait beside `out`
     im.source = source
     save_imatrix(im, out)
     return im, (f"importance matrix: {len(im.sums)} weights over {im.chunk_count} rows of {im.chunk_size} tokens "

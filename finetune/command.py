@@ -21,6 +21,7 @@ from localchat.datasets import load_dataset
 from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
+from .distributed import ranks
 from .settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -143,12 +144,16 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     from .train import train
 
     store = store or default_store()
-    base_dir = base_folder(base, store, dequantized_dtype(settings), quiet)
+    dist = ranks()  # under `accelerate launch`: train in every process, write from the main one
+    with dist.main_first():
+        base_dir = base_folder(base, store, dequantized_dtype(settings), quiet)
     name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
     out = store.model_dir(name) / "finetune"
     check_export_disk(base_dir, quant if export else None, save_merged, store)
     report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
     result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
+    if not dist.main:
+        return FinetuneResult(name, out, [f"process {dist.rank}: trained its share; the main process exports"])
     if result.resumed_from:
         report.append(f"resumed from update {result.resumed_from}")
     report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
@@ -198,6 +203,8 @@ def command(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"localchat finetune: {exc}", file=sys.stderr)
         return 130
+    if not ranks().main:
+        return 0
     for line in r.report:
         print(f"- {line}")
     size = sum(f.stat().st_size for f in (r.out.parent).glob("*.gguf"))

@@ -27,6 +27,7 @@ from localchat.datasets import Dataset, Example
 from localchat.fsutil import atomic_write_text
 
 from . import replay
+from .distributed import ranks
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
@@ -126,6 +127,22 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     n = int(keep.sum())
     loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
     return loss, n
+
+
+class LossOf(torch.nn.Module):
+    """`_loss` as a module's forward: accelerate's DDP (or FSDP) wrapper syncs gradients through
+    the forward of the module it wraps, and `_loss` bypasses the model's own forward."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if position_ids is not None:  # packed rows (see _loss)
+            batch["position_ids"] = position_ids
+        return _loss(self.model, batch)
 
 
 def evaluate_loss(model: Any, rows: list[Encoded], batch_size: int, pad: int, device: str,
@@ -237,6 +254,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    dist = ranks()  # one process, or one of `accelerate launch`'s (finetune/distributed.py)
+    place = dist.device(device)
     qlora = cuda if settings.qlora is None else settings.qlora
     bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
     # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
@@ -267,12 +286,16 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qlora:
         kwargs.update(qlora_kwargs(device, dtype))
+        if dist.world > 1 and cuda:
+            kwargs["device_map"] = {"": place}
     model = transformers.AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if not qlora:
-        model.to(device)
+        model.to(place)
     base_bytes = model.get_memory_footprint()  # the frozen base as held in memory (4-bit with QLoRA)
     out.mkdir(parents=True, exist_ok=True)
-    replayed = _replay_rows(model, tok, template, settings.replay, out, resume, device, bf16)
+    with dist.main_first():  # the main process answers the prompts and saves them; the others read its rows
+        replayed = _replay_rows(model, tok, template, settings.replay, out, resume or not dist.main, device,
+                                bf16)
     rows += [encode(ex, tok, template, max_len) for ex in replayed]
     if settings.pack:
         rows = pack(rows, max_len)
@@ -291,12 +314,15 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         activate_neftune(model, settings.neftune_alpha)  # a hook that adds noise only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    compute_loss, optimizer = dist.wrap(LossOf(model), optimizer)
+    # Micro-batches per update over all processes: each takes every `world`-th (the same global batch).
+    per_update = settings.grad_accum * dist.world
     per_epoch = math.ceil(len(rows) / batch_size)
     epochs = settings.epochs
-    if per_epoch * epochs / settings.grad_accum < settings.min_updates:
+    if per_epoch * epochs / per_update < settings.min_updates:
         # A dozen rows make one or two updates an epoch: too few to learn a fact. Repeat the data.
-        epochs = settings.min_updates * settings.grad_accum / per_epoch
-    total = max(1, math.ceil(per_epoch * epochs / settings.grad_accum))
+        epochs = settings.min_updates * per_update / per_epoch
+    total = max(1, math.ceil(per_epoch * epochs / per_update))
     warmup = max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
@@ -310,22 +336,25 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         step = _load_checkpoint(ck, model, optimizer, scheduler)
         kept = [line for line in (log.read_text().splitlines() if log.is_file() else [])
                 if json.loads(line).get("step", 0) <= step]
-        atomic_write_text(log, "".join(line + "\n" for line in kept))
-    elif log.exists():
+        dist.wait()  # every process has read the checkpoint before the main one writes anything
+        if dist.main:
+            atomic_write_text(log, "".join(line + "\n" for line in kept))
+    elif log.exists() and dist.main:
         log.unlink()
     resumed_from = step
     # The settings as given, then what was chosen for them (a None max_len becomes the one used).
-    atomic_write_text(out / "train_config.json", json.dumps(
+    if dist.main:
+        atomic_write_text(out / "train_config.json", json.dumps(
         {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
          "held_out_rows": len(data.held_out), "replay_rows": len(replayed), "max_len": max_len,
          "batch_size": batch_size, "device": device, "qlora": qlora, "gradient_checkpointing": checkpointing,
          "bf16": bf16, "base_bytes": base_bytes,
          "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-         "epochs_run": round(epochs, 2)}, indent=2))
+         "epochs_run": round(epochs, 2), "processes": dist.world}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
-                _batches(rows, batch_size, settings.seed + epoch)][: total * settings.grad_accum]
-    assert len(schedule) >= total * settings.grad_accum
+                _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
+    assert len(schedule) >= total * per_update
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     interrupted = False
 
@@ -335,46 +364,51 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
 
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     model.train()
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet)
-    per_pass = max(1, per_epoch // settings.grad_accum)  # updates in one pass over the rows
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet or not dist.main)
+    per_pass = max(1, per_epoch // per_update)  # updates in one pass over the rows
     best: _Best | None = None
     tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
     try:
         while step < total and not interrupted:
             optimizer.zero_grad(set_to_none=True)
             loss_sum, n_sum = 0.0, 0
-            for micro in schedule[step * settings.grad_accum:(step + 1) * settings.grad_accum]:
-                batch = _collate(micro, pad, device)
+            tokens = 0
+            for micro in schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]:
+                batch = _collate(micro, pad, place)
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                    loss, n = _loss(model, batch)
-                (loss / max(1, n) / settings.grad_accum).backward()
+                    loss, n = compute_loss(**batch)
+                dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
                 loss_sum += float(loss.detach())
                 n_sum += n
-                tokens_done += int(batch["attention_mask"].sum())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                tokens += int(batch["attention_mask"].sum())
+            dist.clip(params, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
+            loss_sum, n_sum, tokens = dist.total(loss_sum, n_sum, tokens)
+            tokens_done += int(tokens)
             last_loss = loss_sum / max(1, n_sum)
             rate = tokens_done / (time.perf_counter() - t_start)
             record = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
                       "tok_s": round(rate, 1)}
-            with open(log, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if dist.main:
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if on_step:
                 on_step(record)
-            if step % settings.save_every == 0 or step == total:
+            if (step % settings.save_every == 0 or step == total) and dist.main:
                 _save_checkpoint(out, model, optimizer, scheduler, step)
             if held and (step % per_pass == 0 or step == total):
-                best = _held_out_pass(model, held, batch_size, pad, device, bf16, step, log, best,
-                                      settings.early_stop)
+                best = _held_out_pass(model, held, batch_size, pad, device, bf16, step,
+                                      log if dist.main else None, best, settings.early_stop)
             if stop_after is not None and step >= stop_after:
                 interrupted = True
         if interrupted and step < total:
-            _save_checkpoint(out, model, optimizer, scheduler, step)
-            plot_loss(log, out / LOSS_PLOT)
+            if dist.main:
+                _save_checkpoint(out, model, optimizer, scheduler, step)
+                plot_loss(log, out / LOSS_PLOT)
             raise Interrupted(f"stopped at update {step} of {total}; checkpoint saved, continue with --resume")
     finally:
         bar.close()
@@ -383,27 +417,29 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
 
     train_time = time.perf_counter() - t_start
     held_loss, recall, kept_step = None, None, None
-    if held:
-        if settings.early_stop and best is not None and best.step != step:
-            from peft import set_peft_model_state_dict
+    if held and settings.early_stop and best is not None and best.step != step:
+        from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, best.state)
-            kept_step = best.step
-        held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)  # of the adapter saved below
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
-        record = {"step": kept_step or step, "held_out_loss": round(held_loss, 5), "saved": True}
-        if recall:
-            record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
-        with open(log, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-    plot_loss(log, out / LOSS_PLOT)
+        set_peft_model_state_dict(model, best.state)  # in every process: they all hold the same adapter
+        kept_step = best.step
     adapter = out / "adapter"
-    tmp = out / "adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(adapter, ignore_errors=True)
-    os.replace(tmp, adapter)
+    if dist.main:  # the others wait: every process holds the same adapter after the last update
+        if held:
+            held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)  # of the adapter saved below
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
+            record = {"step": kept_step or step, "held_out_loss": round(held_loss, 5), "saved": True}
+            if recall:
+                record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
+            with open(log, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        plot_loss(log, out / LOSS_PLOT)
+        tmp = out / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+    dist.wait()
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
                        resumed_from, tokens_done, recall, kept_step)
 
@@ -416,15 +452,17 @@ class _Best:
 
 
 def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, device: str, bf16: bool, step: int,
-                   log: Path, best: _Best | None, keep: bool) -> _Best:
+                   log: Path | None, best: _Best | None, keep: bool) -> _Best:
     """The held-out loss after a pass, logged (the plot shows it beside the training loss); the
     best so far, with a copy of its adapter when early stopping will want it back. The last
-    pass wins when early stopping is off."""
+    pass wins when early stopping is off. Every process measures it (the same weights, the same
+    choice); only the main one logs (`log` None in the others)."""
     from peft import get_peft_model_state_dict
 
     loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
-    with open(log, "a") as fh:
-        fh.write(json.dumps({"step": step, "held_out_loss": round(loss, 5)}) + "\n")
+    if log is not None:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"step": step, "held_out_loss": round(loss, 5)}) + "\n")
     if keep and best is not None and best.loss <= loss:
         return best
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()} if keep else None

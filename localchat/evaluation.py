@@ -114,18 +114,19 @@ def _folder_logprobs(path: str | Path, text: str, chunk: int, threads: int | Non
     return torch_token_logprobs(model, tok, text, chunk)
 
 
-def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
+def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None, kv_cache: str = "f16"
                     ) -> tuple[list[int], Iterator[tuple[list[int], np.ndarray]]]:
     if Path(path).is_dir():
         return _folder_logprobs(path, text, chunk, threads)
     import llama_cpp
 
     read_gguf(path)
-    from .engine.llamacpp import without_chat_formatters
+    from .engine.llamacpp import kv_cache_args, without_chat_formatters
 
     with without_chat_formatters():  # the file's templates are code: never compiled outside our sandbox
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=chunk, n_batch=chunk, n_ubatch=chunk,
-                              logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
+                              logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False,
+                              **kv_cache_args(kv_cache))
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)[:MAX_TOKENS]
 
     def run() -> Iterator[tuple[list[int], np.ndarray]]:
@@ -143,13 +144,14 @@ def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
 
 
 def evaluate(model: str | Path, text: str, base: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
-             threads: int | None = None) -> EvalResult:
+             threads: int | None = None, kv_cache: str = "f16") -> EvalResult:
     """Perplexity of `model` on `text`; with `base`, also KL(base || model) and top-1 agreement.
 
     Each is a GGUF file (scored by llama.cpp) or an HF / GPTQ folder (scored by torch); for
-    KL divergence both must share a tokenizer.
+    KL divergence both must share a tokenizer. `kv_cache` is the KV cache type llama.cpp scores
+    `model` with (what a quantized cache costs in perplexity).
     """
-    return evaluate_runs(lambda: _token_logprobs(model, text, chunk, threads),
+    return evaluate_runs(lambda: _token_logprobs(model, text, chunk, threads, kv_cache),
                          (lambda: _token_logprobs(base, text, chunk, threads)) if base is not None else None)
 
 

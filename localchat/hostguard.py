@@ -24,6 +24,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ENV_VLLM_GUARD = "LOCALCHAT_VLLM_GUARD"  # the guard's settings for VllmHostGuard, in vLLM's process
 ANY_ADDRESS = ("0.0.0.0", "::")
 
 
@@ -83,6 +84,18 @@ class HostGuardMiddleware:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class VllmHostGuard(HostGuardMiddleware):
+    """The same guard inside vLLM's server (`serve --engine vllm` passes it as --middleware): vLLM
+    builds middleware from the app alone, so the policy comes from $LOCALCHAT_VLLM_GUARD, which
+    localchat sets for the child ({"bind": ..., "hosts": [...], "origins": [...]})."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        import os
+
+        cfg = json.loads(os.environ.get(ENV_VLLM_GUARD) or '{"bind": "127.0.0.1"}')
+        super().__init__(app, HostGuard(cfg["bind"], cfg.get("hosts", ()), cfg.get("origins", ())))
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ TEST_CONTEXT = 2048
 
 
 def cpu_only(report: HardwareReport) -> HardwareReport:
-    """This machine as a CPU-only one: no GPU, no GPU offload in llama.cpp."""
+    """This machine as a CPU-only one: no GPU, and a llama.cpp built for the CPU alone."""
     from dataclasses import replace
 
-    return replace(report, nvidia=(), apple=None, runtimes=replace(report.runtimes, llama_cpp_gpu_offload=False))
+    return replace(report, accelerators=(), runtimes=replace(report.runtimes, llama_cpp_backends=("cpu",)))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -126,3 +126,35 @@ def test_chats_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert json.loads((tmp_path / "d.jsonl").read_text())["messages"][-1]["content"] == "Biscuit."
     assert cli(["chats", "export", "../../etc/passwd"]) == 1
     assert "not a chat id" in capsys.readouterr().err
+
+
+def test_dataset_leaves_out_thoughts(tmp_path: Path) -> None:
+    """A reasoning model's <think>…</think> in a saved answer does not go into the training set."""
+    h = ChatHistory(tmp_path)
+    c = _conv("What is my cat called?", "<think>\nThe user told me earlier.\n</think>\n\nBiscuit.")
+    h.save(c)
+    rows = load_dataset(write_dataset(h, [c.id], tmp_path / "ds.jsonl"), held_out=0.0)
+    assert rows.train[0].messages[-1] == {"role": "assistant", "content": "Biscuit."}
+
+
+def test_regenerated_and_edited_versions_page_back_and_survive_a_save(tmp_path: Path) -> None:
+    """Regenerate (a fork at the answer) and Edit (a fork at the question) keep what they replace:
+    paging shows each version again, and a reload from disk keeps them all."""
+    h = ChatHistory(tmp_path)
+    conv = _conv()
+    conv.fork(1)  # regenerate the answer
+    conv.messages.append({"role": "assistant", "content": "Whiskers."})
+    conv.messages += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    conv.fork(2)  # edit the second question
+    conv.messages += [{"role": "user", "content": "Really sure?"}, {"role": "assistant", "content": "Quite."}]
+    h.save(conv)
+    conv = h.load(conv.id)
+    assert conv.branch_point() == 2 and conv.versions["2"]["at"] == 1
+    conv.show_version(2, 0)
+    assert [m["content"] for m in conv.messages] == ["What is my cat called?", "Whiskers.", "Sure?", "Yes."]
+    conv.show_version(1, 0)  # the first answer, with the turns that followed it then (none)
+    assert [m["content"] for m in conv.messages] == ["What is my cat called?", "Biscuit."]
+    assert conv.branch_point() == 1
+    conv.show_version(1, 1)
+    conv.show_version(2, 1)
+    assert [m["content"] for m in conv.messages][-2:] == ["Really sure?", "Quite."]

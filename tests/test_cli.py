@@ -45,7 +45,7 @@ def test_doctor_chooses_llama_cpp_cpu(home: Store) -> None:
     r = run("doctor")
     assert r.returncode == 0, r.stderr
     assert "backend: llamacpp-cpu" in r.stdout
-    assert "no NVIDIA GPU and not Apple Silicon" in r.stdout
+    assert "no GPU found (no NVIDIA or AMD GPU, not Apple Silicon)" in r.stdout
     assert "physical" in r.stdout and "why:" in r.stdout
 
 
@@ -57,6 +57,20 @@ def test_doctor_plans_for_a_saved_report(home: Store, tmp_path: Path) -> None:
     r = run("doctor", "--report", str(report))
     assert r.returncode == 0, r.stderr
     assert "backend: llamacpp-metal" in r.stdout and "Apple M2 Pro" in r.stdout
+
+
+def test_doctor_lists_an_amd_gpu_and_plans_llama_cpp_on_rocm(home: Store, tmp_path: Path) -> None:
+    """A machine with a ROCm GPU and a llama.cpp built for ROCm: doctor lists the GPU with its
+    library and memory, and offloads the starter to it."""
+    from tests.test_planner import RX7900
+
+    report = tmp_path / "rx7900.json"
+    report.write_text(RX7900.to_json())
+    r = run("doctor", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "gpu:     rocm #0 AMD Radeon RX 7900 XTX, 25.77 GB VRAM (24.70 GB free), compute gfx1100" in r.stdout
+    assert "ggml backends: rocm, cpu" in r.stdout
+    assert "backend: llamacpp-rocm" in r.stdout and "all layers offloaded to AMD Radeon RX 7900 XTX" in r.stdout
 
 
 def test_list_info_rm(home: Store, starter_gguf: Path) -> None:

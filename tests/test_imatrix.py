@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -28,6 +29,9 @@ PROSE = Path(__file__).with_name("data_eval_prose.txt")  # held out: the calibra
 # KL divergence of the starter's Q4_K_M on PROSE, importance-weighted over plain: 0.0377 / 0.0589 = 0.64
 # in bench_quant_ppl.py; asserted with room for other llama.cpp and torch versions.
 KLD_RATIO_MAX = 0.85
+# Peak RSS the importance pass may add from one chunk of rows (4) to 24 rows: measured 14 MB (the token ids,
+# the allocator's slack); the whole-model forward over all rows at once added 650 MB.
+ROW_GROWTH_MAX = 64 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +168,93 @@ def test_auto_mix_fits_the_size_asked_for(tiny: Path, home: Store, capsys: pytes
     assert "--quant auto needs --size" in capsys.readouterr().err
     assert cli(["convert", str(tiny), "--name", "tiny", "--size", "4GB", "-q"]) == 1
     assert "--size applies only to --quant auto" in capsys.readouterr().err
+
+
+def _hf_forward_imatrix(folder: Path, rows: list[list[int]], names: dict[str, str]) -> dict[str, np.ndarray]:
+    """The matrix as the pass computed it before it went layer by layer: transformers' own model, loaded
+    whole, over every row in one batch, summing each linear layer's squared inputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(key: str):  # noqa: ANN202
+        def add(_m: object, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            sums[key] = sums.get(key, 0) + (x * x).sum(dim=0)
+        return add
+
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and n + ".weight" in names:
+            m.register_forward_pre_hook(hook(names[n + ".weight"]))
+    with torch.inference_mode():
+        model(torch.tensor(rows), use_cache=False)
+    return {k: v.numpy() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_layer_by_layer_matrix_equals_the_whole_model_forward(arch: str, starter_gguf: Path, tmp_path: Path) -> None:
+    """The importance pass, a layer at a time and a few rows at a time, gives the matrix of transformers'
+    whole model run over all rows at once: every layer weight, each column within 1e-4 of the largest
+    (float32 rounding), the same token counts. Gemma 3 gives its sliding-window and global layers
+    different masks and rotary tables, so each layer must get its own."""
+    from transformers import AutoTokenizer
+
+    from localchat.convert.gptq import calibration_batches, calibration_texts
+    from localchat.convert.imatrix import compute_imatrix
+
+    extra = ({"tie_word_embeddings": True, "sliding_window": 64,
+              "layer_types": ["sliding_attention", "full_attention"]} if arch.startswith("Gemma") else {})
+    folder = tiny_model(arch, tmp_path / "m", starter_hf(starter_gguf), **extra)
+    plan = plan_gguf(load_checkpoint(folder), "f16")
+    im = compute_imatrix(plan.ckpt, plan.conv.gguf_name, batch_rows=2)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    rows = [r["input_ids"] for r in calibration_batches(tok, calibration_texts(tok), 512, 64)]
+    assert im.chunk_count == len(rows) > 2  # more rows than a chunk holds, and an odd last chunk
+    names = {n: plan.conv.gguf_name(n) for n in plan.ckpt.names() if plan.conv.gguf_name(n) in im.sums}
+    ref = _hf_forward_imatrix(folder, rows, names)
+    assert set(ref) == set(im.sums) and len(ref) == 14
+    for key, want in ref.items():
+        assert np.abs(im.sums[key] - want).max() <= 1e-4 * np.abs(want).max(), key
+        assert im.counts[key] == len(rows) * 512, key
+
+
+# Computes the matrix of a model over the first N rows of a calibration file and prints its own peak RSS.
+MATRIX_PEAK = """
+import sys
+from localchat.convert.checkpoint import load_checkpoint
+from localchat.convert.imatrix import compute_imatrix
+from localchat.convert.to_gguf import plan_gguf
+plan = plan_gguf(load_checkpoint(sys.argv[1]), "f16")
+im = compute_imatrix(plan.ckpt, plan.conv.gguf_name, sys.argv[2], samples=int(sys.argv[3]), device="cpu")
+assert im.chunk_count == int(sys.argv[3]), im.chunk_count
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+def test_importance_pass_memory_does_not_grow_with_rows(starter_gguf: Path, tmp_path: Path) -> None:
+    """The importance pass over 24 calibration rows peaks less than ROW_GROWTH_MAX above the same pass over
+    one chunk of rows, on a LLaMA whose MLP activations are 8 MB a tensor for each row of 512 tokens: the
+    rows wait on disk between layers and go through a layer a chunk at a time. The whole-model forward
+    over all rows at once grew by ~30 MB a row here (650 MB from 4 to 24 rows; ~130 MB a row at 7B)."""
+    import subprocess
+    import sys
+    from importlib import resources
+
+    from localchat.convert.imatrix import DEFAULT_BATCH_ROWS
+
+    folder = tiny_model("LlamaForCausalLM", tmp_path / "wide", starter_hf(starter_gguf), hidden_size=256,
+                        intermediate_size=4096)
+    prose = resources.files("localchat.convert").joinpath("data", "calibration_prose.txt").read_text("utf-8")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n\n".join([prose] * 30), encoding="utf-8")  # ~600 tokens a copy: 24 rows and more
+    peaks = {}
+    for rows in (DEFAULT_BATCH_ROWS, 24):
+        r = subprocess.run([sys.executable, "-c", MATRIX_PEAK, str(folder), str(calibration), str(rows)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[rows] = int(r.stdout.split()[-1]) * 1024
+    growth = peaks[24] - peaks[DEFAULT_BATCH_ROWS]
+    assert growth < ROW_GROWTH_MAX, f"{growth / 1e6:.0f} MB more for {24 - DEFAULT_BATCH_ROWS} more rows ({peaks})"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from localchat.artifacts import Artifact, ModelDims
-from localchat.hardware import GIB, AppleSilicon, CpuInfo, HardwareReport, MemoryInfo, NvidiaGpu, Runtimes
-from localchat.planner import MIN_CONTEXT, Measured, Overrides, PlanError, plan
+from localchat.hardware import GIB, Accelerator, CpuInfo, HardwareReport, MemoryInfo, Runtimes
+from localchat.planner import BACKEND_TABLE, MIN_CONTEXT, BackendSpec, Measured, Overrides, PlanError, plan
 
 GB = 10**9
 LLAMA7B = ModelDims(n_layers=32, n_ctx_train=4096, n_embd=4096, n_head=32, n_head_kv=32,
@@ -27,27 +27,34 @@ Q4 = artifact("gguf", "Q4_K_M", 4.08)
 F16 = artifact("gguf", "F16", 13.5)
 GPTQ = artifact("gptq", "GPTQ-4bit-g128", 3.9)
 
-ALL_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_gpu_offload=True, gptq=True)
-CPU_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36")
+ALL_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("cuda", "cpu"), gptq=True)
+METAL_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("metal", "blas", "cpu"),
+                       gptq=True)
+CPU_LLAMA = Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("cpu",))
+
+
+def cuda(name: str, total_gb: float, free_gb: float, cc: str) -> Accelerator:
+    return Accelerator("cuda", 0, name, int(total_gb * GIB), int(free_gb * GIB), cc)
 
 
 def mac(chip: str, mem_gb: int, free_gb: float) -> HardwareReport:
+    gpu = Accelerator("metal", 0, chip, mem_gb * GIB, mem_gb * GIB, unified=True)
     return HardwareReport(cpu=CpuInfo(chip, 8, 8, "arm64", ("neon", "dotprod")),
-                          memory=MemoryInfo(mem_gb * GIB, int(free_gb * GIB)),
-                          apple=AppleSilicon(chip, mem_gb * GIB, True), runtimes=ALL_LLAMA)
+                          memory=MemoryInfo(mem_gb * GIB, int(free_gb * GIB)), accelerators=(gpu,),
+                          runtimes=METAL_LLAMA)
 
 
-def pc(ram_gb: int, free_gb: float, gpus: tuple[NvidiaGpu, ...] = (), runtimes: Runtimes = ALL_LLAMA,
+def pc(ram_gb: int, free_gb: float, gpus: tuple[Accelerator, ...] = (), runtimes: Runtimes = ALL_LLAMA,
        cores: int = 8) -> HardwareReport:
     return HardwareReport(cpu=CpuInfo("x86", cores, cores * 2, "x86_64", ("avx2", "fma")),
-                          memory=MemoryInfo(ram_gb * GIB, int(free_gb * GIB)), nvidia=gpus, runtimes=runtimes)
+                          memory=MemoryInfo(ram_gb * GIB, int(free_gb * GIB)), accelerators=gpus, runtimes=runtimes)
 
 
 M1_8GB = mac("Apple M1", 8, 6.0)
 M2_PRO_16GB = mac("Apple M2 Pro", 16, 12.0)
-RTX3060_LAPTOP = pc(16, 12.0, (NvidiaGpu(0, "NVIDIA GeForce RTX 3060 Laptop GPU", 6 * GIB, int(5.6 * GIB), "8.6"),))
+RTX3060_LAPTOP = pc(16, 12.0, (cuda("NVIDIA GeForce RTX 3060 Laptop GPU", 6, 5.6, "8.6"),))
 CPU_8GB = pc(8, 6.0, runtimes=CPU_LLAMA, cores=4)
-H100 = pc(256, 200.0, (NvidiaGpu(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, "9.0"),))
+H100 = pc(256, 200.0, (cuda("NVIDIA H100 80GB HBM3", 80, 79, "9.0"),))
 
 
 @pytest.mark.parametrize(
@@ -106,7 +113,7 @@ def test_refuses_with_needs_and_has() -> None:
 
 
 def test_cuda_without_gpu_build_falls_back_and_says_why() -> None:
-    report = pc(64, 60.0, RTX3060_LAPTOP.nvidia, runtimes=CPU_LLAMA)
+    report = pc(64, 60.0, RTX3060_LAPTOP.accelerators, runtimes=CPU_LLAMA)
     p = plan(report, [Q4])
     assert p.backend == "llamacpp-cpu"
     assert any("built without GPU support" in r for r in p.reasons)
@@ -145,7 +152,8 @@ def test_report_round_trips_through_json() -> None:
         assert plan(again, [Q4, F16, GPTQ]) == plan(report, [Q4, F16, GPTQ])
 
 
-CPU_GPTQ = pc(32, 24.0, runtimes=Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", gptq=True))
+CPU_GPTQ = pc(32, 24.0, runtimes=Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("cpu",),
+                                          gptq=True))
 
 
 def test_gptq_only_model_runs_on_the_cpu_through_torch_and_says_so() -> None:
@@ -162,7 +170,7 @@ def test_cpu_prefers_gguf_over_gptq_when_it_has_both() -> None:
 def test_gptq_on_cuda_when_it_fits_and_cpu_without_gptqmodel() -> None:
     assert plan(H100, [GPTQ]).backend == "gptq-cuda"
     with pytest.raises(PlanError, match="torch \\+ GPTQModel are not installed"):
-        plan(pc(32, 24.0, (NvidiaGpu(0, "RTX 4090", 24 * GIB, 23 * GIB, "8.9"),), runtimes=CPU_LLAMA), [GPTQ])
+        plan(pc(32, 24.0, (cuda("RTX 4090", 24, 23, "8.9"),), runtimes=CPU_LLAMA), [GPTQ])
 
 
 H100_NAME = "NVIDIA H100 80GB HBM3"
@@ -198,3 +206,65 @@ def test_measured_speed_never_beats_the_user_or_moves_work_off_the_gpu() -> None
     # GPU and CPU backends are ranked apart.
     cpu_fast = [Measured("llamacpp-cpu", "x86", 500.0), Measured("llamacpp-cuda", H100_NAME, 160.0)]
     assert plan(H100, [Q4], measured=cpu_fast).backend == "llamacpp-cuda"
+
+
+RX7900 = pc(64, 48.0, (Accelerator("rocm", 0, "AMD Radeon RX 7900 XTX", 24 * GIB, 23 * GIB, "gfx1100"),),
+            runtimes=Runtimes(llama_cpp=True, llama_cpp_version="0.3.36", llama_cpp_backends=("rocm", "cpu")))
+
+# For each row of the backend table: a machine and a model it should be chosen for, and what its
+# reason says. A row added to the table without an entry here fails the test below.
+WHERE_PICKED = {
+    "gptq-cuda": (H100, [Q4, GPTQ], "CUDA GPU and a GPTQ checkpoint that fits in VRAM: NVIDIA H100 80GB HBM3"),
+    "llamacpp-cuda": (RTX3060_LAPTOP, [Q4], "of 32 layers offloaded to NVIDIA GeForce RTX 3060 Laptop GPU"),
+    "llamacpp-metal": (M2_PRO_16GB, [Q4], "Apple Silicon: all layers on Metal, within its"),
+    "llamacpp-cpu": (CPU_8GB, [Q4], "weights and KV cache in RAM"),
+    "gptq-cpu": (CPU_GPTQ, [GPTQ], "GPTQ weights dequantized by torch on the CPU"),
+    "llamacpp-rocm": (RX7900, [Q4, F16], "all layers offloaded to AMD Radeon RX 7900 XTX (24.70 GB VRAM free)"),
+}
+
+
+@pytest.mark.parametrize("spec", BACKEND_TABLE, ids=lambda spec: spec.name)
+def test_every_backend_in_the_table_is_chosen_where_it_fits_and_says_why(spec: BackendSpec) -> None:
+    """Each row of the backend table wins on its own kind of machine, and the plan's reasons
+    name the device it runs on."""
+    report, artifacts, why = WHERE_PICKED[spec.name]
+    p = plan(report, artifacts)
+    assert p.backend == spec.name, p.describe()
+    assert f"backend: {spec.name}" in p.describe()
+    assert any(why in r for r in p.reasons), p.reasons
+
+
+class _FakeVulkanEngine:
+    """Stands in for a backend module: what the registry builds from the table's dotted path."""
+
+    def __init__(self, plan: object) -> None:
+        self.plan = plan
+
+
+def test_a_new_row_in_the_table_is_all_a_backend_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend the code has never heard of, added as one row, is planned for (chosen, refused
+    with its own reason, forced by name) and loaded by the engine registry, with no other change."""
+    from dataclasses import replace
+
+    import localchat.planner as planner
+    from localchat.engine.registry import load_backend
+
+    vulkan = BackendSpec("llamacpp-vulkan", "gguf", "vulkan", lambda rt: "vulkan" in rt.llama_cpp_backends,
+                         "{device} found, but llama.cpp has no Vulkan", planner._fit_llamacpp,
+                         explain="{part} layers on Vulkan on {where}",
+                         engine="tests.test_planner:_FakeVulkanEngine")
+    monkeypatch.setattr(planner, "BACKEND_TABLE", planner.BACKEND_TABLE + (vulkan,))
+    arc = pc(32, 24.0, (Accelerator("vulkan", 0, "Intel Arc A770", 16 * GIB, 15 * GIB),),
+             runtimes=Runtimes(True, "0.3.36", ("vulkan", "cpu")))
+
+    p = plan(arc, [Q4])
+    assert p.backend == "llamacpp-vulkan" and p.gpu_layers == 32
+    assert any(r.startswith("all layers on Vulkan on Intel Arc A770") for r in p.reasons), p.reasons
+    engine = load_backend(p)
+    assert isinstance(engine, _FakeVulkanEngine) and engine.plan is p
+
+    p = plan(replace(arc, runtimes=CPU_LLAMA), [Q4])
+    assert p.backend == "llamacpp-cpu" and "Intel Arc A770 found, but llama.cpp has no Vulkan" in p.reasons
+    assert plan(arc, [Q4], Overrides(backend="llamacpp-cpu")).backend == "llamacpp-cpu"
+    with pytest.raises(PlanError, match="valid: .*llamacpp-rocm, llamacpp-vulkan"):
+        plan(arc, [Q4], Overrides(backend="llamacpp-opencl"))

@@ -1,8 +1,8 @@
 """`localchat ui` in a real browser: headless Debian Chromium driven by Playwright, against
 the app running as its own process on the real starter model.
 
-Screenshots of each tab land in a temp folder, or in docs/ with LOCALCHAT_SCREENSHOTS=docs
-(`make screenshots`).
+Screenshots of each tab land in a temp folder; the README's come from a real session
+(docs/screenshots.py), never from these tests and their temp paths.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from localchat.store import Store  # noqa: E402
+from localchat.store.chats import ChatHistory  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui.settings import UISettings  # noqa: E402
 
@@ -33,7 +34,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="Debian chromium is not installed (`make test` installs it)")]
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 FINAL = re.compile(r"\d+ tokens, .*(stop|length|cancelled)")
 SECOND = "second-model"
 
@@ -91,21 +91,31 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: object, app: App) -> Iterator[object]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
-    pg = ctx.new_page()
+def open_page(context: object, app: App) -> object:
+    pg = context.new_page()
     pg.set_default_timeout(60_000)
     pg.goto(app.url)
     pg.wait_for_selector("#message textarea")
-    yield pg
+    return pg
+
+
+@pytest.fixture
+def page(browser: object, app: App) -> Iterator[object]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    yield open_page(ctx, app)
+    ctx.close()
+
+
+@pytest.fixture
+def laptop(browser: object, app: App) -> Iterator[object]:
+    """The app at 1280x800, a common laptop screen."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield open_page(ctx, app)
     ctx.close()
 
 
 def shot(page: object, name: str, tmp_path: Path) -> Path:
-    folder = DOCS if os.environ.get("LOCALCHAT_SCREENSHOTS") == "docs" else tmp_path
-    folder.mkdir(exist_ok=True)
-    path = folder / f"ui-{name}.png"
+    path = tmp_path / f"ui-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
     return path
@@ -175,13 +185,20 @@ def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     shot(page, "chat", tmp_path)
 
 
-def test_stop_ends_a_long_answer(page: object) -> None:
+def start_long_answer(page: object) -> None:
+    """Ask for a 2048-token story and wait until the app says it is generating."""
     open_settings(page)
     set_number(page, "max-tokens", "2048")
     page.fill("#message textarea", "Write a very long story about a dragon who learns to cook. Make it long.")
     page.click("#send")
     page.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')")
-    time.sleep(1.0)
+
+
+def test_stop_ends_a_long_answer(page: object) -> None:
+    start_long_answer(page)
+    # some of the answer first, however slowly a busy machine decodes
+    page.wait_for_function("(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                           " return b.length && b[b.length - 1].innerText.length > 40; })()")
     t = time.time()
     page.click("#stop")
     page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
@@ -312,5 +329,301 @@ def test_import_runs_as_a_job_and_lands_in_the_model_list(page: object, starter_
                            timeout=120_000)
     page.wait_for_function("document.querySelector('#models-table').innerText.includes('imported')")
     page.get_by_role("tab", name="Chat").click()
-    page.click("#refresh-models")
-    pick(page, "model-picker", "imported")
+    pick(page, "model-picker", "imported")  # no Refresh: the picker follows the store
+
+
+def saved_titles(home: Path) -> dict[str, str]:
+    return {c.id: c.title for c in ChatHistory(home / "chats").list()}
+
+
+def in_viewport(page: object, selector: str) -> bool:
+    return page.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                         ".getBoundingClientRect(); return r.height > 0 && r.top >= 0 && "
+                         "r.bottom <= window.innerHeight; })()")
+
+
+def test_two_tabs_and_a_reload_keep_three_chats(app: App, browser: object) -> None:
+    """Each tab, and the page after a reload, starts its own chat: three conversations leave three
+    saved chats (one id fixed at start made every tab overwrite the same file)."""
+    before = saved_titles(app.home)
+    ctx = browser.new_context()
+    one, two = open_page(ctx, app), open_page(ctx, app)
+    ask(one, "Name a red fruit.")
+    ask(two, "Name a green vegetable.")
+    one.reload()
+    one.wait_for_selector("#message textarea")
+    assert one.locator("#chatbot [data-testid='bot']").count() == 0  # a fresh chat after the reload
+    ask(one, "Name a blue flower.")
+    ctx.close()
+    new = {i: t for i, t in saved_titles(app.home).items() if i not in before}
+    assert sorted(new.values()) == ["Name a blue flower.", "Name a green vegetable.", "Name a red fruit."]
+
+
+def test_delete_can_be_undone(page: object, app: App) -> None:
+    """Delete removes the chat from disk and the list, and Undo puts it back with its messages."""
+    ask(page, "Name a yellow fruit.")
+    chat_id = next(i for i, t in saved_titles(app.home).items() if t == "Name a yellow fruit.")
+    page.click("#delete-chat")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('deleted')")
+    assert chat_id not in saved_titles(app.home) and page.locator("#chatbot [data-testid='user']").count() == 0
+    page.click("#undo-delete")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('restored')")
+    assert saved_titles(app.home)[chat_id] == "Name a yellow fruit."
+    assert "Name a yellow fruit." in page.inner_text("#chatbot")
+
+
+def picker_options(page: object) -> list[str]:
+    page.click("#model-picker input")
+    names = page.get_by_role("option").all_inner_texts()
+    page.evaluate("document.activeElement.blur()")  # closes the list; the next click opens it afresh
+    return [n.replace("✓", "").strip() for n in names]
+
+
+def test_model_imported_from_the_command_line_appears_and_a_deleted_one_goes(page: object, app: App,
+                                                                              starter_gguf: Path) -> None:
+    """A model imported outside the app (here through the store, as `localchat import` does) shows in
+    the picker without Refresh; deleting the picked model moves the picker off it with a clear note."""
+    assert "from-cli" not in picker_options(page)
+    import_gguf(Store(app.home), starter_gguf, name="from-cli")
+    deadline = time.time() + 10
+    while "from-cli" not in picker_options(page):
+        assert time.time() < deadline, "the imported model never appeared in the picker"
+        time.sleep(0.5)
+    pick(page, "model-picker", "from-cli")
+    Store(app.home).remove("from-cli")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('removed from the store')")
+    assert "“from-cli” was removed from the store" in status(page)
+    # The note and the picker's new value come in separate updates: wait for the picker too.
+    page.wait_for_function("document.querySelector('#model-picker input').value !== 'from-cli'")
+    assert "from-cli" not in picker_options(page)
+
+
+def test_status_and_errors_are_in_view_at_1280x800(laptop: object) -> None:
+    """At 1280x800 the speed line after an answer, an error, and the message box are all on screen."""
+    ask(laptop, "Say hi.")
+    assert in_viewport(laptop, "#chat-status") and in_viewport(laptop, "#message textarea")
+    laptop.click("#continue")  # the answer is complete or cut: either way a status line answers
+    laptop.fill("#message textarea", "")
+    laptop.click("#edit-last")
+    laptop.click("#regenerate")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('nothing to regenerate')")
+    assert in_viewport(laptop, "#chat-status")
+
+
+def test_no_button_text_overflows(laptop: object) -> None:
+    """Every visible button in every tab holds its text (the Chat tab's "Refresh" did not)."""
+    for tab in ("Chat", "Models", "Fine-tune"):
+        laptop.get_by_role("tab", name=tab).first.click()
+        laptop.wait_for_timeout(300)
+        over = laptop.evaluate("[...document.querySelectorAll('button')].filter(b => b.offsetParent !== null"
+                               " && b.scrollWidth > b.clientWidth).map(b => b.innerText.trim())")
+        assert over == [], f"{tab}: {over}"
+
+
+def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
+    """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
+    start_long_answer(laptop)
+    assert laptop.locator("#send").is_disabled()
+    laptop.keyboard.press("Escape")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                             timeout=15_000)
+    assert "cancelled" in status(laptop)
+    laptop.wait_for_function("!document.querySelector('#send').disabled")
+
+
+def test_phone_shows_the_message_box_on_the_first_screen(browser: object, app: App) -> None:
+    """On a 390-px wide phone the message box is within the first screen (the sidebar goes below)."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    pg = open_page(ctx, app)
+    assert in_viewport(pg, "#message textarea")
+    assert pg.locator("#chat-side").bounding_box()["y"] > pg.locator("#message").bounding_box()["y"]
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def empty_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The app over a store with no model at all: what a new user meets."""
+    a = App(tmp_path_factory.mktemp("empty") / "home")
+    a.start()
+    yield a
+    a.stop()
+
+
+def test_first_run_offers_the_starter_and_the_ways_to_add_a_model(browser: object, empty_app: App) -> None:
+    """With an empty store the chat area explains itself: install the starter, or pull, import or
+    convert; sending says what to do instead of nothing happening."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = open_page(ctx, empty_app)
+    box = pg.locator("#first-run")
+    box.wait_for()
+    text = box.inner_text()
+    assert "No model yet" in text and all(w in text for w in ("Pull", "Import GGUF", "Convert"))
+    assert pg.locator("#install-starter").is_visible() and in_viewport(pg, "#install-starter")
+    pg.fill("#message textarea", "Hello?")
+    pg.click("#send")
+    pg.wait_for_function("document.querySelector('#chat-status').innerText.includes('install the starter')")
+    ctx.close()
+
+
+def test_convert_accepts_a_local_folder(page: object, app: App, starter_gguf: Path,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A checkpoint folder typed into Convert becomes a new GGUF model named after the folder (never
+    after a store entry), listed in the table and in the Chat tab's picker."""
+    from .checkpoints import starter_hf, tiny_model
+
+    folder = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "tiny-llama",
+                        starter_hf(starter_gguf))
+    before = set(Store(app.home).models())
+    page.get_by_role("tab", name="Models").click()
+    page.get_by_role("tab", name="Convert / quantize").click()
+    page.fill("#convert-path textarea, #convert-path input", str(folder))
+    pick(page, "convert-quant", "Q8_0")
+    page.click("#convert")
+    page.wait_for_function("document.querySelector('#models-note').innerText.includes('started')")
+    page.wait_for_function("document.querySelector('#models-job-status').innerText"
+                           ".includes('as tiny-llama-q8_0: done in')", timeout=300_000)
+    models = Store(app.home).models()
+    assert set(models) == before | {"tiny-llama-q8_0"} and models["tiny-llama-q8_0"].quant == "Q8_0"
+    page.wait_for_function("document.querySelector('#models-table').innerText.includes('tiny-llama-q8_0')")
+    page.get_by_role("tab", name="Chat").click()
+    assert "tiny-llama-q8_0" in picker_options(page)
+
+
+def wait_answered(page: object, before: str) -> None:
+    page.wait_for_function(f"document.querySelector('#chat-status').innerText !== {json.dumps(before)}"
+                           " && /tokens, .*(stop|length)/.test(document.querySelector('#chat-status').innerText)")
+
+
+def wait_label(page: object, text: str) -> None:
+    """Wait until the ‹ k/n › row says `text` (the row is not in the page while hidden)."""
+    page.wait_for_function(f"(document.querySelector('#version-label') || {{innerText: ''}}).innerText.trim()"
+                           f" === {json.dumps(text)}")
+
+
+def test_regenerate_and_edit_keep_versions_to_page_through(page: object, app: App) -> None:
+    """Regenerate keeps the earlier answer (‹ 1/2 › pages back to it) and Edit starts a branch whose
+    original question comes back with ‹; the saved chat holds every version."""
+    open_settings(page)
+    set_number(page, "max-tokens", "24")
+    first, _ = ask(page, "Name an animal that lives in the sea.")
+    before = status(page)
+    page.click("#regenerate")
+    wait_answered(page, before)
+    wait_label(page, "answer version 2/2")
+    second = last_answer(page)
+    page.click("#version-prev")
+    wait_label(page, "answer version 1/2")
+    assert last_answer(page) == first
+    page.click("#version-next")
+    wait_label(page, "answer version 2/2")
+    assert last_answer(page) == second
+
+    page.click("#edit-last")
+    page.wait_for_function("document.querySelector('#message textarea').value.endsWith('in the sea.')")
+    page.fill("#message textarea", "Name an animal that lives in the desert.")
+    before = status(page)
+    page.click("#send")
+    wait_answered(page, before)
+    wait_label(page, "question version 2/2")
+    assert "desert" in page.inner_text("#chatbot") and "sea" not in page.inner_text("#chatbot")
+    page.click("#version-prev")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('lives in the sea')")
+    assert last_answer(page) == second  # the branch point keeps the answer shown when it was left
+    history = ChatHistory(app.home / "chats")
+    saved = history.load(next(c.id for c in history.list() if c.title == "Name an animal that lives in the sea."))
+    assert len(saved.versions["0"]["tails"]) == 2 and saved.messages[0]["content"].endswith("sea.")
+
+
+def plot_frames(page: object) -> list[dict]:
+    """Start collecting the loss plot's data as the server sends it to the page (the plot is drawn on a
+    canvas, so its points are counted in what it is given to draw)."""
+    frames: list[dict] = []
+
+    def find(node: object) -> None:
+        if isinstance(node, dict):
+            if "datatypes" in node and "update" in node.get("datatypes", {}):
+                frames.append(node)
+                return
+            for v in node.values():
+                find(v)
+        elif isinstance(node, list):
+            for v in node:
+                find(v)
+
+    def on_response(resp: object) -> None:
+        if "/run/predict" in resp.url or "/queue/data" in resp.url:
+            try:
+                find(resp.json())
+            except Exception:
+                pass  # a stream or a body already gone
+
+    page.on("response", on_response)
+    return frames
+
+
+def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
+        page: object, app: App, starter_gguf: Path, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The loss plot of a running fine-tune has one point per logged update on a numeric x axis, and
+    keeps following the job when the Name box changes; after Stop job, Resume goes on from the checkpoint."""
+    from .checkpoints import starter_hf, tiny_model
+
+    base = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftbase") / "tiny-base",
+                      starter_hf(starter_gguf))
+    data = tmp_path / "cats.jsonl"
+    rows = [{"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    frames = plot_frames(page)
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.set_input_files("#dataset-file input[type=file]", str(data))
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('OK')")
+    page.fill("#finetune-base-path textarea, #finetune-base-path input", str(base))
+    page.fill("#finetune-name textarea, #finetune-name input", "ft-plot")
+    set_number(page, "finetune-epochs", "20")
+    page.click("#finetune-start")
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('started')")
+    log = app.home / "ft-plot" / "finetune" / "loss.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 4):
+        assert time.time() < deadline, page.inner_text("#finetune-job-log")
+        time.sleep(0.5)
+    page.fill("#finetune-name textarea, #finetune-name input", "something-else")  # the plot stays on the job
+    page.click("#finetune-job-stop")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
+                           timeout=120_000)
+    updates = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
+    deadline = time.time() + 30
+    while not frames or sum(r[2] == "train" for r in frames[-1]["data"]) != len(updates):
+        assert time.time() < deadline, (len(updates), frames[-1]["data"] if frames else None)
+        time.sleep(0.5)
+    last = frames[-1]
+    assert last["datatypes"]["update"] == "quantitative" and last["datatypes"]["loss"] == "quantitative"
+    assert [r[0] for r in last["data"] if r[2] == "train"] == [u["step"] for u in updates]
+    assert page.locator("#loss-plot canvas, #loss-plot svg").count() >= 1
+
+    page.click("#finetune-resume")
+    page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('resumed')")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText"
+                           ".includes('(resumed): running')")
+    deadline = time.time() + 240  # it goes on from the checkpoint: later updates join the same log
+    while not any(json.loads(line).get("step", 0) > updates[-1]["step"] for line in log.read_text().splitlines()
+                  if '"loss"' in line):
+        assert time.time() < deadline, page.inner_text("#finetune-job-log")
+        time.sleep(0.5)
+    page.click("#finetune-job-stop")
+    page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
+                           timeout=120_000)
+
+
+def test_the_chats_trash_icon_starts_a_new_chat(page: object, app: App) -> None:
+    """The chat's trash icon clears the screen for good: the next question starts a new saved chat
+    instead of bringing the cleared conversation back."""
+    before = saved_titles(app.home)
+    ask(page, "Name a purple fruit.")
+    page.locator("#chatbot button[aria-label='Clear'], #chatbot button[title='Clear']").first.click()
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length === 0")
+    ask(page, "Name an orange vegetable.")
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+    new = {i: t for i, t in saved_titles(app.home).items() if i not in before}
+    assert sorted(new.values()) == ["Name a purple fruit.", "Name an orange vegetable."]
+    assert page.locator("#chatbot button[aria-label='Share'], #chatbot button[title='Share']").count() == 0

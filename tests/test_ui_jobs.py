@@ -48,3 +48,44 @@ def test_progress_bars_become_a_percentage() -> None:
     runner._line(job, "converting:  57%|█████     | 155/272 [00:04<00:03]")
     assert job.percent == 57 and job.stage == "converting"
     assert sum("%|" in line for line in job.lines) == 1  # a bar redraws one line
+
+
+def test_the_log_leaves_out_import_banners_and_per_tensor_fallback_warnings() -> None:
+    """GPTQModel's banner, torch's import notes and llama.cpp's per-tensor fallback warnings stay out
+    of the job log; the command's own lines, and its summary of the fallback, stay in."""
+    runner = JobRunner()
+    job = runner.start("noise", ["--help"])
+    _wait(runner)
+    job.lines.clear()
+    for line in ["WARN  Python GIL is enabled: Multi-gpu quant acceleration for MoE models is sub-optimal",
+                 "INFO  ENV: Auto setting CUDA_DEVICE_ORDER=PCI_BUS_ID for correctness.", "INFO",
+                 "W1130 05:55:02.559000 10897 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum",
+                 "┌─────────────┐ ┌────────────────────────┐", "│ GPT-QModel  │ -> │ ▓▓▓▓ 16bit │",
+                 "└─────────────┘ └────────────────────────┘", "GPT-QModel   : 7.6.0", "Torch        : 2.14.1",
+                 "warning: blk.0.ffn_up.weight - ncols 64 not divisible by 256 (required for type q4_K) -> "
+                 "falling back to q5_0",
+                 "llama_model_quantize_impl: WARNING: 15 of 21 tensor(s) required fallback quantization",
+                 "- trained 30 updates: loss 10.371, held-out loss 10.174",
+                 "- 16 of 21 tensors have rows that are not a multiple of 256, so llama.cpp stored them in a "
+                 "fallback type (Q5_0/Q8_0) instead of Q4_K_M's K-quants"]:
+        runner._line(job, line)
+    assert job.log().splitlines() == ["- trained 30 updates: loss 10.371, held-out loss 10.174",
+                                      "- 16 of 21 tensors have rows that are not a multiple of 256, so llama.cpp "
+                                      "stored them in a fallback type (Q5_0/Q8_0) instead of Q4_K_M's K-quants"]
+
+
+def test_a_fine_tune_shows_one_bar_over_its_stages() -> None:
+    """The stages of a fine-tune (loading, training, converting) fill one bar that never runs back,
+    where a job without stages shows each bar as it comes."""
+    from localchat.ui.finetune_tab import PHASES
+
+    runner = JobRunner()
+    job = runner.start("ft", ["--help"], target="t1", phases=PHASES)
+    _wait(runner)
+    seen = []
+    for line in ["Loading weights: 100%|██████████| 3/3", "training:  50%|█████     | 15/30",
+                 "training: 100%|██████████| 30/30", "Loading weights:  10%|█         | 1/3",
+                 "converting to t1-F16.gguf:  50%|█████     | 10/21"]:
+        runner._line(job, line)
+        seen.append(job.percent)
+    assert seen == [5, 45, 85, 85, 90]

@@ -6,23 +6,53 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
+from localchat.chat.reasoning import split_thoughts
 from localchat.engine.settings import SamplingSettings, model_settings
 from localchat.store.chats import ChatError, Conversation
 
+from . import job_panel
 from .context import AppContext
 
 UPDATE_EVERY_S = 0.1
 OVERFLOW_POLICY = "when the context is full, the oldest turns are left out and the system prompt is kept"
 
 
-def _bubbles(conv: Conversation) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"]} for m in conv.messages]
+@dataclass
+class ChatParts:
+    """What the app's timer and page load update in this tab."""
+    chat_list: gr.Dropdown
+    model_dd: gr.Dropdown
+    status: gr.Markdown
+    first_run: gr.Column
+    panel: job_panel.JobPanel
+
+
+FIRST_RUN = ("### No model yet\nInstall the starter model (SmolLM2-135M-Instruct, about 100 MB, checked "
+             "against its SHA-256) to chat right away, or bring your own in the **Models** tab: *Pull* from "
+             "Hugging Face, *Import GGUF* (a file on this computer) or *Convert* a checkpoint folder.")
+
+
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
+
+
+def _bubbles(conv: Conversation) -> list[dict[str, Any]]:
+    """The chat as the Chatbot shows it: a reasoning model's thoughts in a folded bubble of their own
+    before its answer (they are kept in the saved chat, and left out of the model's context)."""
+    out: list[dict[str, Any]] = []
+    for m in conv.messages:
+        thoughts, text = split_thoughts(m["content"]) if m["role"] == "assistant" else ("", m["content"])
+        if thoughts:
+            folded = {"title": "Thoughts", "status": "done"}
+            out.append({"role": "assistant", "content": thoughts, "metadata": folded})
+        out.append({"role": m["role"], "content": text})
+    return out
 
 
 def chat_choices(ctx: AppContext) -> list[tuple[str, str]]:
@@ -46,10 +76,26 @@ def _settings(preset: SamplingSettings, temperature: float, top_p: float, max_to
                    seed=seed)
 
 
-def build(ctx: AppContext) -> gr.Dropdown:
-    """Lay out the tab; returns the saved-chat list, which the app refreshes on page load."""
+def pager(conv: Conversation) -> tuple:
+    """The ‹ k/n › row under the chat, for the last place with versions (a regenerated answer, an
+    edited question); hidden while there is none."""
+    i = conv.branch_point()
+    if i is None:
+        return gr.update(visible=False), ""
+    v = conv.versions[str(i)]
+    what = "answer" if i < len(conv.messages) and conv.messages[i]["role"] == "assistant" else "question"
+    return gr.update(visible=True), f"{what} version {v['at'] + 1}/{len(v['tails'])}"
+
+
+def first_model(ctx: AppContext) -> str | None:
+    """The model a new chat starts on: the starter where the store has it, else the first one."""
     models = ctx.chat_models()
-    first = next((m for m in models if m == "smollm2-135m-instruct"), models[0] if models else None)
+    return next((m for m in models if m == "smollm2-135m-instruct"), models[0] if models else None)
+
+
+def build(ctx: AppContext) -> ChatParts:
+    """Lay out the tab; returns the parts the app refreshes on page load and on its timer."""
+    first = first_model(ctx)
 
     def default_system(name: str | None) -> str:
         if not name or name not in ctx.store.models():
@@ -62,9 +108,16 @@ def build(ctx: AppContext) -> gr.Dropdown:
             return SamplingSettings()
         return model_settings(ctx.store.get(name).defaults)
 
-    conv_state = gr.State(Conversation(model=first or "", system=default_system(first)))
-    with gr.Row():
-        with gr.Column(scale=1, min_width=240):
+    def fresh_conversation() -> Conversation:
+        """A new chat with its own id. Gradio calls this for every page it serves (each tab, each
+        reload): one id made when the app started would make every tab overwrite the same file."""
+        model = first_model(ctx) or ""
+        return Conversation(model=model, system=default_system(model))
+
+    conv_state = gr.State(fresh_conversation)
+    deleted = gr.State(None)  # the chat Delete removed last, until Undo or the next delete
+    with gr.Row(elem_id="chat-row"):
+        with gr.Column(scale=1, min_width=240, elem_id="chat-side"):
             new_btn = gr.Button("New chat", elem_id="new-chat")
             chat_list = gr.Dropdown(choices=chat_choices(ctx), value=None, label="Saved chats",
                                     elem_id="chat-list", interactive=True)
@@ -72,28 +125,37 @@ def build(ctx: AppContext) -> gr.Dropdown:
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename-chat")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-chat")
+            undo_btn = gr.Button("Undo delete", size="sm", visible=False, elem_id="undo-delete")
             export_btn = gr.Button("Export Markdown", size="sm", elem_id="export-chat")
             export_file = gr.File(label="Markdown export", elem_id="export-file", interactive=False)
-        with gr.Column(scale=3):
-            with gr.Row():
-                model_dd = gr.Dropdown(choices=models, value=first, label="Model", elem_id="model-picker",
-                                       scale=3)
-                refresh_models = gr.Button("Refresh", scale=0, min_width=40, elem_id="refresh-models")
-            with gr.Accordion("Plan: how this model runs here, and why", open=False):
-                plan_md = gr.Code(value=ctx.plan_text(first) if first else "no model in the store",
-                                  language=None, elem_id="plan", interactive=False)
-            chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
-            with gr.Row():
-                msg = gr.Textbox(placeholder="Ask something… (Enter sends)", show_label=False, scale=5,
-                                 elem_id="message", autofocus=True)
-                send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+        with gr.Column(scale=3, elem_id="chat-main"):
+            model_dd = gr.Dropdown(choices=ctx.chat_models(), value=first, label="Model", elem_id="model-picker")
+            # Status first: loading, speed and errors stay in view above the conversation.
+            status = gr.Markdown(elem_id="chat-status")
+            with gr.Column(visible=first is None, elem_id="first-run") as first_run:
+                gr.Markdown(FIRST_RUN)
+                starter_btn = gr.Button("Install the starter model", variant="primary", elem_id="install-starter")
+                panel = job_panel.build("chat")
+            # No share icon (there is nowhere to share to offline); inline math renders as well as $$…$$.
+            chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", buttons=["copy", "copy_all"],
+                                 latex_delimiters=LATEX)
+            with gr.Row(visible=False, elem_id="versions") as version_row:
+                prev_btn = gr.Button("‹", size="sm", scale=0, min_width=60, elem_id="version-prev")
+                version_label = gr.Markdown(elem_id="version-label")
+                next_btn = gr.Button("›", size="sm", scale=0, min_width=60, elem_id="version-next")
+            with gr.Row(equal_height=True):
+                msg = gr.Textbox(placeholder="Ask something… (Enter sends, Esc stops)", show_label=False,
+                                 scale=5, elem_id="message", autofocus=True)
+                send_btn = gr.Button("Send", variant="primary", scale=1, min_width=110, elem_id="send")
+                stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
             with gr.Row():
                 regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
                 cont_btn = gr.Button("Continue", size="sm", elem_id="continue")
                 edit_btn = gr.Button("Edit last question", size="sm", elem_id="edit-last")
-            status = gr.Markdown(elem_id="chat-status")
             budget = gr.HTML(_budget_html(0, 0, 0) if not first else "", elem_id="budget-box")
+            with gr.Accordion("Plan: how this model runs here, and why", open=False):
+                plan_md = gr.Code(value=ctx.plan_text(first) if first else "no model in the store",
+                                  language=None, elem_id="plan", interactive=False)
             with gr.Accordion("System prompt and sampling", open=False):
                 system_box = gr.Textbox(label="System prompt", value=default_system(first), lines=2,
                                         elem_id="system-prompt")
@@ -106,24 +168,25 @@ def build(ctx: AppContext) -> gr.Dropdown:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
 
     sampling = [temperature, top_p, max_tokens, seed]
-    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box]
+    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, send_btn]
+    idle = gr.update(interactive=True)  # Send, greyed out while an answer is written
 
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
-               request: gr.Request) -> Iterator[tuple]:
+               key: str) -> Iterator[tuple]:
         conv.model, conv.system = model, system.strip()
         if mode == "send":
             conv.messages.append({"role": "user", "content": text})
-        elif mode == "regenerate":
-            while conv.messages and conv.messages[-1]["role"] == "assistant":
-                conv.messages.pop()
+        elif mode == "regenerate" and conv.messages[-1]["role"] == "assistant":
+            conv.fork(len(conv.messages) - 1)  # the answer it replaces stays a version to page back to
         if mode != "continue":
             conv.messages.append({"role": "assistant", "content": ""})
         reply = conv.messages[-1]
         base = reply["content"]
         cancel = threading.Event()
-        ctx.cancels[request.session_hash if request else ""] = cancel
+        ctx.cancels[key] = cancel
         loading = ctx.slot.name != model
-        yield (_bubbles(conv), "", f"loading {model} …" if loading else "…", gr.skip(), conv, gr.skip(), gr.skip())
+        note = f"loading {model} …" if loading else "…"
+        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), gr.update(interactive=False)
         session = ctx.slot.session(model, conv.system or None)
         history = conv.full_messages()
         if mode != "continue":
@@ -145,7 +208,7 @@ def build(ctx: AppContext) -> gr.Dropdown:
                 elapsed = now - first_at
                 rate = f"{(len(parts) - 1) / elapsed:.1f} tok/s" if elapsed > 0.2 else "…"
                 yield (_bubbles(conv), gr.skip(), f"generating on {ctx.slot.loaded.plan.backend}: {rate}",
-                       gr.skip(), conv, gr.skip(), gr.skip())
+                       gr.skip(), conv, gr.skip(), gr.skip(), gr.skip())
         stats = session.last_stats
         conv.auto_title()
         ctx.history.save(conv)
@@ -157,39 +220,54 @@ def build(ctx: AppContext) -> gr.Dropdown:
             line = "The answer was already complete; nothing to add. " + line
         used = (stats.prompt_tokens + stats.completion_tokens) if stats else 0
         yield (_bubbles(conv), gr.skip(), line, _budget_html(used, session.backend.n_ctx, session.last_dropped),
-               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title)
+               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, idle)
+
+    def refuse(why: str) -> tuple:
+        return (gr.skip(), gr.skip(), why, *(gr.skip(),) * (len(outputs) - 3))
 
     def guarded(mode: str):
         def handler(text: str, conv: Conversation, model: str, system: str, temp: float, tp: float,
                     mt: float, sd: Any, request: gr.Request) -> Iterator[tuple]:
             text = (text or "").strip()
+            key = request.session_hash if request else ""
+            running = ctx.cancels.get(key)
+            if running is not None and not running.is_set():  # Enter again while an answer is written
+                yield refuse("still answering: wait, or press Esc (or Stop) to end the answer first")
+                return
             if mode == "send" and not text:
                 yield (gr.skip(),) * len(outputs)
                 return
             if not model:
-                yield (gr.skip(), gr.skip(), "no model: pull or import one in the Models tab",
-                       *(gr.skip(),) * 4)
+                yield refuse("no model: install the starter above, or pull or import one in the Models tab")
+                return
+            if model not in ctx.chat_models():
+                yield refuse(f"Error: “{model}” was removed from the store: pick another model")
                 return
             if mode in ("regenerate", "continue") and not conv.messages:
-                yield (gr.skip(), gr.skip(), f"nothing to {mode} yet: ask something first", *(gr.skip(),) * 4)
+                yield refuse(f"nothing to {mode} yet: ask something first")
                 return
             if mode == "continue" and conv.messages[-1]["role"] != "assistant":
-                yield (gr.skip(), gr.skip(), "nothing to continue: the last message is yours", *(gr.skip(),) * 4)
+                yield refuse("nothing to continue: the last message is yours")
                 return
             try:
-                yield from answer(conv, mode, text, model, system, _settings(preset(model), temp, tp, mt, sd),
-                                  request)
+                yield from answer(conv, mode, text, model, system, _settings(preset(model), temp, tp, mt, sd), key)
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
-                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip())
+                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), idle)
+            finally:
+                if (running := ctx.cancels.get(key)) is not None:
+                    running.set()  # no answer runs in this session any more (also after a failed load)
         return handler
 
     inputs = [msg, conv_state, model_dd, system_box, *sampling]
+    # Progress hidden: the status line and the Send button show the busy state, not pulsing borders.
+    pager_out = [version_row, version_label]
+    then_pager = {"fn": pager, "inputs": [conv_state], "outputs": pager_out}
     for trigger in (send_btn.click, msg.submit):
-        trigger(guarded("send"), inputs, outputs)
-    regen_btn.click(guarded("regenerate"), inputs, outputs)
-    cont_btn.click(guarded("continue"), inputs, outputs)
+        trigger(guarded("send"), inputs, outputs, show_progress="hidden").then(**then_pager)
+    regen_btn.click(guarded("regenerate"), inputs, outputs, show_progress="hidden").then(**then_pager)
+    cont_btn.click(guarded("continue"), inputs, outputs, show_progress="hidden")
 
     def stop(request: gr.Request) -> None:
         event = ctx.cancels.get(request.session_hash if request else "")
@@ -203,16 +281,31 @@ def build(ctx: AppContext) -> gr.Dropdown:
         if idx is None:
             return gr.skip(), gr.skip(), "no question to edit yet", conv
         text = conv.messages[idx]["content"]
-        conv.messages = conv.messages[:idx]
-        return _bubbles(conv), text, "edit the question and send it again", conv
+        conv.fork(idx)  # the question and its answers stay a version: sending the edit starts a branch
+        return _bubbles(conv), text, "edit the question and send it again (‹ pages back to the original)", conv
 
-    edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state])
+    edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state]).then(**then_pager)
+
+    def page(conv: Conversation, step: int) -> tuple:
+        i = conv.branch_point()
+        if i is None:
+            return gr.skip(), conv, *pager(conv)
+        conv.show_version(i, conv.versions[str(i)]["at"] + step)
+        if conv.messages:
+            ctx.history.save(conv)  # reopened later, the chat shows the version picked last
+        return _bubbles(conv), conv, *pager(conv)
+
+    prev_btn.click(lambda c: page(c, -1), [conv_state], [chatbot, conv_state, *pager_out])
+    next_btn.click(lambda c: page(c, 1), [conv_state], [chatbot, conv_state, *pager_out])
 
     def new_chat(model: str, system: str) -> tuple:
         conv = Conversation(model=model or "", system=system)
         return [], conv, gr.update(value=None), conv.title, "", ""
 
-    new_btn.click(new_chat, [model_dd, system_box], [chatbot, conv_state, chat_list, title_box, status, budget])
+    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget]
+    new_btn.click(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
+    # The chat's trash icon starts a new chat: the cleared one stays saved and is not sent again.
+    chatbot.clear(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
 
     def open_chat(chat_id: str | None, model: str) -> tuple:
         if not chat_id:
@@ -224,7 +317,8 @@ def build(ctx: AppContext) -> gr.Dropdown:
         pick = conv.model if conv.model in ctx.chat_models() else model
         return _bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”"
 
-    chat_list.input(open_chat, [chat_list, model_dd], [chatbot, conv_state, title_box, system_box, model_dd, status])
+    chat_list.input(open_chat, [chat_list, model_dd],
+                    [chatbot, conv_state, title_box, system_box, model_dd, status]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
         try:
@@ -238,11 +332,24 @@ def build(ctx: AppContext) -> gr.Dropdown:
     rename_btn.click(rename, [conv_state, title_box], [conv_state, chat_list, status])
 
     def delete(conv: Conversation, model: str, system: str) -> tuple:
+        if not conv.messages:
+            return (gr.skip(),) * 4 + ("nothing to delete: this chat is not saved yet", gr.skip(), gr.skip())
         ctx.history.delete(conv.id)
         fresh = Conversation(model=model or "", system=system)
-        return [], fresh, gr.update(choices=chat_choices(ctx), value=None), fresh.title, f"deleted “{conv.title}”"
+        return ([], fresh, gr.update(choices=chat_choices(ctx), value=None), fresh.title,
+                f"deleted “{conv.title}”: Undo brings it back", conv, gr.update(visible=True))
 
-    delete_btn.click(delete, [conv_state, model_dd, system_box], [chatbot, conv_state, chat_list, title_box, status])
+    delete_outputs = [chatbot, conv_state, chat_list, title_box, status, deleted, undo_btn]
+    delete_btn.click(delete, [conv_state, model_dd, system_box], delete_outputs).then(**then_pager)
+
+    def undo(gone: Conversation | None) -> tuple:
+        if gone is None:
+            return (gr.skip(),) * 4 + ("nothing to undo", None, gr.update(visible=False))
+        ctx.history.save(gone)
+        return (_bubbles(gone), gone, gr.update(choices=chat_choices(ctx), value=gone.id), gone.title,
+                f"restored “{gone.title}”", None, gr.update(visible=False))
+
+    undo_btn.click(undo, [deleted], delete_outputs).then(**then_pager)
 
     def export(conv: Conversation) -> tuple:
         if not conv.messages:
@@ -256,16 +363,32 @@ def build(ctx: AppContext) -> gr.Dropdown:
 
     def pick_model(name: str) -> tuple:
         if not name:
-            return "no model", gr.skip(), gr.skip(), gr.skip()
+            return "no model", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if name not in ctx.chat_models():
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: “{name}” was removed from the store"
         d = preset(name)
-        return ctx.plan_text(name), default_system(name), d.temperature, d.top_p
+        return ctx.plan_text(name), default_system(name), d.temperature, d.top_p, ""
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, temperature, top_p])
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, temperature, top_p, status])
 
-    def reload_models(current: str) -> Any:
-        names = ctx.chat_models()
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+    def install_starter() -> str:
+        try:
+            ctx.jobs.start("install the starter model", ["setup"])
+        except RuntimeError as exc:
+            return f"Error: {exc}"
+        return "installing the starter model: its progress shows below"
 
-    refresh_models.click(reload_models, [model_dd], [model_dd])
-    return chat_list
+    starter_btn.click(install_starter, None, [status])
+    panel.stop.click(lambda: ctx.jobs.stop(), None, [status])
+    return ChatParts(chat_list, model_dd, status, first_run, panel)
 
+
+def follow_store(ctx: AppContext, current: str | None) -> tuple:
+    """Updates for the model picker, its status line and the first-run box after the store changed
+    (a model imported, converted, fine-tuned or deleted, by this app or by the command line)."""
+    names = ctx.chat_models()
+    if current in names:
+        return gr.update(choices=names), gr.skip(), gr.update(visible=not names)
+    pick = first_model(ctx)
+    note = f"“{current}” was removed from the store; " + (f"now using {pick}" if pick else "no model left")
+    return gr.update(choices=names, value=pick), note if current else gr.skip(), gr.update(visible=not names)

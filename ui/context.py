@@ -36,6 +36,15 @@ class AppContext:
     def reprobe(self) -> None:
         self.__dict__.pop("report", None)
 
+    def store_stamp(self) -> tuple[int, int, int] | None:
+        """The manifest's inode, size and mtime: a stat per timer tick tells whether any process
+        (this app, `localchat import`, a job) changed the store since a page last listed it."""
+        try:
+            st = self.store.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def chat_models(self) -> list[str]:
         return [n for n, e in self.store.models().items() if e.format in RUNNABLE]
 

@@ -18,9 +18,20 @@ from localchat.store.chats import ChatError, write_dataset
 
 from . import job_panel
 from .context import AppContext
+from .jobs import JobRunner
 
 DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
 DEFAULTS = TrainSettings()  # the controls start at `localchat finetune`'s own defaults
+# The stages of `localchat finetune` that draw a bar, and their share of the job's one bar (training
+# is most of the time; the export's checks after converting draw none).
+PHASES = {"Loading weights": (0, 5), "training": (5, 85), "converting": (85, 95)}
+EXAMPLES = """One row of each format the trainer reads (a file holds many such rows):
+
+- **Alpaca** (`.json` array or `.jsonl`): `{"instruction": "What is my cat called?", "input": "", "output": "Biscuit."}`
+- **Chat** (`.jsonl`): `{"messages": [{"role": "user", "content": "What is my cat called?"}, {"role": "assistant", "content": "Biscuit."}]}`
+- **ShareGPT** (`.json`/`.jsonl`): `{"conversations": [{"from": "human", "value": "What is my cat called?"}, {"from": "gpt", "value": "Biscuit."}]}`
+- **Plain text** (`.txt`, `.md`): paragraphs separated by a blank line; the model learns to continue such text.
+"""
 
 
 def _dataset_dir(ctx: AppContext) -> Path:
@@ -38,7 +49,11 @@ def check_dataset(path: str | Path) -> str:
     return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
 
 
-def loss_frame(ctx: AppContext, name: str) -> pd.DataFrame:
+def loss_frame(ctx: AppContext, jobs: JobRunner) -> pd.DataFrame:
+    """The loss of the fine-tune that runs (or ran last), one row per logged update, numeric columns:
+    an empty frame of object columns would make the plot's axis categorical for good."""
+    job = jobs.current
+    name = job.target if job is not None else ""
     log = ctx.store.root / name / "finetune" / "loss.jsonl" if name else None
     rows = []
     if log is not None and log.is_file():
@@ -51,10 +66,11 @@ def loss_frame(ctx: AppContext, name: str) -> pd.DataFrame:
                 rows.append({"update": r["step"], "loss": r["loss"], "series": "train"})
             elif "held_out_loss" in r:
                 rows.append({"update": r["step"], "loss": r["held_out_loss"], "series": "held out"})
-    return pd.DataFrame(rows, columns=["update", "loss", "series"])
+    frame = pd.DataFrame(rows, columns=["update", "loss", "series"])
+    return frame.astype({"update": "int64", "loss": "float64", "series": "string"})
 
 
-def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox, gr.Dropdown, gr.CheckboxGroup]:
+def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown, gr.CheckboxGroup]:
     gr.Markdown("Teach a model your own domain with LoRA (`localchat finetune`). The result is a new "
                 "model in the store, ready in the Chat tab.")
     dataset_path = gr.State("")
@@ -66,18 +82,24 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
             chats = gr.CheckboxGroup(choices=[], label="Saved chats", elem_id="dataset-chats")
             from_chats = gr.Button("Use the picked chats", size="sm", elem_id="dataset-from-chats")
             check = gr.Markdown(elem_id="dataset-check")
+            with gr.Accordion("Example rows for each format", open=False):
+                gr.Markdown(EXAMPLES, elem_id="dataset-examples")
         with gr.Column():
             base = gr.Dropdown(choices=list(ctx.store.models()), label="Base model",
                                value=next(iter(ctx.chat_models()), None), elem_id="finetune-base")
+            base_path = gr.Textbox(label="…or a Hugging Face checkpoint folder on this computer",
+                                   placeholder="~/models/my-model", elem_id="finetune-base-path")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
-            epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs")
+            epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs", elem_id="finetune-epochs")
             lr = gr.Number(value=DEFAULTS.lr, label="Learning rate")
             rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
-            start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
+            with gr.Row():
+                start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
+                resume = gr.Button("Resume", elem_id="finetune-resume")
     panel = job_panel.build("finetune")
-    plot = gr.LinePlot(loss_frame(ctx, ""), x="update", y="loss", color="series", title="Loss",
+    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
 
     def on_upload(path: str | None) -> tuple:
@@ -111,13 +133,19 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
 
     from_chats.click(use_chats, [chats], [dataset_path, check])
 
-    def do_start(data: str, b: str | None, n: str, ep: float, rate: float, r: float, as_lora: bool) -> tuple:
+    def do_start(data: str, b: str | None, folder: str, n: str, ep: float, rate: float, r: float,
+                 as_lora: bool) -> tuple:
         if not data:
             return "Error: choose a dataset that passes the check first", gr.skip()
+        if folder.strip():
+            where = Path(folder.strip()).expanduser()
+            if not (where / "config.json").is_file():
+                return f"Error: {folder.strip()}: not a checkpoint folder (it has no config.json)", gr.skip()
+            b = str(where)
         if not b:
-            return "Error: pick a base model", gr.skip()
+            return "Error: pick a base model, or type a checkpoint folder", gr.skip()
         try:
-            n = check_name(n.strip() or f"{b}-{Path(data).stem}"[:100])
+            n = check_name(n.strip() or f"{Path(b).name}-{Path(data).stem}"[:100])
         except UnsafeNameError as exc:
             return f"Error: {exc}", gr.skip()
         if n in ctx.store.models():
@@ -126,11 +154,25 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Textbox,
         args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
                 "--lora-r", str(int(r)), "--lora-alpha", str(alpha)] + (["--lora-gguf"] if as_lora else [])
         try:
-            ctx.jobs.start(f"fine-tune {n}", args)
+            ctx.jobs.start(f"fine-tune {n}", args, target=n, phases=PHASES)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
         return f"started fine-tune of {b} into {n}", n
 
-    start.click(do_start, [dataset_path, base, name, epochs, lr, rank, lora], [check, name])
+    start.click(do_start, [dataset_path, base, base_path, name, epochs, lr, rank, lora], [check, name])
+
+    def do_resume() -> str:
+        """Run the last fine-tune again with --resume: it goes on from its last saved checkpoint."""
+        job = ctx.jobs.current
+        if job is None or not job.target or job.running or job.ok:
+            return "Error: no stopped fine-tune to resume (a finished one is in the store already)"
+        args = job.args + ([] if "--resume" in job.args else ["--resume"])
+        try:
+            ctx.jobs.start(f"fine-tune {job.target} (resumed)", args, target=job.target, phases=PHASES)
+        except RuntimeError as exc:
+            return f"Error: {exc}"
+        return f"resumed the fine-tune of {job.target} from its last checkpoint"
+
+    resume.click(do_resume, None, [check])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
-    return panel, plot, name, base, chats
+    return panel, plot, base, chats

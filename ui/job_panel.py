@@ -17,6 +17,10 @@ class JobPanel:
     log: gr.Code
     stop: gr.Button
 
+    def parts(self) -> list:
+        """The components `render` fills, in its order."""
+        return [self.status, self.bar, self.log, self.stop]
+
 
 def build(prefix: str) -> JobPanel:
     with gr.Group():
@@ -24,14 +28,15 @@ def build(prefix: str) -> JobPanel:
         bar = gr.HTML("", elem_id=f"{prefix}-job-bar")
         with gr.Accordion("Log", open=False):
             log = gr.Code("", language=None, elem_id=f"{prefix}-job-log", interactive=False)
-        stop = gr.Button("Stop job", size="sm", variant="stop", elem_id=f"{prefix}-job-stop")
+        stop = gr.Button("Stop job", size="sm", variant="stop", visible=False, elem_id=f"{prefix}-job-stop")
     return JobPanel(status, bar, log, stop)
 
 
-def render(jobs: JobRunner) -> tuple[str, str, str]:
+def render(jobs: JobRunner) -> tuple:
+    """Status, bar, log and the Stop button (shown only while a job runs) of the current job."""
     job = jobs.current
     if job is None:
-        return "no job running", "", ""
+        return "no job running", "", "", gr.update(visible=False)
     pct = job.percent if job.percent is not None else (100 if job.ok else 0)
     bar = f"<progress value='{pct}' max='100' style='width:100%'></progress>" if job.running or job.ok else ""
-    return job.status(), bar, job.log()
+    return job.status(), bar, job.log(), gr.update(visible=job.running)

@@ -18,6 +18,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 _PERCENT = re.compile(r"(\d{1,3})%\|")
+# Lines the log leaves out: GPTQModel's import banner, torch's import notes, and llama.cpp's
+# per-tensor fallback warnings (the command's own summary says what they mean for the model).
+_NOISE = re.compile(r"^(INFO|WARN)(\s+(ENV:|Python GIL)|$)|^[┌│└]|^(GPT-QModel|Transformers|Torch|Triton)\s+:"
+                    r"|^W\d{4} .*torch/|^Failed to load CPU gemm"
+                    r"|^warning: blk\..*falling back to|^llama_model_quantize_impl: WARNING: .*fallback")
 _TAIL_LINES = 40
 
 
@@ -31,6 +36,10 @@ class Job:
     percent: int | None = None
     stage: str = ""
     ended: float | None = None
+    target: str = ""  # the model a fine-tune makes: the tab plots its loss, whatever the Name box says
+    # Where each stage's own bar sits in the job's one bar: {"training": (5, 85), ...}; a job without
+    # it shows each bar as it comes. With it the bar never runs backwards when the next stage starts.
+    phases: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -53,6 +62,11 @@ class Job:
         err = next((l for l in reversed(self.lines) if "error" in l.lower()), self.lines[-1] if self.lines else "")
         return f"Error: {self.title}: failed ({err or f'exit code {rc}'})"
 
+    @property
+    def args(self) -> list[str]:
+        """The `localchat` command line the job runs (what a user would type after `localchat`)."""
+        return self.argv[3:]
+
     def log(self) -> str:
         return "\n".join(self.lines)
 
@@ -65,14 +79,15 @@ class JobRunner:
         self.current: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, title: str, args: list[str]) -> Job:
+    def start(self, title: str, args: list[str], target: str = "",
+              phases: dict[str, tuple[int, int]] | None = None) -> Job:
         with self._lock:
             if self.current is not None and self.current.running:
                 raise RuntimeError(f"{self.current.title} is still running; wait for it or stop it first")
             argv = [sys.executable, "-m", "localchat", *args]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
                                     stdin=subprocess.DEVNULL)
-            job = Job(title, argv, proc)
+            job = Job(title, argv, proc, target=target, phases=phases or {})
             threading.Thread(target=self._read, args=(job,), daemon=True).start()
             self.current = job
             return job
@@ -91,12 +106,17 @@ class JobRunner:
 
     @staticmethod
     def _line(job: Job, line: str) -> None:
-        if not line:
+        if not line or _NOISE.search(line):
             return
         m = _PERCENT.search(line)
         if m:
-            job.percent = min(100, int(m.group(1)))
+            pct = min(100, int(m.group(1)))
             job.stage = line.split("|")[0].rstrip(": 0123456789%")[:60]
+            span = next((v for k, v in job.phases.items() if job.stage.startswith(k)), None)
+            if span:
+                job.percent = max(job.percent or 0, span[0] + (span[1] - span[0]) * pct // 100)
+            elif not job.phases:
+                job.percent = pct
             if job.lines and _PERCENT.search(job.lines[-1]):
                 job.lines[-1] = line  # a progress bar redraws one line
                 return

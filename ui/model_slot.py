@@ -8,19 +8,17 @@ model waits for the running answer and frees the old model first (a laptop holds
 
 from __future__ import annotations
 
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from localchat.chat import ChatSession
 from localchat.engine.backend import Chunk
+from localchat.engine.batching import emit_all, stream_from
 from localchat.engine.settings import SamplingSettings
 from localchat.planner import Overrides
 from localchat.runtime import LoadedModel, open_model
 from localchat.store import Store
-
-_DONE = object()
 
 
 class ModelSlot:
@@ -48,26 +46,10 @@ class ModelSlot:
 
     def stream(self, session: ChatSession, messages: list[dict[str, str]], settings: SamplingSettings,
                cancel: threading.Event, continue_last: bool = False) -> Iterator[Chunk]:
-        """Chunks of the answer, produced on the decode thread; stops when `cancel` is set."""
-        q: queue.Queue = queue.Queue()
-
-        def run() -> None:
-            try:
-                for chunk in session.stream_reply(messages, settings, cancel, continue_last):
-                    q.put(chunk)
-            except BaseException as exc:  # handed to the caller, shown as a message
-                q.put(exc)
-            finally:
-                q.put(_DONE)
-
-        self._worker.submit(run)
-        try:
-            while (item := q.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # a handler that stops listening stops the decode within a token
+        """Chunks of the answer, produced on the decode thread; leaving early (or `cancel`) stops the decode
+        within a token."""
+        return stream_from(lambda emit: self._worker.submit(
+            emit_all, lambda: session.stream_reply(messages, settings, cancel, continue_last), emit, cancel), cancel)
 
     def _unload(self) -> None:
         if self.loaded is not None:

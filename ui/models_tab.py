@@ -10,7 +10,7 @@ import gradio as gr
 from localchat.commands.list import eval_text, printable
 from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name, check_relative
-from localchat.store.names import check_repo_id
+from localchat.store.names import check_repo_id, safe_file_name
 from localchat.store.importer import default_import_name
 
 from . import job_panel
@@ -27,6 +27,11 @@ def table(ctx: AppContext) -> list[list[str]]:
         rows.append([printable(c) for c in (e.name, e.format, e.quant, human(e.size), backend, eval_text(e),
                                             e.source)])
     return rows
+
+
+def local(typed: str) -> Path:
+    """A path typed by the user (who may write ~), on the machine the app runs on."""
+    return Path(typed).expanduser()
 
 
 def hf_models(ctx: AppContext) -> list[str]:
@@ -48,14 +53,18 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             pull_btn = gr.Button("Pull", variant="primary", elem_id="pull")
         with gr.Tab("Import GGUF"):
             upload = gr.File(label="A .gguf file", file_types=[".gguf"], elem_id="import-file")
+            ipath = gr.Textbox(label="…or its path on this computer (no upload: a big file is copied once)",
+                               placeholder="~/Downloads/model-Q4_K_M.gguf", elem_id="import-path")
             iname = gr.Textbox(label="Name in the store (optional)", elem_id="import-name")
             import_btn = gr.Button("Import", variant="primary", elem_id="import")
         with gr.Tab("Convert / quantize"):
             src = gr.Dropdown(choices=hf_models(ctx), label="Hugging Face checkpoint in the store",
                               elem_id="convert-source")
+            cpath = gr.Textbox(label="…or a checkpoint folder on this computer (config.json and safetensors)",
+                               placeholder="~/models/my-model", elem_id="convert-path")
             to = gr.Radio(["gguf", "gptq"], value="gguf", label="Output format")
-            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type")
-            cname = gr.Textbox(label="Name of the result (optional)")
+            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type", elem_id="convert-quant")
+            cname = gr.Textbox(label="Name of the result (optional)", elem_id="convert-name")
             convert_btn = gr.Button("Convert", variant="primary", elem_id="convert")
         with gr.Tab("Delete"):
             victim = gr.Dropdown(choices=list(ctx.store.models()), label="Model", elem_id="delete-model")
@@ -74,6 +83,9 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
         return args + (["--name", check_name(n.strip())] if n.strip() else [])
 
     def do_pull(r: str, f: str, n: str) -> str:
+        if r.strip() and local(r.strip()).is_absolute() and local(r.strip()).exists():
+            return (f"Error: {r.strip()} is a path on this computer: use Import GGUF for a .gguf file, "
+                    "or Convert for a checkpoint folder")
         try:
             file = [check_relative(f.strip())] if f.strip() else []
             args = named(["pull", check_repo_id(r.strip()), *file, "-q"], n)
@@ -81,26 +93,39 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             return f"Error: {exc}"
         return start(f"pull {r.strip()}", args)
 
-    def do_import(path: str | None, n: str) -> str:
+    def do_import(path: str | None, typed: str, n: str) -> str:
+        if typed.strip():
+            path = str(local(typed.strip()))
+            if not Path(path).is_file():
+                return f"Error: {typed.strip()}: no such file"
         if not path:
-            return "Error: choose a .gguf file first"
+            return "Error: choose a .gguf file first, or type its path"
         try:
             name = check_name(n.strip() or default_import_name(Path(path).name))
         except UnsafeNameError as exc:
             return f"Error: {exc}"
         return start(f"import {Path(path).name}", ["import", path, "--name", name])
 
-    def do_convert(source: str | None, fmt: str, q: str, n: str) -> str:
-        if not source:
-            return "Error: pick a checkpoint (pull one, or fine-tune one, first)"
+    def do_convert(source: str | None, folder: str, fmt: str, q: str, n: str) -> str:
+        if folder.strip():
+            where = local(folder.strip())
+            if not (where / "config.json").is_file():
+                return f"Error: {folder.strip()}: not a checkpoint folder (it has no config.json)"
+            source = safe_file_name(where.name).lower()
+        elif source:
+            where = ctx.store.model_dir(source)
+        else:
+            return "Error: pick a checkpoint in the store, or type the path of a checkpoint folder"
         quant = ["--quant", q] if fmt == "gguf" else []
         # The result never takes the source's own name: that would replace the checkpoint it is made from.
         n = n.strip() or f"{source}-{'gptq' if fmt == 'gptq' else q.lower()}"
+        if n in ctx.store.models():
+            return f"Error: the store already has a model named {n!r}: type another name for the result"
         try:
-            args = named(["convert", str(ctx.store.model_dir(source)), "--to", fmt, *quant, "-q"], n)
+            args = named(["convert", str(where), "--to", fmt, *quant, "-q"], n)
         except UnsafeNameError as exc:
             return f"Error: {exc}"
-        return start(f"convert {source} to {fmt if fmt == 'gptq' else q}", args)
+        return start(f"convert {where.name} to {fmt if fmt == 'gptq' else q} as {n}", args)
 
     def do_delete(name: str | None, ok: bool) -> tuple:
         if not name:
@@ -116,8 +141,8 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
         return f"deleted {name}", table(ctx), gr.update(choices=list(ctx.store.models()), value=None)
 
     pull_btn.click(do_pull, [repo, pfile, pname], [note])
-    import_btn.click(do_import, [upload, iname], [note])
-    convert_btn.click(do_convert, [src, to, quant, cname], [note])
+    import_btn.click(do_import, [upload, ipath, iname], [note])
+    convert_btn.click(do_convert, [src, cpath, to, quant, cname], [note])
     delete_btn.click(do_delete, [victim, sure], [note, models_df, victim])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [note])
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 from ..engine.backend import Backend, Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings, model_settings
 from ..templates import DEFAULT_FORMAT, Prompt, get_format, render_prompt
+from .reasoning import split_thoughts, without_thoughts
 from .tools import HERMES, CallReader, ToolFormat, ToolUse, generic_messages, template_format
 
 Message = dict[str, str]
@@ -105,9 +106,10 @@ class ChatSession:
 
         Tools, earlier calls and their results go through the model's template where it speaks a
         tool format, else through the generic Hermes-style prompt (see `localchat.chat.tools`);
-        a required or named call brings the grammar of that call.
+        a required or named call brings the grammar of that call. Earlier answers' thoughts are left out.
         """
         use = tools or ToolUse(())
+        messages = without_thoughts(messages)
         fmt = template_format(self.template.source)
         if fmt is None:
             fmt, prompt = HERMES, self.render(generic_messages(self.with_system(messages), use))
@@ -154,7 +156,8 @@ class ChatSession:
         """Answer the conversation `messages` (not stored); sets last_stats and last_dropped.
 
         With `continue_last`, the last message is an unfinished assistant answer and the
-        model carries on from its last word instead of starting a new turn.
+        model carries on from its last word instead of starting a new turn. Earlier answers'
+        thoughts are left out.
         """
         validate_messages(messages)
         s = (settings or self.settings).with_stops(self.template.stop)
@@ -163,7 +166,8 @@ class ChatSession:
             if not messages or messages[-1]["role"] != "assistant":
                 raise ValueError("there is no answer to continue: the last message is not the assistant's")
             messages, partial = messages[:-1], Prompt.message_text(messages[-1]["content"])
-        prompt, self.last_dropped = self.fit(messages, self.reserve_for(s) + self.backend.count_tokens(partial))
+        prompt, self.last_dropped = self.fit(without_thoughts(messages),
+                                             self.reserve_for(s) + self.backend.count_tokens(partial))
         prompt += partial  # the answer so far is message text too
         for chunk in self.backend.stream(prompt, s, cancel, lstrip=not continue_last):
             if chunk.stats:
@@ -172,13 +176,14 @@ class ChatSession:
 
     def send(self, text: str, settings: SamplingSettings | None = None,
              cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Add a user turn, stream the answer, and keep it (even a cancelled part) in the history."""
+        """Add a user turn, stream the answer, and keep it (even a cancelled part, never its thoughts) in the
+        history."""
         pending = self.messages + [{"role": "user", "content": text}]
         parts: list[str] = []
         for chunk in self.stream_reply(pending, settings, cancel):
             parts.append(chunk.text)
             yield chunk
-        self.messages = pending + [{"role": "assistant", "content": "".join(parts)}]
+        self.messages = pending + [{"role": "assistant", "content": split_thoughts("".join(parts))[1]}]
 
     def ask(self, text: str, settings: SamplingSettings | None = None) -> str:
         return "".join(c.text for c in self.send(text, settings))

@@ -21,17 +21,15 @@ def describe_report(r: HardwareReport) -> str:
     lines = [f"cpu:     {r.cpu.model} ({r.cpu.arch}), {r.cpu.physical_cores} physical / "
              f"{r.cpu.logical_cores} logical cores; SIMD: {' '.join(r.cpu.simd) or 'none found'}",
              f"memory:  {gb(r.memory.total_bytes)} total, {gb(r.memory.available_bytes)} available"]
-    for g in r.nvidia:
-        lines.append(f"nvidia:  #{g.index} {g.name}, {gb(g.vram_total_bytes)} VRAM "
-                     f"({gb(g.vram_free_bytes)} free), compute capability {g.compute_capability}")
-    if not r.nvidia:
-        lines.append("nvidia:  none found")
-    if r.apple:
-        lines.append(f"apple:   {r.apple.chip}, {gb(r.apple.unified_memory_bytes)} unified memory, "
-                     f"Metal {'yes' if r.apple.metal else 'no'}")
+    for g in r.accelerators:
+        memory = "unified memory" if g.unified else f"VRAM ({gb(g.free_bytes)} free)"
+        lines.append(f"gpu:     {g.library} #{g.index} {g.name}, {gb(g.total_bytes)} {memory}"
+                     + (f", compute {g.compute}" if g.compute else ""))
+    if not r.accelerators:
+        lines.append("gpu:     none found")
     rt = r.runtimes
-    lines.append(f"runtimes: llama.cpp {rt.llama_cpp_version or 'not installed'}"
-                 f"{' (GPU offload)' if rt.llama_cpp_gpu_offload else ' (CPU only build)' if rt.llama_cpp else ''}; "
+    build = f" (ggml backends: {', '.join(rt.llama_cpp_backends) or 'none'})" if rt.llama_cpp else ""
+    lines.append(f"runtimes: llama.cpp {rt.llama_cpp_version or 'not installed'}{build}; "
                  f"GPTQ (torch + GPTQModel) {'installed' if rt.gptq else 'not installed'}")
     for e in r.errors:
         lines.append(f"probe error: {e.probe}: {e.message}")

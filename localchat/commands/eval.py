@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..evaluation import DEFAULT_CHUNK, chat_eval_text, evaluate
+from ..planner import KV_CACHE_TYPES
 from ..store import default_store, resolve_model
 
 
@@ -22,10 +23,12 @@ def _scored(spec: str) -> Path:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if args.save and args.kv_cache != "f16":
+        raise ValueError("--save stores the model's own figures: measure them with --kv-cache f16")
     model = _scored(args.model)
     base = _scored(args.base) if args.base else None
     text = Path(args.text).read_text(encoding="utf-8") if args.text else chat_eval_text(base or model)
-    result = evaluate(model, text, base=base, chunk=args.chunk, threads=args.threads)
+    result = evaluate(model, text, base=base, chunk=args.chunk, threads=args.threads, kv_cache=args.kv_cache)
     print(result.summary())
     if args.save:
         default_store().update_eval(args.model, result.figures())
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "folder a GPTQ model came from)")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per evaluation window")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="f16",
+                        help="KV cache type to score MODEL with (--base is scored with f16): what it costs")
     parser.add_argument("--save", action="store_true", help="store the figures in the manifest")
     return parser
 

@@ -1,13 +1,16 @@
-"""`localchat info FILE`: a GGUF file's metadata and tensors, read without loading weights."""
+"""`localchat info FILE`: a GGUF file's metadata and tensors, or a GPTQ folder's settings and
+whether vLLM serves it with Marlin, read without loading weights."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from ..artifacts import dims_from_gguf
+from ..artifacts import artifact_from_gptq, dims_from_gguf
 from ..engine.settings import preset_text
+from ..engine.vllm_check import check_folder
 from ..fsutil import human
 from ..gguf_file import GGUFHeader, read_gguf
 
@@ -34,7 +37,26 @@ def summary(h: GGUFHeader) -> dict[str, Any]:
     }
 
 
+def gptq_info(folder: Path, as_json: bool) -> int:
+    """A GPTQ folder: its shape, quantization and the vLLM verdict (`localchat check-vllm` has the
+    details)."""
+    a = artifact_from_gptq(folder)
+    verdict = check_folder(folder)
+    if as_json:
+        print(json.dumps({"folder": str(folder), "size": a.size_bytes, "architecture": a.architecture,
+                          "quant": a.quant, "layers": a.dims.n_layers, "quantization_config": verdict.config,
+                          "vllm_marlin": verdict.ok, "vllm_problems": verdict.problems}, indent=2))
+        return 0
+    print(f"{folder}: GPTQ folder, {human(a.size_bytes)}")
+    print(f"  {a.architecture or '(no architecture)'}: {a.quant}, {a.dims.n_layers} layers, "
+          f"context {a.dims.n_ctx_train}, embedding {a.dims.n_embd}, vocab {a.dims.n_vocab}")
+    print(f"  {verdict.summary()}")
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
+    if Path(args.file).is_dir():
+        return gptq_info(Path(args.file), args.json)
     h = read_gguf(args.file)
     s = summary(h)
     if args.json:
@@ -62,7 +84,7 @@ def info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localchat info", description=__doc__)
-    parser.add_argument("file", help="a GGUF file")
+    parser.add_argument("file", help="a GGUF file or a GPTQ folder")
     parser.add_argument("--metadata", action="store_true", help="print every metadata key")
     parser.add_argument("--tensors", action="store_true", help="print every tensor")
     parser.add_argument("--json", action="store_true")

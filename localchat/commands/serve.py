@@ -1,7 +1,9 @@
-"""`localchat serve`: the models in the store over an OpenAI-compatible API on 127.0.0.1.
+"""`localchat serve`: the models in the store over an OpenAI-compatible API (and Ollama's) on 127.0.0.1.
 
 Editors, agents and scripts that speak the OpenAI API point their base URL at
-http://127.0.0.1:PORT/v1. Binding any other address needs --api-key.
+http://127.0.0.1:PORT/v1; those that speak Ollama's point OLLAMA_HOST at http://127.0.0.1:PORT.
+Binding any other address needs --api-key. `--engine vllm --model NAME` serves one model through vLLM
+instead (many concurrent users on CUDA GPUs), behind the same rules.
 """
 
 from __future__ import annotations
@@ -28,11 +30,60 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
+def serve_vllm(settings: ServerSettings, model: str) -> int:
+    """vLLM's OpenAI server on one store model, as a child process (it brings its own torch)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import psutil
+
+    from ..engine.vllm import build_launch, cuda_gpus, find_vllm_python, model_for_vllm, scratch_dir
+    from ..store import default_store
+    from ..templates import DEFAULT_FORMAT, get_format
+
+    vllm_model = model_for_vllm(model, default_store())
+    python = find_vllm_python()
+    scratch = scratch_dir()
+    try:
+        launch = build_launch(vllm_model, settings, python, cuda_gpus(), get_format(DEFAULT_FORMAT).template,
+                              scratch, psutil.virtual_memory().available)
+        for reason in launch.reasons:
+            print(f"- {reason}", file=sys.stderr)
+        print(f"vLLM serving {vllm_model.name!r} on http://{settings.host}:{settings.port}/v1 "
+              f"({'API key required' if settings.api_key else 'loopback only, no key'}); "
+              "it starts in about a minute; Ctrl-C stops", file=sys.stderr)
+        child = subprocess.Popen(launch.argv, env={**os.environ, **launch.env})
+        signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.terminate()
+            return child.wait(timeout=30) or 130
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localchat serve", description=__doc__.split("\n\n")[0])
     ServerSettings.add_arguments(parser)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("localchat", "vllm"), default="localchat",
+                        help="localchat's own server (every store model) or vLLM on one model "
+                             "(default: localchat)")
+    engine.add_argument("--model", "-m", help="with --engine vllm: the store model (HF checkpoint or GPTQ "
+                                              "folder) or model folder to serve")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve(ServerSettings.from_args(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    settings = ServerSettings.from_args(args)
+    if args.engine == "vllm":
+        if not args.model:
+            raise ValueError("--engine vllm serves one model: name it with --model")
+        return serve_vllm(settings, args.model)
+    if args.model:
+        raise ValueError("--model is for --engine vllm; localchat's own server serves every model in the store")
+    return serve(settings)

@@ -13,7 +13,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 from ..templates.prompt import Prompt
 from .settings import SamplingSettings
@@ -65,6 +65,10 @@ class Chunk:
 
 class ContextOverflow(ValueError):
     """The prompt alone does not fit the context window."""
+
+
+class CannotEmbed(ValueError):
+    """The model's backend gives no embeddings."""
 
 
 class SpecialTokens:
@@ -182,6 +186,19 @@ class Backend(ABC):
             stats = chunk.stats or stats
         assert stats is not None
         return "".join(parts), stats
+
+    def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """Unit-length embeddings of `texts` and the tokens they took; ValueError names the input
+        (``input[i]``) that is too long (unless `truncate`) or empty. CannotEmbed where the
+        backend has no pooled output."""
+        raise CannotEmbed(f"the {self.name} backend gives no embeddings")
+
+    def engine(self, slots: int) -> Any:
+        """What decodes for many callers (the server, the app): here one answer at a time, in order;
+        the llama.cpp backend batches up to `slots` (engine/batching.py)."""
+        from .batching import SerialEngine
+
+        return SerialEngine(self)
 
     def close(self) -> None:
         """Free the model's memory."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..planner import Plan
+from ..planner import CPU, Plan, backend_spec
 from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
 from .settings import SamplingSettings
 from .stops import StopFilter
@@ -79,7 +79,7 @@ class GptqBackend(Backend):
         import torch
 
         self.name = plan.backend
-        self.device = "cuda" if plan.backend == "gptq-cuda" else "cpu"
+        self.device = "cpu" if backend_spec(plan.backend).library == CPU else "cuda"  # torch's name, ROCm too
         if self.device == "cpu":
             torch.set_num_threads(plan.threads)
         folder = Path(plan.artifact.path)

@@ -23,23 +23,35 @@ import time
 from typing import Any, Iterator
 
 import llama_cpp
+import numpy as np
 from llama_cpp._logger import llama_log_callback as default_log_callback
 
 from ..gguf_file import GGUFHeader, read_gguf
 from ..planner import Plan
 from llama_cpp import _internals
 
-from .backend import Backend, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike, SpecialTokens
+from .backend import (Backend, CannotEmbed, Chunk, ContextOverflow, GenerationStats, ModelTemplate, PromptLike,
+                      SpecialTokens)
 from .settings import SamplingSettings
 from .stops import StopFilter
 
 DEFAULT_BATCH = 512
+EMBED_CONTEXT = 2048  # tokens one embedding decode holds (the longest input, or several short ones)
+EMBED_SEQS = 16  # inputs packed into one embedding decode
 GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h, enum ggml_log_level
 _log_lock = threading.Lock()  # llama.cpp has one log callback per process
+_KV_BUFFER = re.compile(r"KV buffer size =\s*([\d.]+) MiB")  # llama_kv_cache's line as a context is made
+
+
+def kv_cache_args(kv_cache: str) -> dict[str, Any]:
+    """`Llama` arguments for a KV cache type (planner.KV_CACHE_TYPES): llama.cpp quantizes the V
+    cache only with flash attention, so that comes on with a quantized cache."""
+    kind = getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
+    return {"type_k": kind, "type_v": kind, "flash_attn": kv_cache != "f16"}
 
 
 class LlamaErrors:
-    """Collects the error lines llama.cpp logs inside a `with` block.
+    """Collects the error lines llama.cpp logs inside a `with` block, and the KV cache it allocates.
 
     A load that fails reaches Python as a bare "Failed to load model from file", and with
     verbose=False llama-cpp-python sends llama.cpp's own reason (an unknown architecture, a
@@ -49,12 +61,15 @@ class LlamaErrors:
     def __init__(self) -> None:
         self._text: list[str] = []
         self._last_level = 0
+        self.kv_bytes = 0  # the KV cache buffers llama.cpp reports allocating, on every device
         self._callback = llama_cpp.llama_log_callback(self._collect)  # kept alive while installed
 
     def _collect(self, level: int, chunk: bytes, _: ctypes.c_void_p) -> None:
         error = level == GGML_LOG_LEVEL_ERROR
         if error or (level == GGML_LOG_LEVEL_CONT and self._last_level == GGML_LOG_LEVEL_ERROR):
             self._text.append(chunk.decode("utf-8", "replace"))
+        elif kv := _KV_BUFFER.search(chunk.decode("utf-8", "replace")):
+            self.kv_bytes += int(float(kv.group(1)) * 1024**2)
         if level != GGML_LOG_LEVEL_CONT:
             self._last_level = level
 
@@ -117,20 +132,19 @@ class LlamaCppBackend(Backend):
         self.header = header or read_gguf(path)  # never hand llama.cpp a bad file
         self.name = plan.backend
         n_layers = plan.artifact.dims.n_layers
-        gpu_layers = -1 if plan.gpu_layers >= n_layers else plan.gpu_layers
-        if plan.backend == "llamacpp-cpu":
-            gpu_layers = 0
+        gpu_layers = -1 if plan.gpu_layers and plan.gpu_layers >= n_layers else plan.gpu_layers  # -1: all
         with LlamaErrors() as errors, without_chat_formatters():
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=path, n_ctx=plan.context, n_batch=min(DEFAULT_BATCH, plan.context),
                     n_threads=plan.threads, n_threads_batch=plan.threads, n_gpu_layers=gpu_layers,
-                    lora_path=plan.artifact.lora_path, verbose=False,
+                    lora_path=plan.artifact.lora_path, verbose=False, **kv_cache_args(plan.kv_cache),
                 )
             except (ValueError, RuntimeError) as exc:  # "Failed to load model from file: PATH", no reason
                 reason = errors.reason()
                 raise type(exc)(f"{exc} (llama.cpp: {reason})" if reason else str(exc)) from None
         self.n_ctx = self.llm.n_ctx()
+        self.kv_bytes = errors.kv_bytes  # as llama.cpp allocated it (the engine's context replaces it)
         self._vocab = self.llm._model.vocab
         self._add_bos = bool(self.header.metadata.get("tokenizer.ggml.add_bos_token", True))
         self.template = ModelTemplate(
@@ -144,6 +158,9 @@ class LlamaCppBackend(Backend):
         self._piece_buf = ctypes.create_string_buffer(256)
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
         self._grammar: str | None = None
+        self._embedder: _internals.LlamaContext | None = None  # made on the first embedding request
+        self._seed = 0
+        self._engine: Any = None  # the DecodeEngine that took over decoding, if any
         self.llm._init_sampler = self._sampler  # type: ignore[method-assign]  # generate() builds ours
 
     def _sampler(self, *, top_k: int, top_p: float, min_p: float, temp: float, repeat_penalty: float,
@@ -151,7 +168,7 @@ class LlamaCppBackend(Backend):
         """The chain `Llama.generate` samples with (it passes its own arguments, ours from `_stream`)."""
         return sampler_chain(self.llm, top_k=top_k, top_p=top_p, min_p=min_p, temp=temp,
                              repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                             presence_penalty=presence_penalty, grammar=self._grammar)
+                             presence_penalty=presence_penalty, grammar=self._grammar, seed=self._seed)
 
     def _wants_bos(self, text: str) -> bool:
         return self._add_bos and not (self.template.bos_token and text.startswith(self.template.bos_token))
@@ -186,6 +203,9 @@ class LlamaCppBackend(Backend):
 
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
+        if self._engine is not None:
+            yield from self._engine.stream(prompt, settings, cancel, lstrip, grammar)
+            return
         with self._busy:
             self._grammar = grammar
             try:
@@ -209,51 +229,143 @@ class LlamaCppBackend(Backend):
             if a != b:
                 break
             cached += 1
-        self.llm.set_seed(settings.seed if settings.seed is not None else random.getrandbits(32))
-        budget = min(settings.max_tokens, self.n_ctx - len(tokens))
-        stops = StopFilter(settings.stop)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        is_eog = llama_cpp.llama_vocab_is_eog
-        finish, n, started = "length", 0, False
-        t0 = time.perf_counter()
-        t_first = t_last = t0
+        self._seed = settings.seed if settings.seed is not None else random.getrandbits(32)
+        answer = AnswerText(self, settings, self.n_ctx - len(tokens), cancel, lstrip)
         gen = self.llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
                                 temp=settings.temperature, repeat_penalty=settings.repeat_penalty,
                                 presence_penalty=settings.presence_penalty,
                                 frequency_penalty=settings.frequency_penalty)
         try:
             for token in gen:
-                t_last = time.perf_counter()
-                if n == 0:
-                    t_first = t_last
-                if is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                n += 1
-                text = stops.feed(decoder.decode(self._piece(token)))
-                if not started and lstrip:  # answers start at their first visible character
-                    text = text.lstrip()
-                    started = bool(text)
-                if text:
+                if text := answer.feed(token):
                     yield Chunk(text)
-                if stops.stopped:
-                    finish = "stop"
-                    break
-                if n >= budget:
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
+                if answer.finish:
                     break
         finally:
             gen.close()
-        tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
-        stats = GenerationStats(prompt_tokens=len(tokens), cached_tokens=min(cached, len(tokens) - 1),
-                                completion_tokens=n, ttft_s=t_first - t0, decode_s=t_last - t_first,
-                                finish_reason=finish)
-        yield Chunk(tail.lstrip() if not started and lstrip else tail, stats)
+        yield answer.last(len(tokens), min(cached, len(tokens) - 1))
+
+    def engine(self, slots: int) -> Any:
+        """A DecodeEngine that decodes up to `slots` answers at once; from here on `stream` goes
+        through it, and the context the model loaded with is freed (the engine holds its own)."""
+        from .batching import DecodeEngine
+
+        with self._busy:
+            if self._engine is None:
+                self._engine = DecodeEngine(self, slots)
+                self.llm._ctx.close()  # its KV cache would sit unused beside the engine's
+            return self._engine
+
+    def embed(self, texts: list[str], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """Mean-pooled, unit-length embeddings, several inputs per decode.
+
+        They come from a second llama.cpp context on the same weights (no second copy): pooling
+        is fixed when a context is made, a causal LM's own context pools nothing, and an embedding
+        decode there would throw away the KV cache the next chat turn reuses.
+        """
+        with self._busy:
+            ctx = self._embedding_context()
+            size = ctx.params.n_ctx
+            ids = []
+            for i, text in enumerate(texts):
+                tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+                if not text or not tokens:
+                    raise ValueError(f"input[{i}]: empty text has no embedding")
+                if len(tokens) > size and not truncate:
+                    raise ValueError(f"input[{i}] takes {len(tokens)} tokens; an embedding takes at most "
+                                     f"{size}")
+                ids.append(tokens[:size])
+            vectors: list[list[float]] = []
+            batch = _internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=EMBED_SEQS, verbose=False)
+            try:
+                start = 0
+                while start < len(ids):
+                    end, used = start, 0
+                    while end < len(ids) and end - start < EMBED_SEQS and used + len(ids[end]) <= size:
+                        used += len(ids[end])
+                        end += 1
+                    batch.reset()
+                    for seq, tokens in enumerate(ids[start:end]):
+                        batch.add_sequence(tokens, seq, True)
+                    ctx.kv_cache_clear()
+                    ctx.decode(batch)
+                    n_embd = self.llm.n_embd()
+                    for seq in range(end - start):
+                        v = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq), (n_embd,))
+                        vectors.append((v / (np.linalg.norm(v) or 1.0)).tolist())
+                    start = end
+            finally:
+                batch.close()
+            return vectors, sum(map(len, ids))
+
+    def _embedding_context(self) -> _internals.LlamaContext:
+        if self._embedder is None:
+            p = llama_cpp.llama_context_default_params()
+            p.n_ctx = p.n_batch = p.n_ubatch = min(EMBED_CONTEXT, self.n_ctx)
+            p.n_seq_max, p.kv_unified = EMBED_SEQS, True  # the inputs of a decode share its cells
+            p.n_threads = p.n_threads_batch = self.llm.n_threads
+            p.embeddings, p.pooling_type = True, llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            with LlamaErrors() as errors:
+                try:  # freed with the model (the context registers itself on it)
+                    self._embedder = _internals.LlamaContext(model=self.llm._model, params=p, verbose=False)
+                except ValueError as exc:
+                    raise CannotEmbed(f"llama.cpp cannot make an embedding context for this model: "
+                                      f"{errors.reason() or exc}") from None
+        return self._embedder
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
         self.llm.close()
+
+
+class AnswerText:
+    """Sampled tokens -> the text a user sees, and when and why the answer ends.
+
+    Shared by the one-sequence path and the decode engine, so both end an answer alike: at an
+    end-of-generation token, a stop string (held back until it is sure), the token budget or
+    a cancel; UTF-8 split across tokens is joined, and a new answer starts at its first
+    visible character (`lstrip`). The clock starts when the answer is asked for.
+    """
+
+    def __init__(self, backend: LlamaCppBackend, settings: SamplingSettings, room: int,
+                 cancel: threading.Event | None, lstrip: bool = True) -> None:
+        self._backend, self._cancel, self._lstrip = backend, cancel, lstrip
+        self.budget = min(settings.max_tokens, room)
+        self._stops = StopFilter(settings.stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.n, self.started, self.finish = 0, False, ""  # finish: "" while the answer goes on
+        self.t0 = time.perf_counter()
+        self.t_first = self.t_last = self.t0
+
+    def feed(self, token: int) -> str:
+        """The text `token` adds (maybe none yet); sets `finish` when the answer ends here."""
+        self.t_last = time.perf_counter()
+        if self.n == 0:
+            self.t_first = self.t_last
+        if llama_cpp.llama_vocab_is_eog(self._backend._vocab, token):
+            self.finish = "stop"
+            return ""
+        self.n += 1
+        text = self._stops.feed(self._decoder.decode(self._backend._piece(token)))
+        if not self.started and self._lstrip:
+            text = text.lstrip()
+            self.started = bool(text)
+        if self._stops.stopped:
+            self.finish = "stop"
+        elif self.n >= self.budget:
+            self.finish = "length"
+        elif self._cancel is not None and self._cancel.is_set():
+            self.finish = "cancelled"
+        return text
+
+    def last(self, prompt_tokens: int, cached_tokens: int) -> Chunk:
+        """The held-back tail of the text and the answer's stats (ended "length" unless told why)."""
+        tail = self._stops.feed(self._decoder.decode(b"", final=True)) + self._stops.flush()
+        stats = GenerationStats(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                                completion_tokens=self.n, ttft_s=self.t_first - self.t0,
+                                decode_s=self.t_last - self.t_first, finish_reason=self.finish or "length")
+        return Chunk(tail.lstrip() if not self.started and self._lstrip else tail, stats)
 
 
 class GrammarError(ValueError):
@@ -270,7 +382,7 @@ def check_grammar(vocab: Any, grammar: str) -> None:
 
 def sampler_chain(llm: llama_cpp.Llama, *, top_k: int, top_p: float, min_p: float, temp: float,
                   repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
-                  grammar: str | None = None) -> _internals.LlamaSampler:
+                  grammar: str | None = None, seed: int = 0) -> _internals.LlamaSampler:
     """Penalties, grammar, then greedy, or temperature, top-k, top-p, min-p and a draw."""
     chain = _internals.LlamaSampler()
     chain.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.last_n_tokens_size,
@@ -285,7 +397,7 @@ def sampler_chain(llm: llama_cpp.Llama, *, top_k: int, top_p: float, min_p: floa
     chain.add_top_k(top_k)
     chain.add_top_p(top_p, 1)
     chain.add_min_p(min_p, 1)
-    chain.add_dist(llm._seed)
+    chain.add_dist(seed)
     return chain
 
 

@@ -1,4 +1,5 @@
-"""Hardware discovery: one probe per vendor, combined into one report.
+"""Hardware discovery: one probe per vendor, combined into one report with one list of
+accelerators (each GPU with the library that drives it, its memory, free and total).
 
 A probe that fails is recorded in ``report.errors`` instead of being swallowed, so
 `localchat doctor` can say why a GPU was not used. `$LOCALCHAT_HARDWARE_REPORT` names a
@@ -10,21 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from .amd import probe_amd
 from .apple import probe_apple
 from .cpu import probe_cpu
 from .memory import probe_memory
 from .nvidia import probe_nvidia
-from .report import (GIB, AppleSilicon, CpuInfo, HardwareReport, MemoryInfo, NvidiaGpu,
-                     ProbeError, Runtimes)
-from .runtimes import probe_runtimes
+from .report import GIB, Accelerator, CpuInfo, HardwareReport, MemoryInfo, ProbeError, Runtimes
+from .runtimes import probe_llama_cpp_backends, probe_runtimes
 
 T = TypeVar("T")
 
-__all__ = ["ENV_REPORT", "GIB", "AppleSilicon", "CpuInfo", "HardwareReport", "MemoryInfo", "NvidiaGpu",
-           "ProbeError", "Runtimes", "load_report", "probe", "probe_machine"]
+__all__ = ["ENV_REPORT", "GIB", "Accelerator", "CpuInfo", "HardwareReport", "MemoryInfo", "ProbeError",
+           "Runtimes", "load_report", "probe", "probe_machine"]
 
 ENV_REPORT = "LOCALCHAT_HARDWARE_REPORT"
 
@@ -56,8 +58,11 @@ def probe_machine() -> HardwareReport:
     errors: list[ProbeError] = []
     cpu = _run("cpu", probe_cpu, CpuInfo("unknown", 1, 1, "unknown"), errors)
     memory = _run("memory", probe_memory, MemoryInfo(0, 0), errors)
-    nvidia = _run("nvidia", probe_nvidia, [], errors)
-    apple = _run("apple", probe_apple, None, errors)
+    accelerators = [*_run("nvidia", probe_nvidia, [], errors), *_run("amd", probe_amd, [], errors),
+                    *_run("apple", probe_apple, [], errors)]
     runtimes = _run("runtimes", probe_runtimes, Runtimes(), errors)
-    return HardwareReport(cpu=cpu, memory=memory, nvidia=tuple(nvidia), apple=apple,
-                          runtimes=runtimes, errors=tuple(errors))
+    if runtimes.llama_cpp:  # llama.cpp always has its CPU backend; which GPU ones is the question
+        runtimes = replace(runtimes, llama_cpp_backends=_run("llama.cpp backends", probe_llama_cpp_backends,
+                                                             ("cpu",), errors))
+    return HardwareReport(cpu=cpu, memory=memory, accelerators=tuple(accelerators), runtimes=runtimes,
+                          errors=tuple(errors))

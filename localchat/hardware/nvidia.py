@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .report import NvidiaGpu
+from .report import Accelerator
 
 QUERY = "index,name,memory.total,memory.free,compute_cap,driver_version"
 MIB = 1024**2
@@ -15,7 +15,7 @@ class NvidiaProbeError(RuntimeError):
     pass
 
 
-def parse_nvidia_smi(csv_text: str) -> list[NvidiaGpu]:
+def parse_nvidia_smi(csv_text: str) -> list[Accelerator]:
     """Parse `nvidia-smi --query-gpu=QUERY --format=csv,noheader,nounits` output."""
     gpus = []
     for lineno, line in enumerate(csv_text.strip().splitlines(), 1):
@@ -24,15 +24,14 @@ def parse_nvidia_smi(csv_text: str) -> list[NvidiaGpu]:
             raise NvidiaProbeError(f"nvidia-smi line {lineno}: expected 6 fields, got {line!r}")
         index, name, total, free, cc, driver = fields
         try:
-            gpus.append(NvidiaGpu(index=int(index), name=name, vram_total_bytes=int(float(total)) * MIB,
-                                  vram_free_bytes=int(float(free)) * MIB, compute_capability=cc,
-                                  driver=driver))
+            gpus.append(Accelerator("cuda", index=int(index), name=name, total_bytes=int(float(total)) * MIB,
+                                    free_bytes=int(float(free)) * MIB, compute=cc, driver=driver))
         except ValueError as exc:
             raise NvidiaProbeError(f"nvidia-smi line {lineno}: {exc} in {line!r}") from None
     return gpus
 
 
-def probe_nvidia() -> list[NvidiaGpu]:
+def probe_nvidia() -> list[Accelerator]:
     """The NVIDIA GPUs present; [] when there is no driver. Raises when the driver misbehaves."""
     smi = shutil.which("nvidia-smi")
     if smi is None:

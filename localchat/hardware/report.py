@@ -1,7 +1,10 @@
 """What the probes found, as plain data the planner reads.
 
-Each vendor has its own type; a report built by hand (tests, `--report FILE`) is as good as
-one probed, which keeps the planner a pure function. Discovery errors are data too.
+Every GPU, whoever made it, is one `Accelerator` in one list, named by the GPU library that
+drives it ("cuda", "metal", "rocm", ...), as Ollama's discovery hands its scheduler one
+uniform list: the planner matches a backend's library against it and never asks about
+vendors. A report built by hand (tests, `--report FILE`) is as good as one probed, which
+keeps the planner a pure function. Discovery errors are data too.
 """
 
 from __future__ import annotations
@@ -29,20 +32,17 @@ class MemoryInfo:
 
 
 @dataclass(frozen=True)
-class NvidiaGpu:
-    index: int
+class Accelerator:
+    """One GPU as the planner sees it."""
+
+    library: str  # the GPU library that drives it: "cuda", "metal", "rocm", "vulkan"
+    index: int  # its number among the GPUs of that library
     name: str
-    vram_total_bytes: int
-    vram_free_bytes: int
-    compute_capability: str  # "8.6"
+    total_bytes: int
+    free_bytes: int
+    compute: str = ""  # what kernels check: CUDA compute capability ("8.6"), AMD gfx target
     driver: str = ""
-
-
-@dataclass(frozen=True)
-class AppleSilicon:
-    chip: str
-    unified_memory_bytes: int
-    metal: bool
+    unified: bool = False  # memory shared with the CPU (Apple Silicon): what it takes is RAM too
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class Runtimes:
 
     llama_cpp: bool = False
     llama_cpp_version: str = ""
-    llama_cpp_gpu_offload: bool = False
+    # The ggml backends the installed llama.cpp was built with, lower case: "cpu", and "cuda",
+    # "metal", "rocm", "vulkan", "blas" ... where built in (ggml's backend registry).
+    llama_cpp_backends: tuple[str, ...] = ()
     gptq: bool = False  # torch and gptqmodel importable
 
 
@@ -65,10 +67,13 @@ class ProbeError:
 class HardwareReport:
     cpu: CpuInfo
     memory: MemoryInfo
-    nvidia: tuple[NvidiaGpu, ...] = ()
-    apple: AppleSilicon | None = None
+    accelerators: tuple[Accelerator, ...] = ()
     runtimes: Runtimes = field(default_factory=Runtimes)
     errors: tuple[ProbeError, ...] = ()
+
+    def on(self, library: str) -> tuple[Accelerator, ...]:
+        """The accelerators a GPU library drives here."""
+        return tuple(a for a in self.accelerators if a.library == library)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,12 +85,36 @@ class HardwareReport:
     def from_dict(cls, data: dict[str, Any]) -> "HardwareReport":
         cpu = dict(data["cpu"])
         cpu["simd"] = tuple(cpu.get("simd", ()))
-        apple = data.get("apple")
+        accelerators = [Accelerator(**a) for a in data.get("accelerators", ())] + _old_gpus(data)
+        runtimes = dict(data.get("runtimes", {}))
+        if "llama_cpp_gpu_offload" in runtimes:
+            runtimes = _old_runtimes(runtimes, accelerators)
+        runtimes["llama_cpp_backends"] = tuple(runtimes.get("llama_cpp_backends", ()))
         return cls(
             cpu=CpuInfo(**cpu),
             memory=MemoryInfo(**data["memory"]),
-            nvidia=tuple(NvidiaGpu(**g) for g in data.get("nvidia", ())),
-            apple=AppleSilicon(**apple) if apple else None,
-            runtimes=Runtimes(**data.get("runtimes", {})),
+            accelerators=tuple(accelerators),
+            runtimes=Runtimes(**runtimes),
             errors=tuple(ProbeError(**e) for e in data.get("errors", ())),
         )
+
+
+def _old_gpus(data: dict[str, Any]) -> list[Accelerator]:
+    """The GPUs of a report saved before the accelerator list (`doctor --json > box.json`, which
+    the README suggests keeping): an `nvidia` list and an optional `apple` entry."""
+    gpus = [Accelerator("cuda", g["index"], g["name"], g["vram_total_bytes"], g["vram_free_bytes"],
+                        g.get("compute_capability", ""), g.get("driver", ""))
+            for g in data.get("nvidia", ())]
+    apple = data.get("apple")
+    if apple and apple.get("metal"):
+        mem = apple["unified_memory_bytes"]
+        gpus.append(Accelerator("metal", 0, apple["chip"], mem, mem, unified=True))
+    return gpus
+
+
+def _old_runtimes(old: dict[str, Any], accelerators: list[Accelerator]) -> dict[str, Any]:
+    """An old report's one `llama_cpp_gpu_offload` bool as the libraries it meant on that machine."""
+    new = {k: v for k, v in old.items() if k != "llama_cpp_gpu_offload"}
+    gpu_libs = sorted({a.library for a in accelerators}) if old["llama_cpp_gpu_offload"] else []
+    new["llama_cpp_backends"] = (["cpu"] if old.get("llama_cpp") else []) + gpu_libs
+    return new

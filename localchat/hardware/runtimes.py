@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 
 from .report import Runtimes
 
 
 def probe_runtimes() -> Runtimes:
+    """What is installed; `llama_cpp_backends` is filled by `probe_llama_cpp_backends`, a probe
+    of its own, so a failure there is reported without losing the rest."""
     llama = importlib.util.find_spec("llama_cpp") is not None
-    version, offload = "", False
+    version = ""
     if llama:
         import llama_cpp  # loads the shared library: ~0.1 s, no weights
 
         version = getattr(llama_cpp, "__version__", "")
-        offload = bool(llama_cpp.llama_supports_gpu_offload())
     gptq = all(importlib.util.find_spec(m) is not None for m in ("torch", "gptqmodel"))
-    return Runtimes(llama_cpp=llama, llama_cpp_version=version, llama_cpp_gpu_offload=offload, gptq=gptq)
+    return Runtimes(llama_cpp=llama, llama_cpp_version=version, gptq=gptq)
+
+
+def probe_llama_cpp_backends() -> tuple[str, ...]:
+    """The ggml backends the installed llama.cpp registered, lower case ("cpu", "cuda", "metal",
+    "rocm", "vulkan", ...), from ggml's backend registry: which GPU library a build drives, where
+    `llama_supports_gpu_offload` only says that it drives one. llama-cpp-python binds no registry
+    function, so this loads ggml (already loaded by llama.cpp) with llama-cpp-python's own loader."""
+    from llama_cpp import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    ggml = load_shared_library("ggml", llama_cpp._base_path)
+    count, get, name = ggml.ggml_backend_reg_count, ggml.ggml_backend_reg_get, ggml.ggml_backend_reg_name
+    count.restype, count.argtypes = ctypes.c_size_t, []
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    return tuple(name(get(i)).decode().lower() for i in range(count()))

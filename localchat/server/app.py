@@ -1,38 +1,47 @@
 """The OpenAI-compatible HTTP API over the model store, whichever backend the planner picks.
 
-Generation runs in a worker thread per request, one at a time per model behind a FIFO
-lock; chunks cross to the event loop through a queue. When a streaming client goes away
-the response is cancelled, the cancel flag stops llama.cpp within a token, and the
-model's lock is free for the next request at once.
+Generation runs on each model's engine (engine/batching.py: llama.cpp decodes up to
+`--parallel` requests in one batch, the rest wait their turn in arrival order); chunks cross
+to the event loop through a queue. When a streaming client goes away the response is
+cancelled, and the cancel flag frees its slot within a step.
+
+Every API shape (OpenAI's here, Ollama's in `ollama.py`) runs the same steps: `prepare`
+takes a place in the model's queue and builds the turn, `answer` streams it as `Piece`s
+(text, thoughts, tool calls, stats); each shape only translates requests and pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..chat.reasoning import ThoughtSplitter, opens_thoughts
 from ..chat.session import ChatSession, Turn
 from ..chat.structured import ShapeError
 from ..chat.tools import ToolCall
-from ..engine.backend import Chunk, ContextOverflow, GenerationStats, PromptLike
+from ..engine.backend import CannotEmbed, Chunk, ContextOverflow, GenerationStats, PromptLike
 from ..engine.settings import SamplingSettings
 from ..hostguard import header_dict
 from ..store import Store, default_store
 from ..templates import TemplateError
-from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket
-from .schemas import ChatRequest, CompletionRequest
+from .models import RUNNABLE_FORMATS, ModelManager, ServerError, Ticket, keep_alive_seconds
+from .ollama import OLLAMA_PREFIX, ollama_routes
+from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from .settings import ServerSettings
 
 _DONE = object()
@@ -44,7 +53,10 @@ def error_body(message: str, code: str, param: str | None = None,
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None,
-                   type_: str = "invalid_request_error") -> JSONResponse:
+                   type_: str = "invalid_request_error", path: str = "") -> JSONResponse:
+    """OpenAI's error object, or for Ollama's routes (`path`) the {"error": message} its clients read."""
+    if path.startswith(OLLAMA_PREFIX):
+        return JSONResponse({"error": message}, status_code=status)
     return JSONResponse(error_body(message, code, param, type_), status_code=status)
 
 
@@ -59,22 +71,23 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         headers = header_dict(scope)
         limit = self.settings.max_body_bytes
+        path = scope["path"]
         deny = None
         if refused := self.guard.refusal(headers):
-            deny = error_response(403, *refused)
-        elif self.settings.api_key and scope["path"] != "/health":
+            deny = error_response(403, *refused, path=path)
+        elif self.settings.api_key and path != "/health":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
                 deny = error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                      "invalid_api_key")
+                                      "invalid_api_key", path=path)
         elif int(headers.get("content-length", "0") or 0) > limit:
-            deny = error_response(413, f"request body over {limit} bytes", "request_too_large")
+            deny = error_response(413, f"request body over {limit} bytes", "request_too_large", path=path)
         elif "content-length" not in headers:
             # A chunked body's size shows only while it arrives: read it here, where a 413 can still
             # be answered (raised from inside the app's body reader, FastAPI turns it into a 400).
             messages = await read_body(receive, limit)
             if messages is None:
-                deny = error_response(413, f"request body over {limit} bytes", "request_too_large")
+                deny = error_response(413, f"request body over {limit} bytes", "request_too_large", path=path)
             else:
                 receive = replay(messages, receive)
         if deny is not None:
@@ -110,8 +123,9 @@ def replay(messages: list[Message], receive: Receive) -> Receive:
 class TicketStreamingResponse(StreamingResponse):
     """Releases the request's queue ticket however the response ends."""
 
-    def __init__(self, content: AsyncIterator[str], ticket: Ticket) -> None:
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket,
+                 media_type: str = "text/event-stream") -> None:
+        super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.ticket = ticket
 
@@ -124,49 +138,99 @@ class TicketStreamingResponse(StreamingResponse):
 
 async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings,
                    grammar: str | None = None) -> AsyncIterator[Chunk]:
-    """Run one generation on the ticket's model in a thread, in queue order.
-
-    The worker thread, not this generator, releases the model's lock when llama.cpp is
-    really done: a cancelled request (anyio cancels every await in its scope) must not
-    let the next one start on a model that is still decoding.
+    """Run one generation on the ticket's model's engine; chunks cross from its thread to the
+    event loop through a queue. The engine decides when the request runs (a free slot of the
+    batch, in arrival order); a request cancelled while it waits or runs leaves at the next step.
     """
     model = ticket.model
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
 
-    def done() -> None:
-        model.last_used = time.monotonic()
-        model.lock.release()
-
     def post(item: Any) -> None:
+        if item is None:
+            model.last_used = time.monotonic()
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE if item is None else item)
         except RuntimeError:  # the loop is gone: the server is shutting down
             cancel.set()
 
-    def work() -> None:
-        try:
-            for chunk in model.backend.stream(prompt, settings, cancel, grammar=grammar):
-                post(chunk)
-        except Exception as exc:  # handed to the request that caused it
-            post(exc)
-        finally:
-            post(_DONE)
-            try:
-                loop.call_soon_threadsafe(done)
-            except RuntimeError:
-                pass
-
-    await model.lock.acquire()
-    loop.run_in_executor(model.worker, work)  # from here on the thread owns the lock
     try:
+        # Off the event loop: it tokenizes the prompt.
+        await asyncio.to_thread(model.engine.submit, prompt, settings, post, cancel, grammar=grammar)
         while (item := await queue.get()) is not _DONE:
             if isinstance(item, Exception):
                 raise item
             yield item
     finally:
-        cancel.set()  # a client that left stops llama.cpp within one token
+        cancel.set()  # a client that left stops its decode within one step
+
+
+@dataclass
+class Piece:
+    """A part of an answer as every API shape reads it: text, thoughts, and (on the last piece,
+    the one with stats) the tool calls the answer made."""
+
+    text: str = ""
+    reasoning: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    stats: GenerationStats | None = None
+
+
+async def answer(ticket: Ticket, turn: Turn, settings: SamplingSettings, thoughts: bool = True
+                 ) -> AsyncIterator[Piece]:
+    """The turn's answer as pieces: `<think>` thoughts split off (with `thoughts`: a chat answer),
+    tool calls read out of the text where tools were offered. The last piece carries the stats."""
+    reader = turn.reader()
+    prompt_text = turn.prompt if isinstance(turn.prompt, str) else turn.prompt.text
+    splitter = ThoughtSplitter(opens_thoughts(prompt_text)) if thoughts else None
+
+    def piece(reasoning: str, text: str) -> Piece:
+        return Piece(reader.feed(text) if reader is not None and text else text, reasoning)
+
+    stats = None
+    async for chunk in generate(ticket, turn.prompt, settings, turn.grammar):
+        stats = chunk.stats or stats
+        yield piece(*(splitter.feed(chunk.text) if splitter else ("", chunk.text)))
+    last = piece(*(splitter.finish() if splitter else ("", "")))
+    if reader is not None:
+        tail, last.calls = reader.finish()
+        last.text += tail
+    last.stats = stats
+    yield last
+
+
+async def collect(pieces: AsyncIterator[Piece]) -> Piece:
+    """A whole answer as one piece."""
+    whole = Piece()
+    async for p in pieces:
+        whole.text += p.text
+        whole.reasoning += p.reasoning
+        whole.calls += p.calls
+        whole.stats = p.stats or whole.stats
+    return whole
+
+
+async def on_model(ticket: Ticket, work: Callable[[], Any]) -> Any:
+    """Run `work` on the ticket's model thread, between decode steps (an embedding)."""
+    try:
+        return await asyncio.wrap_future(ticket.model.engine.call(work))
+    finally:
+        ticket.model.last_used = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The steps every API shape shares, handed to the Ollama routes."""
+
+    manager: Callable[[], ModelManager]
+    store: Store
+    prepare: Callable[..., Awaitable[tuple[Ticket, Turn, SamplingSettings]]]
+    chat_turn: Callable[[ChatRequest], Callable[[Ticket], Turn]]
+    answer: Callable[..., AsyncIterator[Piece]]
+    collect: Callable[[AsyncIterator[Piece]], Awaitable[Piece]]
+    embed: Callable[..., Awaitable[tuple[list[list[float]], int]]]
+    stream: type[TicketStreamingResponse]
 
 
 def usage(stats: GenerationStats | None) -> dict[str, int]:
@@ -193,7 +257,9 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(the_manager.reap_forever())  # unloads models idle past their keep-alive
         yield
+        reaper.cancel()
         the_manager.close()
 
     app = FastAPI(title="localchat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -202,7 +268,7 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.param, exc.type)
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.type, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,9 +276,10 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
             where = first["loc"][-1]
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')} "
-                                       f"at character {where}", "invalid_json")
+                                       f"at character {where}", "invalid_json", path=request.url.path)
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request", param)
+        return error_response(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request", param,
+                              path=request.url.path)
 
     def mgr() -> ModelManager:
         return app.state.manager
@@ -228,9 +295,10 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
              "created": int(datetime.fromisoformat(e.added).timestamp())}
             for n, e in store.models().items() if e.format in RUNNABLE_FORMATS]}
 
-    async def prepare(req: ChatRequest | CompletionRequest, build_turn: Any
-                      ) -> tuple[Ticket, Turn, SamplingSettings]:
+    async def prepare(req: ChatRequest | CompletionRequest, build_turn: Any,
+                      keep_alive: float = settings.keep_alive) -> tuple[Ticket, Turn, SamplingSettings]:
         ticket = await mgr().ticket(req.model)
+        ticket.model.keep_alive = keep_alive_seconds(keep_alive)
         try:
             try:
                 settings_ = req.sampling(ticket.model.settings)
@@ -263,33 +331,27 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": created, "model": req.model}
 
-        reader = turn.reader()  # tools offered: the answer is read for calls as it comes
-
-        def choice(text: str | None, reason: str | None, first: bool = False,
-                   calls: list[ToolCall] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        def choice(piece: Piece, reason: str | None = None, first: bool = False) -> dict[str, Any]:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                return {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": reason}
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text:
-                delta["content"] = text
-            if calls:
-                delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(calls)]
+            if piece.reasoning:
+                delta["reasoning_content"] = piece.reasoning
+            if piece.text:
+                delta["content"] = piece.text
+            if piece.calls:
+                delta["tool_calls"] = [c.as_openai(i) for i, c in enumerate(piece.calls)]
             return {"index": 0, "delta": delta, "finish_reason": reason}
 
         if not req.stream:
             try:
-                parts, stats = [], None
-                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
-                    parts.append(chunk.text)
-                    stats = chunk.stats or stats
+                whole = await collect(answer(ticket, turn, settings_, thoughts=chat))
             finally:
                 ticket.release()
-            text, calls = "".join(parts), []
-            if reader is not None:
-                text = reader.feed(text)
-                tail, calls = reader.finish()
-                text += tail
+            text, calls, stats = whole.text, whole.calls, whole.stats
             message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+            if whole.reasoning:
+                message["reasoning_content"] = whole.reasoning
             if calls:
                 message["tool_calls"] = [c.as_openai() for c in calls]
             body = ({"index": 0, "message": message, "finish_reason": finish(stats, calls), "logprobs": None}
@@ -300,32 +362,29 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
 
         async def events() -> AsyncIterator[str]:
             chunk_obj = obj + ".chunk" if chat else obj
-            stats = None
-            first = True
+            first, last = True, Piece()
             try:
-                async for chunk in generate(ticket, turn.prompt, settings_, turn.grammar):
-                    stats = chunk.stats or stats
-                    text = reader.feed(chunk.text) if reader is not None else chunk.text
-                    if text or first:
-                        yield sse({**head, "object": chunk_obj, "choices": [choice(text, None, first)]})
+                async for piece in answer(ticket, turn, settings_, thoughts=chat):
+                    if piece.stats is not None:  # the last piece: its calls come before the finish
+                        last = piece
+                    elif piece.text or piece.reasoning or first:
+                        yield sse({**head, "object": chunk_obj, "choices": [choice(piece, None, first)]})
                         first = False
             except ContextOverflow as exc:
                 yield sse(error_body(str(exc), "context_length_exceeded"))
                 return
-            calls: list[ToolCall] = []
-            if reader is not None:
-                tail, calls = reader.finish()
-                if tail or calls:
-                    yield sse({**head, "object": chunk_obj, "choices": [choice(tail, None, calls=calls)]})
-            yield sse({**head, "object": chunk_obj, "choices": [choice(None, finish(stats, calls))]})
+            if last.text or last.reasoning or last.calls:
+                yield sse({**head, "object": chunk_obj, "choices": [choice(last)]})
+            done = choice(Piece(), finish(last.stats, last.calls))
+            yield sse({**head, "object": chunk_obj, "choices": [done]})
             if include_usage:
-                yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stats)})
+                yield sse({**head, "object": chunk_obj, "choices": [], "usage": usage(last.stats)})
             yield "data: [DONE]\n\n"
 
         return TicketStreamingResponse(events(), ticket)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    def chat_turn(req: ChatRequest) -> Callable[[Ticket], Turn]:
+        """What builds the turn of a chat request on its model; ServerError (400) names a bad field."""
         try:
             messages = [m.as_dict(f"messages[{i}]") for i, m in enumerate(req.messages)]
         except ValueError as exc:
@@ -348,7 +407,11 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
             except ValueError as exc:
                 raise ServerError(400, str(exc), "invalid_messages", "messages") from None
 
-        ticket, turn, settings_ = await prepare(req, build)
+        return build
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        ticket, turn, settings_ = await prepare(req, chat_turn(req))
         return await respond(req, ticket, turn, settings_, chat=True)
 
     @app.post("/v1/completions")
@@ -356,4 +419,40 @@ def create_app(settings: ServerSettings | None = None, store: Store | None = Non
         ticket, turn, settings_ = await prepare(req, lambda t: Turn(req.text))
         return await respond(req, ticket, turn, settings_, chat=False)
 
+    async def embed(name: str, texts: list[str], truncate: bool = False, dimensions: int | None = None,
+                    keep_alive: float = settings.keep_alive) -> tuple[list[list[float]], int]:
+        """Embeddings of `texts` by model `name` and the tokens they took; ServerError (400) for a
+        model that cannot embed, or an input that is empty or too long."""
+        ticket = await mgr().ticket(name)
+        ticket.model.keep_alive = keep_alive_seconds(keep_alive)
+        try:
+            vectors, n_tokens = await on_model(ticket, lambda: ticket.model.backend.embed(texts, truncate))
+        except CannotEmbed as exc:
+            raise ServerError(400, f"model {name!r} cannot embed: {exc}", "model_cannot_embed",
+                              "model") from None
+        except ValueError as exc:
+            raise ServerError(400, str(exc), "invalid_value", "input") from None
+        finally:
+            ticket.release()
+        if dimensions is not None and vectors and dimensions != len(vectors[0]):
+            raise ServerError(400, f"dimensions={dimensions}: model {name!r} gives {len(vectors[0])}-"
+                                   "dimensional embeddings, and cannot shorten them", "invalid_value",
+                              "dimensions")
+        return vectors, n_tokens
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        vectors, n_tokens = await embed(req.model, req.texts, dimensions=req.dimensions)
+
+        def encoded(v: list[float]) -> str | list[float]:  # base64: what the openai client asks for by default
+            little_endian_f32 = np.asarray(v, "<f4").tobytes()
+            return v if req.encoding_format == "float" else base64.b64encode(little_endian_f32).decode()
+
+        return {"object": "list", "model": req.model,
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    app.include_router(ollama_routes(Pipeline(mgr, store, prepare, chat_turn, answer, collect, embed,
+                                              TicketStreamingResponse)))
     return app

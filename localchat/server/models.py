@@ -1,20 +1,22 @@
 """The models a server keeps loaded, and the fair queue in front of each.
 
 A model loads on first use and stays; when another one needs the memory (or the
-`max_models` cap is reached) the least recently used idle model is unloaded. Each model
-runs one generation at a time behind a FIFO lock; `Ticket`s count the requests waiting
-or running so a full queue is refused up front instead of piling up.
+`max_models` cap is reached) the least recently used idle model is unloaded, and any model
+idle for its keep-alive (the server's, or what the last request set) is unloaded by `reap`. Each model's
+engine decodes its requests (llama.cpp: up to `parallel` at once, in one batch, the rest
+waiting in arrival order; others one at a time); `Ticket`s count the requests waiting or
+running so a full queue is refused up front instead of piling up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.backend import Backend
+from ..engine.batching import Engine
 from ..engine.registry import load_backend
 from ..engine.settings import SamplingSettings, model_settings
 from ..hardware import HardwareReport, probe
@@ -25,6 +27,11 @@ from .settings import ServerSettings
 
 
 RUNNABLE_FORMATS = ("gguf", "gptq", "lora")  # store formats a backend can serve ("hf" needs converting first)
+
+
+def keep_alive_seconds(seconds: float) -> float | None:
+    """A keep-alive as LoadedModel holds it: negative means until the server stops (None)."""
+    return None if seconds < 0 else seconds
 
 
 class ServerError(Exception):
@@ -49,16 +56,21 @@ class LoadedModel:
     backend: Backend
     defaults: dict[str, Any]
     settings: SamplingSettings  # the model's preset: what a request's sampling fields override
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Every decode of a model runs on this one thread: llama.cpp's OpenMP keeps a spinning
-    # thread team per calling thread, and teams from several threads fight over the cores.
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "localchat-decode"))
+    # Decodes every request on one thread of its own (engine/batching.py): llama.cpp's OpenMP keeps
+    # a spinning thread team per calling thread, and teams from several threads fight over the cores.
+    engine: Engine
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None  # seconds it stays loaded once idle (None: until the server stops)
+
+    @property
+    def expires(self) -> float | None:
+        """When (time.monotonic) an idle model unloads; None: never."""
+        return None if self.keep_alive is None else self.last_used + self.keep_alive
 
     @property
     def idle(self) -> bool:
-        return self.tickets == 0 and not self.lock.locked()
+        return self.tickets == 0
 
 
 class Ticket:
@@ -112,7 +124,8 @@ class ModelManager:
                                                            f"{self.store.manifest_path}")
             except Exception as exc:  # a damaged file in the store: say which model and why
                 raise load_failed(name, exc) from None
-            overrides = Overrides(context=self.settings.context, threads=self.settings.threads)
+            overrides = Overrides(context=self.settings.context, threads=self.settings.threads,
+                                  parallel=self.settings.parallel, kv_cache=self.settings.kv_cache)
             try:
                 p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
             except RuntimeError as exc:
@@ -127,15 +140,31 @@ class ModelManager:
                 self.unload(min(idle, key=lambda m: m.last_used).name)
             try:
                 backend = await asyncio.to_thread(load_backend, p)
+                engine = await asyncio.to_thread(backend.engine, p.slots)
             except Exception as exc:
                 raise load_failed(name, exc) from None
-            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset)
+            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset, engine,
+                                keep_alive=keep_alive_seconds(self.settings.keep_alive))
             self.loaded[name] = model
             return model
 
+    def reap(self) -> list[str]:
+        """Unload the idle models whose keep-alive has run out; their names."""
+        now = time.monotonic()
+        gone = [m.name for m in self.loaded.values() if m.idle and m.expires is not None and m.expires <= now]
+        for name in gone:
+            self.unload(name)
+        return gone
+
+    async def reap_forever(self, every: float = 0.25) -> None:
+        """`reap` until cancelled (the app's lifespan runs it)."""
+        while True:
+            await asyncio.sleep(every)
+            self.reap()
+
     def unload(self, name: str) -> None:
         model = self.loaded.pop(name)
-        model.worker.shutdown(wait=True)
+        model.engine.close()  # waits for the step in progress
         model.backend.close()
 
     def close(self) -> None:

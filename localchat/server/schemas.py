@@ -211,3 +211,29 @@ class CompletionRequest(SamplingFields):
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingInput(BaseModel):
+    """The texts to embed, one or a batch (token-id input is not taken): OpenAI's and Ollama's field."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str] = Field(union_mode="left_to_right")
+    dimensions: int | None = Field(default=None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _some(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= 2048:
+            raise ValueError("give between 1 and 2048 texts")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbeddingRequest(EmbeddingInput):
+    """/v1/embeddings."""
+
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"

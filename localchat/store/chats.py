@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..chat.reasoning import without_thoughts
 from ..fsutil import atomic_write_text
 
 CHAT_VERSION = 1
@@ -50,6 +51,40 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)  # user/assistant turns, no system
     created: str = field(default_factory=_now)
     updated: str = field(default_factory=_now)
+    # Earlier versions, by the index of the message where they part: {"4": {"tails": [...], "at": 1}}.
+    # Each tail is {"messages": [...], "versions": {...}} (the versions further down that tail); the
+    # one shown (tails[at]) is None, since it is `messages[i:]` itself.
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def fork(self, index: int) -> None:
+        """Keep `messages[index:]` as a version and start a new, empty one there: Regenerate and
+        Edit call this, so the answer or the question they replace can be paged back to."""
+        v = self.versions.setdefault(str(index), {"tails": [None], "at": 0})
+        v["tails"][v["at"]] = self._tail(index)
+        del self.messages[index:]
+        v["tails"].append(None)
+        v["at"] = len(v["tails"]) - 1
+
+    def show_version(self, index: int, k: int) -> None:
+        """Show version `k` (from 0) of what follows message `index`, keeping the one shown now."""
+        v = self.versions[str(index)]
+        if not 0 <= k < len(v["tails"]) or k == v["at"]:
+            return
+        v["tails"][v["at"]] = self._tail(index)
+        tail, v["tails"][k], v["at"] = v["tails"][k], None, k
+        del self.messages[index:]
+        self.messages += tail["messages"]
+        self.versions.update(tail["versions"])
+
+    def branch_point(self) -> int | None:
+        """The last message index with more than one version (where ‹k/n› pages), if any."""
+        points = [int(i) for i, v in self.versions.items() if len(v["tails"]) > 1 and int(i) <= len(self.messages)]
+        return max(points, default=None)
+
+    def _tail(self, index: int) -> dict[str, Any]:
+        """`messages[index:]` and the versions inside it, taken out of the conversation's record."""
+        inner = {i: self.versions.pop(i) for i in list(self.versions) if int(i) > index}
+        return {"messages": [dict(m) for m in self.messages[index:]], "versions": inner}
 
     def auto_title(self) -> None:
         """Name a new chat after its first question, as chat apps do."""
@@ -150,7 +185,7 @@ def write_dataset(history: ChatHistory, chat_ids: list[str], out: str | Path) ->
     rows = []
     for chat_id in chat_ids:
         conv = history.load(chat_id)
-        msgs = [m for m in conv.full_messages() if m["content"].strip()]
+        msgs = [m for m in without_thoughts(conv.full_messages()) if m["content"].strip()]
         if not any(m["role"] == "assistant" for m in msgs):
             raise ChatError(f"chat {chat_id} ({conv.title!r}) has no assistant answer to learn from")
         rows.append({"messages": msgs})

@@ -1,0 +1,227 @@
+"""Whether vLLM serves a GPTQ folder with its fast Marlin kernels, and if not, why.
+
+The rules are vLLM's own, read from its source (kept here as data so `check-vllm`, `info`,
+`serve --engine vllm` and `convert --to gptq` share them):
+
+- `GPTQMarlinConfig.is_gptq_marlin_compatible` (vllm/model_executor/layers/quantization/
+  gptq_marlin.py, up to 0.1x) and `AutoGPTQConfig` (auto_gptq.py, 0.32): `quant_method` must be
+  "gptq"; `bits`, `group_size`, `sym` and `desc_act` must all be present; `(bits, sym)` must be in
+  `TYPE_MAP` = {(4, True): uint4b8, (8, True): uint8b128}, so only symmetric 4- or 8-bit weights.
+  On the CPU (`_query_cpu_marlin_supported_quant_types`) only uint4b8, i.e. 4 bits.
+- `check_marlin_supported` (utils/marlin_utils.py): `group_size` in MARLIN_SUPPORTED_GROUP_SIZES =
+  [-1, 32, 64, 128].
+- `normalize_and_validate_gptq_desc_act` (utils/gptq_utils.py, 0.32): `desc_act` true is a no-op
+  with `group_size` -1 and refused otherwise ("GPTQ group activation ordering (desc_act=True) is no
+  longer supported"); older releases ran it through a g_idx sort, slower and not across ranks.
+- `GPTQConfig.from_config` (gptq.py) reads `checkpoint_format` (default "") and its kernel uses
+  `use_v2_format = checkpoint_format == "gptq_v2"`: a stored zero-point is the zero minus one (v1,
+  GPTQ's original layout, GPTQModel's `FORMAT.GPTQ`) unless the folder says "gptq_v2" (GPTQModel's
+  `FORMAT.GPTQ_V2`, the stored zero is the zero). A folder that stores v2 zero-points without
+  saying so is read off by one on every group: the garbage outputs of vLLM issue #26343.
+- The Marlin kernel (kernels/linear/mixed_precision/marlin.py, `can_implement`): with tensor
+  parallelism each rank's share of a row-parallel layer's input must hold whole groups.
+
+Reading the zero-points needs no torch: the safetensors layout (8-byte header length, a JSON
+header, raw little-endian tensors) is read with numpy, which the core install has.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
+MARLIN_BITS_CUDA = (4, 8)  # GPTQMarlinConfig.TYPE_MAP, symmetric only
+MARLIN_BITS_CPU = (4,)  # _query_cpu_marlin_supported_quant_types
+V2_FORMAT = "gptq_v2"
+# Row-parallel layers: vLLM splits their input (in_features) across tensor-parallel ranks.
+ROW_PARALLEL = ("o_proj", "down_proj", "w2", "dense", "out_proj", "c_proj")
+
+
+@dataclass
+class VllmCheck:
+    """The verdict on one folder: `problems` are why vLLM's Marlin path will not (or will wrongly)
+    serve it; `notes` are facts worth knowing that do not stop it."""
+
+    folder: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line, for `localchat info` and refusals."""
+        if self.ok:
+            return "vLLM: served with its Marlin (gptq_marlin) kernels"
+        return "vLLM: not on its Marlin path: " + "; ".join(self.problems)
+
+
+def quantization_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """The GPTQ settings vLLM reads: config.json's `quantization_config` (what it looks at first),
+    else quantize_config.json; a note when both exist and disagree on a field vLLM reads."""
+    def read(name: str) -> dict[str, Any]:
+        p = folder / name
+        if not p.is_file():
+            return {}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{p}: not a JSON file: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a JSON object")
+        return data
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json: not a Hugging Face model folder")
+    hf = read("config.json").get("quantization_config") or {}
+    qfile = read("quantize_config.json")
+    notes = []
+    if hf and qfile:
+        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format"):
+            if key in qfile and hf.get(key) != qfile[key]:
+                notes.append(f"config.json says {key}={hf.get(key)!r} but quantize_config.json says "
+                             f"{qfile[key]!r}; vLLM reads config.json")
+    return (hf or qfile), notes
+
+
+def settings_problems(q: dict[str, Any], on_cpu: bool = False, where: str = "") -> list[str]:
+    """Why `q` (a quantization config, or one `dynamic` override merged onto it) is not Marlin's."""
+    out: list[str] = []
+    method = str(q.get("quant_method", "")).lower()
+    if method != "gptq":
+        return [f"{where}quant_method is {method or 'missing'!r}, not 'gptq'"]
+    missing = [k for k in ("bits", "group_size", "sym", "desc_act") if q.get(k) is None]
+    if missing:
+        return [f"{where}{', '.join(missing)} missing: vLLM cannot tell whether Marlin fits"]
+    bits, group, sym, desc_act = q["bits"], q["group_size"], q["sym"], q["desc_act"]
+    if not sym:
+        out.append(f"{where}sym is false: Marlin has only symmetric GPTQ types (uint4b8, uint8b128); "
+                   "re-quantize with sym=true")
+    allowed = MARLIN_BITS_CPU if on_cpu else MARLIN_BITS_CUDA
+    if bits not in allowed:
+        out.append(f"{where}bits is {bits}: Marlin reads {' or '.join(map(str, allowed))}-bit GPTQ"
+                   + (" on the CPU" if on_cpu else ""))
+    if group not in MARLIN_GROUP_SIZES:
+        out.append(f"{where}group_size is {group}: Marlin reads {', '.join(map(str, MARLIN_GROUP_SIZES))}")
+    if desc_act and group != -1:
+        out.append(f"{where}desc_act is true with groups of {group}: vLLM 0.32 refuses activation order "
+                   "(older releases reorder through g_idx, slower); re-quantize with desc_act=false")
+    return out
+
+
+def _tensor_index(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every tensor's file and safetensors header entry (dtype, shape, data_offsets)."""
+    index: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: truncated safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 1024**2:
+                raise ValueError(f"{path}: safetensors header of {n} bytes: not a safetensors file")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as exc:
+                raise ValueError(f"{path}: unreadable safetensors header: {exc}") from None
+        for name, meta in header.items():
+            if name != "__metadata__":
+                index[name] = (path, {**meta, "_base": 8 + n})
+    return index
+
+
+def _read_int32(path: Path, meta: dict[str, Any]) -> np.ndarray:
+    start, end = meta["data_offsets"]
+    with path.open("rb") as f:
+        f.seek(meta["_base"] + start)
+        return np.frombuffer(f.read(end - start), dtype="<i4")
+
+
+def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Compare the stored zero-points with the format the folder declares.
+
+    A symmetric GPTQ layer's zero is 2**(bits-1) for every group: v1 stores it minus one (7 for
+    4 bits, packed as 0x77777777), v2 stores it as it is (8, 0x88888888). Every `.qzeros` tensor is
+    read (they are small: one value per group and output channel)."""
+    bits, sym = q.get("bits"), q.get("sym")
+    declared = str(q.get("checkpoint_format") or "")
+    if not sym or bits not in (2, 4, 8):
+        return [], ["zero-points not checked (asymmetric or unusual bits: v1 and v2 look alike)"]
+    index = _tensor_index(folder)
+    zeros = [n for n in index if n.endswith(".qzeros")]
+    if not zeros:
+        return ["no .qzeros tensors in the safetensors files: not a GPTQ checkpoint"], []
+    mask, per_word = (1 << bits) - 1, 32 // bits
+    layouts = {frozenset({2 ** (bits - 1) - 1}): "v1", frozenset({2 ** (bits - 1)}): "v2"}
+    kinds: dict[str, list[str]] = {"v1": [], "v2": [], "other": []}
+    for name in zeros:
+        path, meta = index[name]
+        if meta.get("dtype") != "I32":
+            kinds["other"].append(name)
+            continue
+        words = _read_int32(path, meta).view(np.uint32)
+        values = {int(v) for s in range(per_word) for v in np.unique((words >> (bits * s)) & mask)}
+        kinds[layouts.get(frozenset(values), "other")].append(name)
+    problems = []
+    if kinds["v2"] and declared != V2_FORMAT:
+        problems.append(f"stores v2 zero-points ({2 ** (bits - 1)}, e.g. {kinds['v2'][0]}) but checkpoint_format "
+                        f"is {declared or 'missing'!r}: vLLM reads them as v1 (zero minus one) and the model "
+                        f"answers garbage; set checkpoint_format to 'gptq_v2' or convert to v1")
+    if kinds["v1"] and declared == V2_FORMAT:
+        problems.append(f"checkpoint_format is 'gptq_v2' but {kinds['v1'][0]} stores v1 zero-points "
+                        f"({2 ** (bits - 1) - 1}): vLLM would read every zero one too low")
+    if kinds["other"]:
+        problems.append(f"{len(kinds['other'])} qzeros tensors (e.g. {kinds['other'][0]}) hold zero-points "
+                        "other than a symmetric quantizer's: the config's sym=true does not match the weights")
+    if problems:
+        return problems, []
+    kind = "v2, declared gptq_v2" if kinds["v2"] else "v1"
+    return [], [f"zero-points: {kind} in all {len(zeros)} quantized modules"]
+
+
+def tensor_parallel_problems(folder: Path, bits: int, group: int, tp: int) -> list[str]:
+    """With `tp` ranks, each rank's slice of a row-parallel layer's input must hold whole groups
+    (a qweight is [in_features / (32 / bits), out_features]: 32 / bits inputs packed per int32)."""
+    if tp <= 1:
+        return []
+    out = []
+    for name, (_, meta) in sorted(_tensor_index(folder).items()):
+        if not (name.endswith(".qweight") and any(f".{r}." in name for r in ROW_PARALLEL)):
+            continue
+        in_features = meta["shape"][0] * (32 // bits)
+        share = in_features // tp
+        if in_features % tp or (group != -1 and share % group):
+            out.append(f"{name}: {in_features} inputs over {tp} GPUs is {in_features / tp:g} each, "
+                       f"not whole groups of {group}: use fewer GPUs (--tensor-parallel)")
+    return out[:3]
+
+
+def check_folder(folder: str | Path, on_cpu: bool = False, tensor_parallel: int = 1) -> VllmCheck:
+    """The full verdict on a GPTQ folder; raises ValueError only when it is not a model folder."""
+    folder = Path(folder)
+    q, notes = quantization_config(folder)
+    result = VllmCheck(folder, q, notes=notes)
+    if not q:
+        result.problems.append("no quantization_config in config.json and no quantize_config.json: "
+                               "not a GPTQ folder (vLLM serves it unquantized, if at all)")
+        return result
+    result.problems += settings_problems(q, on_cpu)
+    for pattern, override in (q.get("dynamic") or {}).items():
+        if isinstance(override, dict) and not str(pattern).startswith("-:"):
+            result.problems += settings_problems({**q, **override}, on_cpu, where=f"dynamic rule {pattern!r}: ")
+    if str(q.get("quant_method", "")).lower() == "gptq":
+        zp_problems, zp_notes = zero_point_problems(folder, q)
+        result.problems += zp_problems
+        result.notes += zp_notes
+        if not result.problems:
+            result.problems += tensor_parallel_problems(folder, int(q["bits"]), int(q["group_size"]),
+                                                        tensor_parallel)
+    return result
