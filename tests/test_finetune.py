@@ -107,7 +107,7 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
 def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_gguf: Path) -> None:
     base = starter_hf(starter_gguf)
     args = ["-m", "localchat", "finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat2",
-            "--save-every", "5", "--no-export", "-q", "--no-pack"]
+            "--save-every", "5", "--no-export", "-q", "--no-pack", "--replay", "0"]
     log = home.root / "cat2" / "finetune" / "loss.jsonl"
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
