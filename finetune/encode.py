@@ -29,6 +29,9 @@ class Encoded:
     # Packed rows only: each token's position within its own row. The model sees each row
     # alone (positions restart, attention stays inside the row), as it will at chat time.
     positions: list[int] | None = None
+    # Per token: its target is the base model's whole next-token distribution rather than the
+    # label (replay rows under --replay-kl); None when no token's is.
+    soft: list[bool] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -129,12 +132,19 @@ def pack(rows: list[Encoded], max_len: int) -> list[Encoded]:
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
+    soft: list[bool] = []
+    any_soft = any(r.soft for r in rows)
+
+    def close() -> None:
+        packed.append(Encoded(ids, labels, positions, soft if any_soft else None))
+
     for r in rows:
         if ids and len(ids) + len(r.input_ids) > max_len:
-            packed.append(Encoded(ids, labels, positions))
-            ids, labels, positions = [], [], []
+            close()
+            ids, labels, positions, soft = [], [], [], []
         ids, labels = ids + r.input_ids, labels + r.labels
         positions = positions + list(range(len(r.input_ids)))
+        soft = soft + (r.soft or [False] * len(r.input_ids))
     if ids:
-        packed.append(Encoded(ids, labels, positions))
+        close()
     return packed

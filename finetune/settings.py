@@ -25,6 +25,8 @@ class TrainSettings(Options):
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
     replay: int = option(64, "general prompts the base model answers itself before training, trained on beside "
                             "your rows so it keeps answering other questions as before (0: none)", 0, 1000)
+    replay_kl: bool = option(False, "train the replay answers toward the base's whole next-token distribution "
+                                    "(a KL term) rather than its greedy words")
     held_out: float = option(0.1, "fraction of rows kept out of training to measure loss and recall", 0.0, 0.5)
     early_stop: bool = option(False, "measure the held-out loss after every pass over the data and keep the "
                                      "adapter of the pass where it was lowest")

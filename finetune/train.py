@@ -105,6 +105,12 @@ def _collate(batch: list[Encoded], pad_id: int, device: str) -> dict[str, torch.
     out = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
     if any(r.positions for r in batch):
         out["position_ids"] = positions.to(device)
+    if any(r.soft for r in batch):
+        soft = torch.zeros((len(batch), width), dtype=torch.bool)
+        for i, r in enumerate(batch):
+            if r.soft:
+                soft[i, :len(r.soft)] = torch.tensor(r.soft)
+        out["soft"] = soft.to(device)
     return out
 
 
@@ -113,6 +119,10 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
 
     The output layer runs only where a label is trained: on chat data most positions are
     prompt, and the vocabulary-wide matmul and softmax are the costliest step of a small model.
+    Tokens marked `soft` (replay rows under --replay-kl) are trained toward the base model's own
+    next-token distribution instead (KL divergence, the adapter switched off for the target):
+    every probability the base gives, not only its greedy pick, so the fine-tune keeps how the
+    base answers other questions while it learns the user's rows.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "position_ids" in batch:  # packed rows: transformers keeps each row's attention inside the row
@@ -125,7 +135,15 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     keep = labels != IGNORE
     logits = base.lm_head(hidden[:, :-1][keep]).float()
     n = int(keep.sum())
-    loss = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+    soft = batch["soft"][:, 1:][keep] if batch.get("soft") is not None else None
+    if soft is None or not soft.any():
+        return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), n
+    loss = torch.nn.functional.cross_entropy(logits[~soft], labels[keep][~soft], reduction="sum")
+    with torch.no_grad(), model.disable_adapter():
+        target = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+        target = base.lm_head(target[:, :-1][keep][soft]).float().log_softmax(-1)
+    loss = loss + torch.nn.functional.kl_div(logits[soft].log_softmax(-1), target, log_target=True,
+                                             reduction="sum")
     return loss, n
 
 
@@ -138,10 +156,12 @@ class LossOf(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                position_ids: torch.Tensor | None = None,
+                soft: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if position_ids is not None:  # packed rows (see _loss)
-            batch["position_ids"] = position_ids
+        for k, v in {"position_ids": position_ids, "soft": soft}.items():
+            if v is not None:  # packed rows, replay rows under --replay-kl (see _loss)
+                batch[k] = v
         return _loss(self.model, batch)
 
 
@@ -296,7 +316,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     with dist.main_first():  # the main process answers the prompts and saves them; the others read its rows
         replayed = _replay_rows(model, tok, template, settings.replay, out, resume or not dist.main, device,
                                 bf16)
-    rows += [encode(ex, tok, template, max_len) for ex in replayed]
+    rows += [_as_replay(encode(ex, tok, template, max_len), settings.replay_kl) for ex in replayed]
     if settings.pack:
         rows = pack(rows, max_len)
     if checkpointing:
@@ -467,6 +487,11 @@ def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, d
         return best
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()} if keep else None
     return _Best(step, loss, state)
+
+
+def _as_replay(row: Encoded, kl: bool) -> Encoded:
+    """A replay row, its answer's tokens trained toward the base's distribution with --replay-kl."""
+    return replace(row, soft=[True] * len(row.input_ids)) if kl else row
 
 
 def _replay_rows(model: Any, tok: Any, template: str | None, count: int, out: Path, resume: bool, device: str,

@@ -353,3 +353,40 @@ def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, sta
     r = localchat(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "train_config.json").read_text())["replay_rows"] == 1
+
+
+
+def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
+    """A packed sequence of a user row and a replay row under --replay-kl: while the adapter is still zero
+    (the fine-tune is the base) the replay row adds nothing to the loss, only the user row's cross-entropy
+    counts; once the adapter has moved, the replay row adds exactly KL(base || fine-tune) over its answer
+    tokens, the base read with the adapter switched off."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from localchat.finetune.encode import IGNORE, Encoded, pack
+    from localchat.finetune.train import _collate, _loss
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(transformers.LlamaForCausalLM(config),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    mine = Encoded(list(range(1, 9)), [IGNORE] * 4 + list(range(5, 9)))
+    replayed = Encoded(list(range(10, 18)), [IGNORE] * 4 + list(range(14, 18)), soft=[True] * 8)
+    both = _collate(pack([mine, replayed], 64), 0, "cpu")
+    alone = _collate([mine], 0, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(_loss(model, both)[0], _loss(model, alone)[0])
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                for b in layer.lora_B.values():
+                    torch.nn.init.normal_(b.weight, std=1.0)
+        ids = torch.tensor([replayed.input_ids])
+        tuned = model(input_ids=ids).logits[0, 3:-1].log_softmax(-1)  # the predictions of the answer tokens
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[0, 3:-1].log_softmax(-1)
+        kl = torch.nn.functional.kl_div(tuned, base, log_target=True, reduction="sum")
+        assert kl > 0.01
+        assert torch.allclose(_loss(model, both)[0], _loss(model, alone)[0] + kl, atol=1e-4)
