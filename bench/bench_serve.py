@@ -10,6 +10,11 @@ to --parallel requests in one llama.cpp batch (continuous batching), so at 16 cl
 aggregate rate should be well above one stream's (goal: 2.5x on the 1B model), and at one
 client it should stay at or above 0.95x.
 
+The anchor is llama.cpp's own `llama-server` (built by bench/build_llama_server.py from the
+llama.cpp that the installed llama-cpp-python vendors) on the same model file, prompts, sampling
+and client, with `-np` = --parallel, taking its turn in every round; where it cannot be built,
+the bench says why and runs without it.
+
     python bench/bench_serve.py [--model llama-1b] [--clients 1 4 16] [--tokens 64] [--rounds 3] [--quick]
 """
 
@@ -28,9 +33,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from results import alternate, figure, fmt, ratio, report
+from results import figure, fmt, ratio, report, take_turns
+
+if TYPE_CHECKING:
+    from localchat.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,8 +111,9 @@ class InProcess:
         self.loaded.backend.close()
 
 
-def load(base: str, model: str, clients: int, per_client: int, tokens: int) -> dict:
-    """`clients` concurrent streaming clients, each sending `per_client` requests in turn."""
+def load(base: str, model: str, clients: int, per_client: int, tokens: int, extra: dict | None = None) -> dict:
+    """`clients` concurrent streaming clients, each sending `per_client` requests in turn (`extra`:
+    sampling fields outside OpenAI's API, for llama-server to sample as localchat does)."""
     import openai
 
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
@@ -114,7 +123,7 @@ def load(base: str, model: str, clients: int, per_client: int, tokens: int) -> d
         ttft, n = None, 0
         stream = client.completions.create(
             model=model, stream=True, max_tokens=tokens, temperature=0, seed=0,
-            stream_options={"include_usage": True}, prompt=prompt(i))
+            stream_options={"include_usage": True}, prompt=prompt(i), extra_body=extra)
         for event in stream:
             if ttft is None and event.choices and event.choices[0].text:
                 ttft = time.perf_counter() - t0
@@ -135,25 +144,72 @@ def load(base: str, model: str, clients: int, per_client: int, tokens: int) -> d
 
 @contextlib.contextmanager
 def server(port: int, context: int, parallel: int) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([sys.executable, "-m", "localchat", "serve", "--port", str(port),
-                             "--context", str(context), "--parallel", str(parallel)], env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise RuntimeError("server did not start: "
-                                       + (proc.stderr.read().decode()[-2000:] if proc.stderr else ""))
-                time.sleep(0.2)
+    """`localchat serve` on the store in LOCALCHAT_HOME."""
+    with running([sys.executable, "-m", "localchat", "serve", "--port", str(port), "--context", str(context),
+                  "--parallel", str(parallel), "--kv-cache", "f16"], port) as proc:  # f16, as llama-server's
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+def llama_server_binary(build: bool) -> Path | None:
+    """The built llama-server, building it first where `build` (10+ minutes); None, with the reason
+    printed, where there is none."""
+    import build_llama_server
+
+    if build_llama_server.binary().is_file():
+        return build_llama_server.binary()
+    if not build:
+        print(f"llama-server: not built ({build_llama_server.binary()} is missing; "
+              "run bench/build_llama_server.py): the bench runs without it", file=sys.stderr)
+        return None
+    try:
+        return build_llama_server.build()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"llama-server: cannot build it ({exc}): the bench runs without it", file=sys.stderr)
+        return None
+
+
+@contextlib.contextmanager
+def llama_server(binary: Path, port: int, model: str, p: Plan, context: int, parallel: int
+                 ) -> Iterator[subprocess.Popen]:
+    """llama.cpp's own server on the file the in-process side runs (its plan `p`), with the same threads and
+    batch size, the same context per slot (its -c is all slots' together) and `parallel` slots, answering as
+    `model`."""
+    from localchat.engine.llamacpp import DEFAULT_BATCH
+
+    with running([str(binary), "-m", p.artifact.path, "-a", model, "--host", "127.0.0.1", "--port", str(port),
+                  "-c", str(context * parallel), "-np", str(parallel), "-t", str(p.threads), "-tb", str(p.threads),
+                  "-b", str(DEFAULT_BATCH), "-ub", str(DEFAULT_BATCH), "--no-webui"], port) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def running(argv: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """`argv` started, once its /health answers 200; stopped on the way out. Its log goes to a temp file,
+    not a pipe: llama-server logs every request, and a full pipe would stall it mid-bench."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:  # (llama-server answers 503 while it loads: an HTTPError, an OSError)
+                    if time.time() > deadline or proc.poll() is not None:
+                        proc.kill()
+                        proc.wait()
+                        log.seek(0)
+                        raise RuntimeError(f"{Path(argv[0]).name} did not start: "
+                                           + log.read().decode(errors="replace")[-2000:])
+                    time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=CONTEXT, help="tokens of context per slot")
     ap.add_argument("--parallel", type=int, help="the server's slots (default: the most clients)")
     ap.add_argument("--quick", action="store_true",
-                    help="one round, one request per client, 32 tokens, 1024 context: checks the bench runs")
+                    help="one round, one request per client, 32 tokens, 1024 context: checks the bench runs "
+                         "(with llama-server only where it is built already)")
+    ap.add_argument("--no-llama-server", action="store_true", help="leave out the llama-server anchor")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.per_client, args.tokens, args.context = 1, 1, 32, 1024
@@ -181,40 +239,71 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def measure(args: argparse.Namespace, parallel: int) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/v1"
+    from localchat.engine import SamplingSettings
+
+    binary = None if args.no_llama_server else llama_server_binary(build=not args.quick)
+    port, anchor_port = free_port(), free_port()
+    base, anchor_base = f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{anchor_port}/v1"
+    # llama-server samples greedily at temperature 0 too; the penalty is the one in-process applies.
+    same = {"repeat_penalty": SamplingSettings().repeat_penalty}
     inproc = InProcess(args.model, args.tokens, args.context)
     figures: dict[str, dict] = {}
     try:
-        with server(port, args.context, parallel):
-            # Warm-up: loads the model in the server; one generation on each side.
-            alternate(lambda: load(base, args.model, 1, 1, args.tokens), lambda: inproc.run(1), 0, warmup=1)
+        with contextlib.ExitStack() as servers:
+            servers.enter_context(server(port, args.context, parallel))
+            sides = {"in-process": lambda c, n: inproc.run(n),
+                     "server": lambda c, n: load(base, args.model, c, args.per_client, args.tokens)}
+            if binary is not None:
+                servers.enter_context(llama_server(binary, anchor_port, args.model, inproc.loaded.plan,
+                                                   args.context, parallel))
+                sides["llama-server"] = lambda c, n: load(anchor_base, args.model, c, args.per_client, args.tokens,
+                                                          same)
+            # Warm-up: loads the model in the servers; one generation on each side.
+            take_turns([lambda f=f: f(1, 1) for f in sides.values()], 0, warmup=1)
+            anchor = "llama-server" in sides
             print(f"{'clients':>7s} {'requests':>8s} {'server tok/s':>26s} {'in-process tok/s':>26s} "
-                  f"{'server / in-process':>26s} {'TTFT p50 ms':>24s} {'TTFT p95 ms':>24s}")
+                  f"{'server / in-process':>26s} {'TTFT p50 ms':>24s} {'TTFT p95 ms':>24s}"
+                  + (f" {'llama-server tok/s':>26s} {'llama-server / in-process':>26s} "
+                     f"{'server / llama-server':>26s} {'its TTFT p95 ms':>24s}" if anchor else ""))
             for c in args.clients:
                 n = c * args.per_client
-                srv, own = alternate(lambda: load(base, args.model, c, args.per_client, args.tokens),
-                                     lambda: inproc.run(n), args.rounds, warmup=0)
-                if any(s["tokens"] != o["tokens"] for s, o in zip(srv, own)):
-                    print(f"note: {c} clients: server and in-process generated different token counts "
-                          f"({srv[0]['tokens']} / {own[0]['tokens']})", file=sys.stderr)
+                runs = dict(zip(sides, take_turns([lambda f=f: f(c, n) for f in sides.values()], args.rounds,
+                                                  warmup=0)))
+                srv, own = runs["server"], runs["in-process"]
+                for name, res in runs.items():
+                    if any(r["tokens"] != o["tokens"] for r, o in zip(res, own)):
+                        print(f"note: {c} clients: {name} and in-process generated different token counts "
+                              f"({res[0]['tokens']} / {own[0]['tokens']})", file=sys.stderr)
                 f = {"server_tok_s": figure([r["tok_s"] for r in srv], "tok/s", f"{c} clients, {n} requests"),
                      "inprocess_tok_s": figure([r["tok_s"] for r in own], "tok/s", f"{n} requests in turn"),
                      "ratio": ratio([r["tok_s"] for r in srv], [r["tok_s"] for r in own],
                                     "server / in-process throughput, per round"),
                      "ttft_p50": figure([r["p50_ms"] for r in srv], "ms", "each round's p50, over rounds"),
                      "ttft_p95": figure([r["p95_ms"] for r in srv], "ms", "each round's p95, over rounds")}
+                line = (f"{c:7d} {n:8d} {fmt(f['server_tok_s'], 1):>26s} {fmt(f['inprocess_tok_s'], 1):>26s} "
+                        f"{fmt(f['ratio'], 3):>26s} {fmt(f['ttft_p50'], 0):>24s} {fmt(f['ttft_p95'], 0):>24s}")
+                if anchor:
+                    theirs = runs["llama-server"]
+                    f |= {"llama_server_tok_s": figure([r["tok_s"] for r in theirs], "tok/s",
+                                                       f"llama-server -np {parallel}, {c} clients"),
+                          "llama_server_ratio": ratio([r["tok_s"] for r in theirs], [r["tok_s"] for r in own],
+                                                      "llama-server / in-process throughput, per round"),
+                          "vs_llama_server": ratio([r["tok_s"] for r in srv], [r["tok_s"] for r in theirs],
+                                                   "server / llama-server throughput, per round"),
+                          "llama_server_ttft_p95": figure([r["p95_ms"] for r in theirs], "ms",
+                                                          "llama-server: each round's p95, over rounds")}
+                    line += (f" {fmt(f['llama_server_tok_s'], 1):>26s} {fmt(f['llama_server_ratio'], 3):>26s} "
+                             f"{fmt(f['vs_llama_server'], 3):>26s} {fmt(f['llama_server_ttft_p95'], 0):>24s}")
                 figures.update({f"c{c}_{k}": v for k, v in f.items()})
-                print(f"{c:7d} {n:8d} {fmt(f['server_tok_s'], 1):>26s} {fmt(f['inprocess_tok_s'], 1):>26s} "
-                      f"{fmt(f['ratio'], 3):>26s} {fmt(f['ttft_p50'], 0):>24s} {fmt(f['ttft_p95'], 0):>24s}")
+                print(line)
     finally:
         inproc.close()
-    print(f"\nmedian (min-max) of {args.rounds} alternating rounds; each round sends the same "
-          f"{args.per_client} requests per client to the server ({parallel} slots) and, one after another, "
-          f"in-process")
+    print(f"\nmedian (min-max) of {args.rounds} rounds, sides taking turns; each round sends the same "
+          f"{args.per_client} requests per client to the server ({parallel} slots)"
+          + (f" and to llama-server (-np {parallel})" if binary else "") + " and, one after another, in-process")
     return report({"model": args.model, "clients": args.clients, "per_client": args.per_client,
                    "max_tokens": args.tokens, "rounds": args.rounds, "context": args.context,
-                   "parallel": parallel, "quick": args.quick}, figures)
+                   "parallel": parallel, "quick": args.quick, "llama_server": binary is not None}, figures)
 
 
 if __name__ == "__main__":

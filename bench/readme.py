@@ -61,14 +61,20 @@ def serve(b: Bench) -> list[str]:
              f"streaming clients (the `openai` package, {s['max_tokens']} tokens an answer) against the same "
              f"requests generated in-process one after another on the one-sequence path, no HTTP; "
              f"{s['rounds']} alternating rounds. The server decodes up to {s.get('parallel', 1)} requests in "
-             "one llama.cpp batch (continuous batching).", "",
+             "one llama.cpp batch (continuous batching)." + (
+                 f" The anchor is llama.cpp's own llama-server (`-np {s['parallel']}`) on the same file, prompts "
+                 "and client, taking its turn in every round." if s.get("llama_server") else ""), "",
              "| clients | requests | server tok/s | in-process tok/s | server / in-process | TTFT p50 "
-             "| TTFT p95 |", "|---|---|---|---|---|---|---|"]
+             "| TTFT p95 |" + (" llama-server tok/s | llama-server / in-process | server / llama-server |"
+                                if s.get("llama_server") else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if s.get("llama_server") else "")]
     for c in s["clients"]:
         k = f"c{c}_"
         lines.append(f"| {c} | {c * s['per_client']} | {_f(b, k + 'server_tok_s', 1)} | "
                      f"{_f(b, k + 'inprocess_tok_s', 1)} | {_f(b, k + 'ratio', 3)} | "
-                     f"{_f(b, k + 'ttft_p50', 0, False)} | {_f(b, k + 'ttft_p95', 0, False)} |")
+                     f"{_f(b, k + 'ttft_p50', 0, False)} | {_f(b, k + 'ttft_p95', 0, False)} |"
+                     + (f" {_f(b, k + 'llama_server_tok_s', 1)} | {_f(b, k + 'llama_server_ratio', 3)} | "
+                        f"{_f(b, k + 'vs_llama_server', 3)} |" if s.get("llama_server") else ""))
     return lines
 
 

@@ -15,13 +15,14 @@ The architecture comes from `config.json` `architectures`, never from a folder n
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from localchat.safetensors_file import SafetensorsError, read_safetensors_header
 
 # Tensors that carry no model weights: value heads of RLHF critics, cached rotary tables.
 DROPPABLE = (re.compile(r"^v_head\."), re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
@@ -128,86 +129,12 @@ class _Source:
     key: str
 
 
-# Bits per element of each safetensors dtype.
-SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
-                    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
-                    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
-
-
 def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Tensor name -> (dtype, shape) from a safetensors header, checked as the format defines it
-    (objects with dtype, shape and data offsets that tile the data exactly) before any tensor
-    is read: the library's own errors name neither the file nor the field."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: safetensors header claims {n} bytes, the file has {size}: "
-                                  "truncated or not a safetensors file")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an "
-                              "object of tensor names")
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{path}: field '__metadata__' must map names to strings")
-    out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        out[name] = _tensor_info(path, name, info)
-        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
-        if 8 + n + spans[-1][1] > size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + spans[-1][1]}, past the end "
-                                  f"of the file ({size} bytes): the file is truncated")
-    at, before = 0, "the header"
-    for start, end, name in sorted(spans):
-        if start != at:
-            how = "overlaps" if start < at else "leaves a gap after"
-            raise CheckpointError(f"{path}: tensor {name!r}: field 'data_offsets' [{start}, {end}] {how} "
-                                  f"{before}, which ends at {at}")
-        at, before = end, f"tensor {name!r}"
-    if 8 + n + at != size:
-        raise CheckpointError(f"{path}: the tensors end at byte {8 + n + at}, the file has {size} bytes: "
-                              "the rest belongs to no tensor")
-    return out
-
-
-def _tensor_info(path: Path, name: str, info: Any) -> tuple[str, list[int]]:
-    """One tensor's header entry, every field checked; the error names the tensor and the field."""
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{where}: expected an object with fields {', '.join(TENSOR_FIELDS)}")
-    for key in TENSOR_FIELDS:
-        if key not in info:
-            raise CheckpointError(f"{where}: field {key!r} is missing")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_BITS:
-        raise CheckpointError(f"{where}: field 'dtype' is {dtype!r}, not a safetensors dtype")
-    if not isinstance(shape, list) or not all(_count(d) for d in shape):
-        raise CheckpointError(f"{where}: field 'shape' is {shape!r}, not a list of non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
-        raise CheckpointError(f"{where}: field 'data_offsets' is {offsets!r}, not two non-negative integers "
-                              "[start, end]")
-    start, end = offsets
-    if end < start:
-        raise CheckpointError(f"{where}: field 'data_offsets' {offsets} ends before it starts")
-    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
-    if bits != 8 * (end - start):
-        raise CheckpointError(f"{where}: field 'data_offsets' {offsets} spans {end - start} bytes; its "
-                              f"'shape' {shape} of {dtype} needs {bits / 8:g}")
-    return dtype, shape
-
-
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    """Tensor name -> (dtype, shape), from the runtime's checked reader (localchat/safetensors_file.py)."""
+    try:
+        return {name: (t.dtype, t.shape) for name, t in read_safetensors_header(path).items()}
+    except SafetensorsError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

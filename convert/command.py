@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from localchat.artifacts import artifact_from_gptq
 from localchat.fsutil import HEADROOM, check_disk, human, sha256_file
 from localchat.gguf_file import read_gguf
+from localchat.quant_types import DEFAULT_QUANT, GPTQ_BITS
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 from localchat.store.manifest import gguf_defaults
 from localchat.store.jobs import job_folder
@@ -33,7 +34,6 @@ from .quantize import (NEEDS_IMATRIX, QUANT_TYPES, USES_IMATRIX, check_imatrix, 
 if TYPE_CHECKING:
     from .to_gguf import GgufPlan
 
-DEFAULT_QUANT = "Q4_K_M"
 SMOKE_PROMPT = "What is the capital of France?"
 GPTQ_BESIDE = "gptq"  # the folder name of a GPTQ checkpoint kept inside a GGUF model's folder
 IMATRIX_KEY = "imatrix"  # the store entry's extra key for the importance matrix kept beside the GGUF
@@ -196,7 +196,7 @@ def smoke_chat(spec: str, system: str | None = None, backend: str | None = None)
     from localchat.planner import Overrides
     from localchat.runtime import open_model
 
-    loaded = open_model(spec, Overrides(context=1024, backend=backend))
+    loaded = open_model(spec, Overrides(context=1024, backend=backend, parallel=1))  # one answer: one slot
     try:
         return ChatSession(loaded.backend, system=system).ask(SMOKE_PROMPT,
                                                               SamplingSettings(temperature=0.0, max_tokens=48))
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "JSONL, Alpaca, ShareGPT or .txt (default: conversations and prose "
                                               "shipped with localchat)")
     gptq = parser.add_argument_group("gptq (--to gptq)")
-    gptq.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
+    gptq.add_argument("--bits", type=int, choices=GPTQ_BITS, default=GPTQ_BITS[0], help="bits per weight (default: 4)")
     gptq.add_argument("--group-size", type=int, default=128, choices=(128, 64, 32, 16),
                       help="weights sharing one scale (default: 128; smaller if it does not divide the layers, "
                            "within what vLLM's Marlin kernels read; 16 they do not)")

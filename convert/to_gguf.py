@@ -9,7 +9,9 @@ tensor, not the model. The file is written under a temporary name and renamed wh
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -153,19 +155,25 @@ class RowBlocks:
 
     GGUFWriter.write_tensor_data reads only an array's `nbytes` and calls its `tofile`, so this stands in for
     the converted array without ever holding it: converting a whole 151936 x 4096 bf16 embedding (Qwen3-8B)
-    through float32 took 3.7 GB beside the tensor itself, and the conversion peaked at 5.2 GB of RSS.
+    through float32 took 3.7 GB beside the tensor itself, and the conversion peaked at 5.2 GB of RSS. A
+    stacked tensor (an MoE layer's experts) is its slices one after another, each read only when its turn
+    to be written comes, so the stack never exists in memory: filling a whole stack first left two 32 MB
+    stacks resident at times (glibc keeps a freed block that size on its heap).
     """
 
     BLOCK_BYTES = 32 * 1024**2  # of float32 per block
 
-    def __init__(self, t: torch.Tensor, dtype: type) -> None:
-        self.t, self.dtype = t, np.dtype(dtype)
-        self.nbytes = t.numel() * self.dtype.itemsize
+    def __init__(self, parts: Sequence[Callable[[], torch.Tensor]], shape: Sequence[int], dtype: type) -> None:
+        self.parts, self.dtype = parts, np.dtype(dtype)
+        self.nbytes = math.prod(shape) * self.dtype.itemsize
 
     def tofile(self, f: BinaryIO) -> None:
-        row = max(1, self.t[0].numel() if self.t.ndim > 1 else 1)
-        for block in self.t.split(max(1, self.BLOCK_BYTES // (4 * row))):
-            block.to(torch.float32).numpy().astype(self.dtype, copy=False).tofile(f)
+        for part in self.parts:
+            t = part()
+            row = max(1, t[0].numel() if t.ndim > 1 else 1)
+            for block in t.split(max(1, self.BLOCK_BYTES // (4 * row))):
+                block.to(torch.float32).numpy().astype(self.dtype, copy=False).tofile(f)
+            del t
 
 
 def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False) -> ConvertResult:
@@ -188,10 +196,10 @@ def write_gguf(plan: GgufPlan, out: str | os.PathLike[str], quiet: bool = False)
     return ConvertResult(out, len(plan.tensors), plan.report)
 
 
-def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> np.ndarray | RowBlocks:
+def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> RowBlocks:
     """The GGUF tensor `t` in its output type, laid out for llama.cpp. A plain tensor is converted a block of
-    rows at a time as it is written (RowBlocks); a stack is filled one slice at a time, so it never exists
-    twice (slices and stack) in memory."""
+    rows at a time as it is written (RowBlocks); a stack is written one slice after another, each read when
+    its turn comes, so it never exists whole in memory."""
     dtype = _out_dtype(plan.conv, t.name, len(t.shape), plan.outtype)
 
     def read(x: torch.Tensor, shape: list[int], what: str) -> torch.Tensor:
@@ -200,14 +208,16 @@ def _tensor_data(plan: GgufPlan, t: PlannedTensor) -> np.ndarray | RowBlocks:
         return x
 
     if not t.sources:
-        return RowBlocks(read(plan.extras[t.name], t.shape, t.name), dtype)
+        x = read(plan.extras[t.name], t.shape, t.name)
+        return RowBlocks([lambda: x], t.shape, dtype)
     if not t.stacked:
-        return RowBlocks(read(plan.conv.transform(t.name, plan.ckpt.get(t.sources[0])), t.shape, t.sources[0]), dtype)
-    out = np.empty(t.shape, dtype=dtype)
-    for i, name in enumerate(t.sources):
-        x = read(plan.conv.transform(t.name, plan.ckpt.get(name)), t.shape[1:], name)
-        out[i] = x.to(torch.float32).numpy().astype(dtype, copy=False)
-    return out
+        x = read(plan.conv.transform(t.name, plan.ckpt.get(t.sources[0])), t.shape, t.sources[0])
+        return RowBlocks([lambda: x], t.shape, dtype)
+
+    def slice_of(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: read(plan.conv.transform(t.name, plan.ckpt.get(name)), t.shape[1:], name)
+
+    return RowBlocks([slice_of(name) for name in t.sources], t.shape, dtype)
 
 
 def convert_to_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], outtype: str = "f16",

@@ -22,7 +22,7 @@ from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
 from .distributed import ranks
-from .settings import TrainSettings
+from .settings import DEQUANTIZED, TrainSettings
 
 if TYPE_CHECKING:
     from localchat.convert.command import ExportResult
@@ -58,7 +58,7 @@ def base_folder(spec: str, store: Store, dtype: Any, quiet: bool = True) -> Path
         # Only a GGUF here: dequantize it once into <store>/<name>/hf, streamed, the disk checked first.
         from localchat.convert.from_gguf import gguf_to_hf
 
-        return gguf_to_hf(store.path_of(entry.files[0].path), store.model_dir(spec) / "hf", dtype, quiet)
+        return gguf_to_hf(store.path_of(entry.files[0].path), store.model_dir(spec) / DEQUANTIZED, dtype, quiet)
     if entry.format != "hf":
         raise FinetuneError(f"{spec} has only {entry.format.upper()} weights; training needs a Hugging Face "
                             "checkpoint or a GGUF (`localchat pull OWNER/REPO` fetches one)")

@@ -39,6 +39,16 @@ class Ranks:
             return module, optimizer
         return self.accelerator.prepare(module, optimizer)
 
+    def syncing(self, module: Any, last: bool) -> Any:
+        """The context for one micro-batch's forward and backward: under DDP, gradients are all-reduced
+        only on an update's last micro-batch (`no_sync` on the others, which accumulate locally), so an
+        update of `grad_accum` micro-batches communicates once; the sum is the same either way."""
+        if self.accelerator and not last:
+            return self.accelerator.no_sync(module)
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def backward(self, loss: Any) -> None:
         if self.accelerator:
             self.accelerator.backward(loss)

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from localchat.options import Options, option
 
+CHECKPOINTS = "checkpoints"  # the resume checkpoints' folder in `<store>/<name>/finetune/`
+DEQUANTIZED = "hf"  # the folder in `<store>/<name>/` of a GGUF base dequantized for training
+
 @dataclass(frozen=True)
 class TrainSettings(Options):
     option_group = "training"
@@ -40,4 +43,8 @@ class TrainSettings(Options):
     bf16: bool | None = option(None, "bfloat16 autocast for the matmuls (default: on where the hardware "
                                      "runs bf16 natively: CPUs with AMX or AVX512-BF16, CUDA cards with bf16)")
 
-
+    def cpu_shape(self) -> tuple[int, int]:
+        """(tokens per sequence, sequences per step) on a CPU, where memory seldom limits them: what the
+        user set, else 512 tokens, one packed sequence (four unpacked rows) a step. A GPU's shape comes
+        from its memory (finetune/train.py)."""
+        return self.max_len or 512, self.batch_size or (1 if self.pack else 4)

@@ -32,9 +32,8 @@ from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
 from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
 from .recall import Recall, held_out_recall
-from .settings import TrainSettings
+from .settings import CHECKPOINTS, TrainSettings
 
-CHECKPOINTS = "checkpoints"
 LOSS_LOG = "loss.jsonl"
 LOSS_PLOT = "loss.png"
 
@@ -76,8 +75,7 @@ def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, w
         chosen = choose_shape(lambda n, b: need(n, b).total <= budget, settings.max_len, settings.batch_size)
         max_len, batch = chosen or (settings.max_len or SHAPES[-1][0], settings.batch_size or SHAPES[-1][1])
     else:
-        max_len = settings.max_len or 512
-        batch = settings.batch_size or (1 if settings.pack else 4)
+        max_len, batch = settings.cpu_shape()
     est = need(max_len, batch)
     check(est, budget, "on the GPU" if device == "cuda" else "in RAM", qlora)
     return max_len, batch, est
@@ -393,11 +391,13 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             optimizer.zero_grad(set_to_none=True)
             loss_sum, n_sum = 0.0, 0
             tokens = 0
-            for micro in schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]:
+            mine = schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]
+            for i, micro in enumerate(mine):
                 batch = _collate(micro, pad, place)
-                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                    loss, n = compute_loss(**batch)
-                dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
+                with dist.syncing(compute_loss, last=i == len(mine) - 1):  # one all-reduce per update
+                    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                        loss, n = compute_loss(**batch)
+                    dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
                 loss_sum += float(loss.detach())
                 n_sum += n
                 tokens += int(batch["attention_mask"].sum())

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .gguf_file import GGUFHeader, read_gguf
 
-Format = Literal["gguf", "gptq"]
+Format = Literal["gguf", "gptq", "hf"]  # "hf": an unquantized safetensors checkpoint
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,40 @@ def artifact_from_gguf(path: str | Path, header: GGUFHeader | None = None) -> Ar
                     layer_bytes=layer, quant=h.quant, dims=dims, architecture=h.architecture)
 
 
-def artifact_from_gptq(folder: str | Path) -> Artifact:
-    """A GPTQ checkpoint folder: sizes from its safetensors files, shapes from config.json."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} when it is absent, ValueError naming the file when it is not an object."""
+    if not path.is_file():
+        return {}
     try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path}: cannot read the model config: {exc}") from None
-    qcfg = cfg.get("quantization_config") or {}
-    qfile = folder / "quantize_config.json"
-    if not qcfg and qfile.is_file():
-        qcfg = json.loads(qfile.read_text())
-    bits = qcfg.get("bits", 4)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def quantization_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """A model folder's quantization settings, as vLLM and transformers read them: config.json's
+    `quantization_config` first, else quantize_config.json (AutoGPTQ's file); {} for an unquantized
+    checkpoint. A note when both files exist and disagree on a field a GPTQ kernel reads. The one
+    reader of these files for the planner's artifacts, the store's resolver and `check-vllm`."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json: not a Hugging Face model folder")
+    hf = _json_object(folder / "config.json").get("quantization_config") or {}
+    qfile = _json_object(folder / "quantize_config.json")
+    notes = []
+    if hf and qfile:
+        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format"):
+            if key in qfile and hf.get(key) != qfile[key]:
+                notes.append(f"config.json says {key}={hf.get(key)!r} but quantize_config.json says "
+                             f"{qfile[key]!r}; vLLM reads config.json")
+    return (hf or qfile), notes
+
+
+def _artifact_of_folder(folder: Path, fmt: Format, quant: str, embed_bytes_per_value: int) -> Artifact:
+    """Sizes from a folder's safetensors files, shapes from its config.json."""
+    cfg = _json_object(folder / "config.json")
     n_layers = int(cfg.get("num_hidden_layers", 0))
     n_head = int(cfg.get("num_attention_heads", 1))
     n_embd = int(cfg.get("hidden_size", 0))
@@ -90,9 +111,31 @@ def artifact_from_gptq(folder: str | Path) -> Artifact:
                      n_head_kv=int(cfg.get("num_key_value_heads", n_head)),
                      head_dim=int(cfg.get("head_dim") or n_embd // n_head),
                      n_vocab=int(cfg.get("vocab_size", 0)))
-    embed = 2 * dims.n_vocab * n_embd * 2  # fp16 embedding and head stay unquantized
+    embed = 2 * dims.n_vocab * n_embd * embed_bytes_per_value  # embedding and head: not in the layers
     layer = max(size - embed, 0) // n_layers if n_layers else size
     arch = (cfg.get("architectures") or [""])[0]
-    return Artifact(format="gptq", path=str(folder), size_bytes=size, layer_bytes=layer,
-                    quant=f"GPTQ-{bits}bit-g{qcfg.get('group_size', 128)}", dims=dims,
+    return Artifact(format=fmt, path=str(folder), size_bytes=size, layer_bytes=layer, quant=quant, dims=dims,
                     architecture=arch)
+
+
+def artifact_from_gptq(folder: str | Path) -> Artifact:
+    """A GPTQ checkpoint folder: sizes from its safetensors files, shapes from config.json."""
+    folder = Path(folder)
+    qcfg, _ = quantization_config(folder)
+    # fp16 embedding and head stay unquantized
+    return _artifact_of_folder(folder, "gptq", f"GPTQ-{qcfg.get('bits', 4)}bit-g{qcfg.get('group_size', 128)}", 2)
+
+
+HF_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+HF_WIDTHS = dict(HF_DTYPES.values())  # an HF checkpoint's quant (its dtype) -> bytes per weight
+HF_DEFAULT_WIDTH = 2  # a dtype not in HF_DTYPES is sized as 16-bit
+
+
+def artifact_from_hf(folder: str | Path) -> Artifact:
+    """An unquantized Hugging Face checkpoint (config.json + safetensors), which only vLLM runs as it is;
+    the other backends need `localchat convert` first. Its quant is the dtype it is stored in."""
+    folder = Path(folder)
+    cfg = _json_object(folder / "config.json")
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
+    quant, width = HF_DTYPES.get(dtype, (dtype.upper(), HF_DEFAULT_WIDTH))
+    return _artifact_of_folder(folder, "hf", quant, width)

@@ -46,6 +46,35 @@ class EvalResult:
         return s
 
 
+# Mean KL divergence from the source (nats per token) and what it means for a user, best first.
+# Figures from the quant_ppl bench: Q8_0 stays far under 0.01, Q4_K_M of a 1B model is near 0.05,
+# a small model at 2-3 bits goes past 0.15, where answers visibly wander from the source's.
+# (KLD below this, its name, what it means for a user), best first.
+KLD_VERDICTS = ((0.01, "near lossless", "answers as the source would"),
+                (0.05, "good", "small differences from the source"),
+                (0.15, "noticeable loss", "some answers differ from the source; a larger quant type keeps more"),
+                (float("inf"), "poor", "far from the source; pick a larger quant type"))
+EVAL_LEGEND = ("*eval*: perplexity (ppl) on localchat's shipped chats, lower is better, and how much it grew "
+               "over the source the model was converted from; KLD: how far the next-token probabilities part "
+               "from the source's (0: identical). "
+               + ", ".join(f"KLD under {limit:g} is {name}" for limit, name, _ in KLD_VERDICTS[:-1])
+               + f", above that {KLD_VERDICTS[-1][1]}.")
+
+
+def verdict(figures: dict[str, Any]) -> str:
+    """An eval's figures (EvalResult.figures) in words: good or bad for a user, and why."""
+    if "kld" in figures:
+        kld = float(figures["kld"])
+        words = next(f"{name}: {text}" for limit, name, text in KLD_VERDICTS if kld < limit)
+        grew = ""
+        if figures.get("ppl_base"):
+            grew = f" (ppl {(figures['ppl'] / figures['ppl_base'] - 1) * 100:+.1f}% vs the source)"
+        return words + grew
+    if "ppl" in figures:
+        return "perplexity only (no source to compare with): lower is better"
+    return ""
+
+
 def chat_eval_text(model_path: str | Path) -> str:
     """The shipped evaluation conversations, rendered with this model's own chat template
     (a GGUF file's, or an HF / GPTQ folder's tokenizer's)."""

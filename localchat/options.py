@@ -17,12 +17,19 @@ MISSING = dataclasses.MISSING
 
 
 def option(default: Any, help: str, lo: float | None = None, hi: float | None = None, flag: str = "",
-           choices: Sequence[str] | None = None) -> Any:
+           choices: Sequence[str] | None = None, aliases: Sequence[str] = ()) -> Any:
+    """A settings field: its default, help, bounds, flag (default: --field-name), the values it may take
+    and other flags that set it too (a name older commands used)."""
     factory = (lambda d=default: tuple(d)) if isinstance(default, tuple) else None
-    meta = {"help": help, "min": lo, "max": hi, "flag": flag, "choices": choices}
+    meta = {"help": help, "min": lo, "max": hi, "flag": flag, "choices": choices, "aliases": tuple(aliases)}
     if factory:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def internal(default: Any) -> Any:
+    """A settings field a program sets, never a flag (which kind of front end asks, say)."""
+    return dataclasses.field(default=default, metadata={"internal": True})
 
 
 def _kind(cls: type, f: dataclasses.Field) -> type:
@@ -62,27 +69,29 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
     """Flags for the fields of `cls` (those named in `only`, if given)."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
+        if (only is not None and f.name not in only) or f.metadata.get("internal"):
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flags = (f.metadata.get("flag") or "--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
         kind = _kind(cls, f)
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         text = f.metadata.get("help", "")
         if kind in (tuple, list):
-            group.add_argument(flag, dest=f.name, action="append", default=None, help=f"{text} (repeatable)")
+            group.add_argument(*flags, dest=f.name, action="append", default=None, help=f"{text} (repeatable)")
             continue
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} (default: {'on' if default else 'off'})")
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                               help=f"{text} (default: {default})")
+            group.add_argument(*flags, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=text if default is None else f"{text} (default: {default})")
 
 
 def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The fields of `cls` whose flags were given on the command line."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v

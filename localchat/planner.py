@@ -13,11 +13,13 @@ has Y GB" rather than letting the OS kill the process mid-load.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .artifacts import Artifact
+from .artifacts import HF_DEFAULT_WIDTH, HF_WIDTHS, Artifact
 from .hardware.report import GIB, Accelerator, HardwareReport, Runtimes
+from .options import Options, internal, option
 
 CPU = "cpu"  # a backend's `library` when it runs on the CPU rather than an accelerator
 DEFAULT_CONTEXT = 4096
@@ -39,6 +41,22 @@ GPTQ_CPU_OVERHEAD_BYTES = 1024**3
 # Bytes per value of llama.cpp's KV cache types (a q8_0 block: 32 values in 34 bytes, q4_0: in 18).
 # Quantized V needs flash attention, which the llama.cpp backend turns on for these.
 KV_CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# vLLM: the share of each GPU's total memory it takes (its --gpu-memory-utilization default), what each
+# tensor-parallel rank spends beside weights and KV cache (CUDA context, activations, CUDA graphs), the
+# RAM its server process holds, and the concurrent sequences from which it is worth its start-up.
+VLLM_GPU_MEMORY_UTILIZATION = 0.90
+VLLM_RANK_OVERHEAD_BYTES = 1536 * 1024**2
+VLLM_HOST_BYTES = 3 * 1024**3
+VLLM_MIN_PARALLEL = 16
+# vLLM's CPU build: an explicit KV cache (else it takes 92% of the RAM), at least one full sequence.
+VLLM_CPU_KV_CACHE_BYTES = 512 * 1024**2
+FORMAT_NAMES = {"gguf": "a GGUF file", "gptq": "a GPTQ folder", "hf": "a Hugging Face checkpoint"}
+# Tried in this order when the user names none: q8_0 changes perplexity by well under 1% and halves the
+# memory; q4_0 costs more quality, so only a user's choice.
+AUTO_KV_CACHE = ("f16", "q8_0")
+# Parallel slots the planner gives a batching backend by itself (llama-server's automatic count too):
+# 4 sequences decode at about 1.5x one on a CPU (#15), and each slot holds a full context of KV cache.
+AUTO_SLOTS = 4
 
 
 class PlanError(RuntimeError):
@@ -46,14 +64,22 @@ class PlanError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Overrides:
-    backend: str | None = None
-    context: int | None = None
-    gpu_layers: int | None = None
-    threads: int | None = None
-    quant: str | None = None  # pick the artifact with this quant (e.g. "Q4_K_M")
-    kv_cache: str | None = None  # a KV_CACHE_TYPES name (llama.cpp only); default f16
-    parallel: int | None = None  # sequences decoded at once (`localchat serve`), each with the full context
+class RunOptions(Options):
+    """How to run any model, where the user pins it (None: the planner's choice). Typed once, so `chat`,
+    `doctor`, `serve` and `ui` take the same flags with the same bounds (`Overrides.of`)."""
+
+    option_group = "model"
+    context: int | None = option(None, "context size in tokens (default: the model's trained length up to "
+                                       f"{DEFAULT_CONTEXT}, less where memory is short)", 128, 1 << 20,
+                                 aliases=("--ctx",))
+    threads: int | None = option(None, "CPU threads (default: physical cores)", 1, 1024)
+    parallel: int | None = option(None, "answers decoded at once (llama.cpp), each slot with the full context "
+                                        f"of KV cache (default: as many as the memory left holds, up to "
+                                        f"{AUTO_SLOTS})",
+                                  1, 256)
+    kv_cache: str | None = option(None, "KV cache type (llama.cpp): q8_0 and q4_0 take about 1/2 and 1/4 of f16's "
+                                        "memory, with flash attention (default: f16, q8_0 where memory is short)",
+                                  choices=tuple(KV_CACHE_TYPES))
 
 
 @dataclass(frozen=True)
@@ -94,6 +120,7 @@ class Plan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     kv_cache: str = "f16"  # the KV cache's type (KV_CACHE_TYPES)
     slots: int = 1  # sequences decoded at once, each with `context` tokens of KV cache
+    tensor_parallel: int = 1  # GPUs the weights are split over (vLLM)
 
     def describe(self) -> str:
         slots = f" in each of {self.slots} parallel slots" if self.slots > 1 else ""
@@ -101,6 +128,8 @@ class Plan:
                  f"context: {self.context} tokens{slots}", f"threads: {self.threads}"]
         if self.gpu_layers:
             lines.append(f"gpu layers: {self.gpu_layers}/{self.artifact.dims.n_layers}")
+        if self.tensor_parallel > 1:
+            lines.append(f"tensor parallel: {self.tensor_parallel} GPUs")
         m = self.memory
         lines.append(f"memory:  {gb(m.total_bytes)} (weights {gb(m.weights_bytes)}, KV cache "
                      f"{gb(m.kv_bytes)} {self.kv_cache}, compute {gb(m.compute_bytes)}); RAM {gb(m.host_bytes)}, "
@@ -148,6 +177,8 @@ def _contexts(start: int) -> list[int]:
 class _Fit:
     gpu_layers: int
     memory: MemoryEstimate
+    tensor_parallel: int = 1
+    note: str = ""  # what the fit chose that the row's explain line shows as {note}
 
 
 @dataclass(frozen=True)
@@ -158,6 +189,7 @@ class Device:
     usable: int  # bytes a plan may take on it (0 on the CPU)
     where: str  # for the reasons
     unified: bool = False  # its memory is RAM too
+    gpus: tuple[Accelerator, ...] = ()  # every accelerator of its library here, most memory free first
 
 
 def _fit_llamacpp(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
@@ -201,6 +233,51 @@ def _fit_gptq_cpu(a: Artifact, context: int, host: int, on: Device, want_layers:
     return _Fit(0, MemoryEstimate(a.size_bytes, kv, compute, need, 0)) if need <= host else None
 
 
+
+
+def tensor_parallel_size(gpus: int, n_heads: int) -> int:
+    """The most GPUs, a power of two, that split the attention heads evenly (what vLLM's tensor
+    parallelism and its all-reduce kernels want); 1 without GPUs."""
+    tp = 1
+    while tp * 2 <= gpus and n_heads % (tp * 2) == 0:
+        tp *= 2
+    return tp
+
+
+def _fit_vllm(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+              kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
+    """Weights split over `tp` GPUs plus at least one full-context sequence of KV cache (vLLM refuses to
+    start otherwise); vLLM then takes its share of every rank's GPU and pages the rest as KV cache for
+    as many sequences as it holds. A rank has as much as the smallest of the GPUs it runs on."""
+    tp = tensor_parallel_size(len(on.gpus), a.dims.n_head)
+    ranks = on.gpus[:tp]
+    have = tp * min(min(int(g.total_bytes * VLLM_GPU_MEMORY_UTILIZATION), g.free_bytes) for g in ranks)
+    overhead = tp * VLLM_RANK_OVERHEAD_BYTES
+    one = a.dims.kv_bytes(context)
+    if a.size_bytes + one + overhead > have or VLLM_HOST_BYTES > host:
+        return None
+    pool = have - a.size_bytes - overhead
+    split = "" if tp == len(on.gpus) else f", the {a.dims.n_head} attention heads split evenly over {tp}"
+    note = (f"tensor parallel over {tp} of {len(on.gpus)} {ranks[0].library.upper()} GPU(s){split}; "
+            f"{gb(pool)} of KV cache paged among the users (room for {pool // max(one, 1)} full "
+            f"{context}-token sequences at once)")
+    return _Fit(a.dims.n_layers, MemoryEstimate(a.size_bytes, pool, overhead, VLLM_HOST_BYTES, have), tp, note)
+
+
+def _fit_vllm_cpu(a: Artifact, context: int, host: int, on: Device, want_layers: int | None,
+                  kv_cache: str = "f16", slots: int = 1) -> _Fit | None:
+    """vLLM's CPU build: an unquantized checkpoint in float32, a KV cache of its own that holds at least
+    one full-context sequence, and the server process, all in RAM."""
+    width = HF_WIDTHS.get(a.quant, HF_DEFAULT_WIDTH)
+    weights = a.size_bytes * 4 // width if a.format == "hf" else a.size_bytes
+    kv = max(VLLM_CPU_KV_CACHE_BYTES, a.dims.kv_bytes(context, 4))
+    need = weights + kv + VLLM_HOST_BYTES
+    if need > host:
+        return None
+    return _Fit(0, MemoryEstimate(weights, kv, VLLM_HOST_BYTES, need, 0),
+                note="float32" if a.format == "hf" else "GPTQ on its CPU kernels")
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """One way to run a model, described once: the planner and the engine registry read only this.
@@ -209,7 +286,7 @@ class BackendSpec:
     """
 
     name: str
-    format: str  # the artifact it runs ("gguf", "gptq")
+    format: str | tuple[str, ...]  # the artifact formats it runs ("gguf", "gptq", "hf"), preferred first
     library: str  # CPU, or the library of the accelerators it runs on ("cuda", "metal", "rocm")
     installed: Callable[[Runtimes], bool]  # the runtime it needs is there, built for `library`
     missing: str  # the reason when `installed` says no; {device} is the device's name
@@ -219,6 +296,19 @@ class BackendSpec:
     engine: str  # "module:Class" that runs it, imported only when chosen (torch only for GPTQ)
     fallback: str = ""  # a CPU row's reason when it comes first and nothing else says why
     batches: bool = False  # decodes several sequences at once (`--parallel`) with a quantizable KV cache
+    # Chosen unasked only for at least this many concurrent sequences (`--parallel`), and then ahead of
+    # the rows on its device; None: only when named (`--backend`, `serve --engine vllm`).
+    min_parallel: int | None = 1
+    how_to_get: str = ""  # for a refusal when the model has none of its formats
+    own_server: str = ""  # it runs as a server of its own, started by this command; "" when loaded in-process
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return self.format if isinstance(self.format, tuple) else (self.format,)
+
+    def wanted(self, slots: int) -> bool:
+        """Whether the planner may choose it unasked for `slots` concurrent sequences."""
+        return self.min_parallel is not None and slots >= self.min_parallel
 
 
 def _llama_cpp_built_for(library: str) -> Callable[[Runtimes], bool]:
@@ -229,13 +319,24 @@ def _gptq_installed(rt: Runtimes) -> bool:
     return rt.gptq
 
 
+def _vllm_installed(rt: Runtimes) -> bool:
+    return bool(rt.vllm)
+
+
 _LLAMA_CPP = "localchat.engine.llamacpp:LlamaCppBackend"
 _GPTQ = "localchat.engine.gptq:GptqBackend"
 _NO_GPTQ = ("the model has a GPTQ artifact, but torch + GPTQModel are not installed "
             "(pip install 'localchat[gptq]')")
+_VLLM = "localchat.engine.vllm:VllmServer"
+_NO_VLLM = ("{device} found, but no vLLM environment: make one with `localchat setup-vllm` "
+            "(or point $LOCALCHAT_VLLM_PYTHON at a Python that has vLLM)")
+_VLLM_FORMATS = ("gptq", "hf")
+_SERVE_VLLM = "localchat serve --engine vllm --model NAME"
+_GET_GPTQ = "convert the source to a GPTQ folder: `localchat convert HF_CHECKPOINT --to gptq --name NAME`"
 
 # Rows in order of preference, among the GPU rows and among the CPU rows; the planner tries
-# every GPU row before any CPU row (new rows go at the end).
+# every GPU row before any CPU row (new rows go at the end), and a row wanted for as many users
+# as were asked for (`min_parallel`) before the others.
 BACKEND_TABLE: tuple[BackendSpec, ...] = (
     BackendSpec("gptq-cuda", "gptq", "cuda", _gptq_installed, _NO_GPTQ, _fit_gptq,
                 explain="CUDA GPU and a GPTQ checkpoint that fits in VRAM: {where}", engine=_GPTQ),
@@ -255,12 +356,37 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
                 explain="GPTQ weights dequantized by torch on the CPU, KV cache in RAM", engine=_GPTQ,
                 fallback="no CUDA GPU for the GPTQ checkpoint: it runs on the CPU through torch, slowly "
                          "(convert the source to GGUF for speed)"),
+    # vLLM's OpenAI server (`localchat serve --engine vllm`), its own process: for many concurrent users.
+    BackendSpec("vllm-cuda", _VLLM_FORMATS, "cuda", _vllm_installed, _NO_VLLM, _fit_vllm,
+                explain="vLLM for many concurrent users: {note}", engine=_VLLM, batches=True,
+                min_parallel=VLLM_MIN_PARALLEL, how_to_get=_GET_GPTQ, own_server=_SERVE_VLLM),
+    BackendSpec("vllm-cpu", _VLLM_FORMATS, CPU, _vllm_installed, _NO_VLLM.replace("{device} found, but no", "no"),
+                _fit_vllm_cpu, explain="vLLM's CPU build ({note}): slow, the same server and API",
+                engine=_VLLM, batches=True, min_parallel=None, how_to_get=_GET_GPTQ, own_server=_SERVE_VLLM),
     BackendSpec("llamacpp-rocm", "gguf", "rocm", _llama_cpp_built_for("rocm"),
                 "{device} found, but llama-cpp-python was built without ROCm "
                 "(reinstall with CMAKE_ARGS=-DGGML_HIP=on)", _fit_llamacpp,
                 explain="{part} layers offloaded to {where}", engine=_LLAMA_CPP, batches=True),
 )
 BACKENDS = tuple(spec.name for spec in BACKEND_TABLE)  # for command-line choices
+
+
+@dataclass(frozen=True)
+class Overrides(RunOptions):
+    """What the user pins of one model's plan: RunOptions, and which backend, artifact and GPU layers."""
+
+    backend: str | None = option(None, f"force a backend instead of the planner's choice: {', '.join(BACKENDS)}")
+    gpu_layers: int | None = option(None, "layers to offload to the GPU (default: as many as fit)", 0, 100_000)
+    quant: str | None = option(None, "pick the model's artifact with this quant type (e.g. Q4_K_M)")
+    # `backend`: a row's name, or a family of rows by its prefix ("vllm": vllm-cuda or vllm-cpu, as this
+    # machine has). `in_process`: the caller loads the backend into its own process (`chat`, `serve`'s own
+    # engine, `bench`, the app), so rows that run as a server of their own are left out, with the reason.
+    in_process: bool = internal(False)
+
+    @classmethod
+    def of(cls, options: RunOptions, **pinned: object) -> "Overrides":
+        """The overrides a front end's settings (ServerSettings, UISettings: RunOptions) give every model."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(RunOptions)}, **pinned)
 
 
 def backend_spec(name: str) -> BackendSpec:
@@ -276,13 +402,15 @@ def _device(report: HardwareReport, spec: BackendSpec) -> Device | None:
     and how much it may take there; None when this machine has no such accelerator."""
     if spec.library == CPU:
         return Device(report.cpu.model, 0, "CPU")
-    gpu = max(report.on(spec.library), key=lambda g: g.free_bytes, default=None)
-    if gpu is None:
+    gpus = tuple(sorted(report.on(spec.library), key=lambda g: -g.free_bytes))
+    if not gpus:
         return None
+    gpu = gpus[0]
     if gpu.unified:
         usable = unified_budget(report, gpu)
-        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True)
-    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)")
+        return Device(gpu.name, usable, f"{gpu.name} ({gb(usable)} of unified memory usable)", True, gpus)
+    return Device(gpu.name, gpu.free_bytes - VRAM_RESERVE_BYTES, f"{gpu.name} ({gb(gpu.free_bytes)} VRAM free)",
+                  gpus=gpus)
 
 
 def device_name(report: HardwareReport, backend: str) -> str:
@@ -320,43 +448,132 @@ def _by_measured_speed(report: HardwareReport, order: list[str], measured: Seque
     return new
 
 
+def _named(name: str) -> list[BackendSpec]:
+    """The rows a user's backend name means: the row of that name, or a family ("vllm": vllm-cuda and
+    vllm-cpu); PlanError naming the valid ones."""
+    rows = [s for s in BACKEND_TABLE if s.name == name or s.name.startswith(name + "-")]
+    if not rows:
+        raise PlanError(f"unknown backend {name!r}; valid: {', '.join(s.name for s in BACKEND_TABLE)}")
+    return rows
+
+
 def _candidates(report: HardwareReport, artifacts: list[Artifact], o: Overrides,
                 reasons: list[str]) -> list[str]:
     """Backends worth trying on this machine, best first, with the reasons for skipping others.
 
     A row is worth trying when the model has its artifact format, the machine has its device and
-    its runtime is installed for that device; GPU rows go before CPU rows, each in table order.
+    its runtime is installed for that device, and it is wanted for this many users (or named); GPU
+    rows go before CPU rows, a row wanted for many users before the others, each in table order.
     """
     formats = {a.format for a in artifacts}
+    named = _named(o.backend) if o.backend else []
+    slots = o.parallel or 1
+    if named and not formats & {f for spec in named for f in spec.formats}:
+        wants = " or ".join(dict.fromkeys(FORMAT_NAMES.get(f, f) for spec in named for f in spec.formats))
+        hint = next((spec.how_to_get for spec in named if spec.how_to_get), "")
+        raise PlanError(f"backend {o.backend!r} runs {wants}; the model has only "
+                        + ", ".join(a.label for a in artifacts) + (f": {hint}" if hint else ""))
     order: list[BackendSpec] = []
-    for spec in sorted(BACKEND_TABLE, key=lambda s: s.library == CPU):
+    unasked: list[str] = []
+    rows = sorted(BACKEND_TABLE, key=lambda s: (s.library == CPU, not (s.wanted(slots) and s.min_parallel > 1)))
+    for spec in rows:
         device = _device(report, spec)
-        if spec.format not in formats or device is None:
+        if not formats & set(spec.formats) or device is None or (named and spec not in named):
+            continue
+        if spec.own_server and o.in_process:
+            if named:
+                raise PlanError(f"backend {spec.name} runs as its own server, not in this command: "
+                                f"`{spec.own_server}`")
+            if spec.wanted(slots) and spec.installed(report.runtimes):
+                unasked.append(f"{spec.name} not chosen: it runs as its own server (`{spec.own_server}`)")
+            continue
+        if not named and not spec.wanted(slots):
+            if spec.installed(report.runtimes):
+                ask = f"--parallel {spec.min_parallel} or more, or " if spec.min_parallel else ""
+                unasked.append(f"{spec.name} not chosen: it is for many concurrent users ({ask}"
+                               f"`--backend {spec.name}`)")
             continue
         if spec.installed(report.runtimes):
             order.append(spec)
         elif (why := spec.missing.format(device=device.name)) not in reasons:
             reasons.append(why)
     names = [spec.name for spec in order]
-    if o.backend:
-        try:
-            backend_spec(o.backend)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-        if o.backend not in names:
+    if named:
+        if not names:
             raise PlanError(f"backend {o.backend!r} is not possible here: "
-                            + ("; ".join(reasons) or f"possible: {', '.join(names) or 'none'}"))
-        reasons.append(f"backend {o.backend} chosen by the user")
-        return [o.backend]
+                            + ("; ".join(reasons) or f"it needs {' or '.join(s.library for s in named)}"))
+        reasons.append(f"backend {names[0] if len(named) > 1 else o.backend} chosen by the user")
+        return names[:1]
     if order and order[0].library == CPU and order[0].fallback and not reasons:
         reasons.append(order[0].fallback)
+    reasons += unasked
     return names
 
 
 def _explain(spec: BackendSpec, a: Artifact, fit: _Fit, device: Device) -> str:
     n = a.dims.n_layers
     part = "all" if fit.gpu_layers >= n else f"{fit.gpu_layers} of {n}"
-    return spec.explain.format(part=part, where=device.where, limit=gb(device.usable))
+    return spec.explain.format(part=part, where=device.where, limit=gb(device.usable), note=fit.note)
+
+
+@dataclass(frozen=True)
+class _KvFit:
+    fit: _Fit
+    kv_cache: str
+    slots: int
+    why: str
+
+
+def _fit_kv(spec: BackendSpec, a: Artifact, ctx: int, host: int, device: Device, want_layers: int | None,
+            o: Overrides, least_layers: int) -> _KvFit | None:
+    """The fit at `ctx` with its KV cache type and parallel slots, or None when not even one slot fits
+    with at least `least_layers` on the GPU.
+
+    What the user pinned stays; otherwise the most slots up to AUTO_SLOTS that the memory left holds,
+    f16 first and q8_0 where that holds more (or f16 holds none), and never a slot that pushes a layer
+    off the GPU (the one answer a user waits for would decode slower). A backend that does not batch
+    decodes one sequence with an f16 cache.
+    """
+    if not spec.batches or spec.own_server:  # one sequence, or a server that pages its own KV cache
+        slots = o.parallel or 1 if spec.own_server else 1
+        fit = spec.fit(a, ctx, host, device, want_layers, "f16", slots)
+        return _KvFit(fit, "f16", slots, "") if fit is not None and fit.gpu_layers >= least_layers else None
+    held: dict[str, int] = {}  # slots each KV cache type holds here
+    best: _KvFit | None = None
+    for kv in [o.kv_cache] if o.kv_cache else AUTO_KV_CACHE:
+        one = spec.fit(a, ctx, host, device, want_layers, kv, 1)
+        for n in [o.parallel] if o.parallel else range(AUTO_SLOTS, 0, -1):
+            fit = spec.fit(a, ctx, host, device, want_layers, kv, n)
+            if one is None or fit is None or fit.gpu_layers < least_layers:
+                continue
+            if o.parallel or fit.gpu_layers >= one.gpu_layers:
+                held[kv] = n
+                if best is None or n > best.slots:
+                    best = _KvFit(fit, kv, n, "")
+                break
+        if best is not None and best.slots == (o.parallel or AUTO_SLOTS):
+            break
+    if best is None:
+        return None
+    n, kv = best.slots, best.kv_cache
+    if o.parallel:
+        slots = "--parallel"
+    elif n == AUTO_SLOTS:
+        slots = "the most the planner gives; --parallel sets more"
+    else:
+        slots = "as many as the memory left holds" + (
+            " without taking layers off the GPU" if device.usable else "")
+    if o.kv_cache:
+        kind = "--kv-cache"
+    elif kv == "f16":
+        kind = "the default"
+    else:
+        kind = f"f16 holds only {held['f16']} slot(s)" if "f16" in held else "f16 holds no slot at this context"
+    flash = " with flash attention" if kv != "f16" else ""
+    why = (f"KV cache {gb(best.fit.memory.kv_bytes)} at {ctx} tokens: {n} parallel slot{'s' if n > 1 else ''} "
+           f"({slots}), "
+           f"{kv}{flash} ({kind})")
+    return _KvFit(best.fit, kv, n, why)
 
 
 # (shrink the context?, whole model on the GPU?), tried in this order.
@@ -381,12 +598,6 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             raise PlanError(f"no artifact with quant {o.quant!r}; the model has: "
                             + ", ".join(a.quant for a in artifacts))
         artifacts = chosen
-    kv_cache = o.kv_cache or "f16"
-    if kv_cache not in KV_CACHE_TYPES:
-        raise PlanError(f"unknown KV cache type {kv_cache!r}; valid: {', '.join(KV_CACHE_TYPES)}")
-    slots = o.parallel or 1
-    if slots < 1:
-        raise PlanError(f"parallel must be at least 1, got {slots}")
     reasons: list[str] = []
     order = _candidates(report, artifacts, o, reasons)
     if not o.backend:
@@ -396,6 +607,7 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
     threads = o.threads or report.cpu.physical_cores
     host = host_budget(report)
 
+    misfits: list[str] = []
     for shrink, full_offload in _PASSES:
         for backend in order:
             spec = backend_spec(backend)
@@ -403,21 +615,20 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
             if full_offload and not on_gpu:
                 continue
             device = _device(report, spec)
-            kv = (kv_cache, slots) if spec.batches else ("f16", 1)  # what this backend's KV cache will be
             assert device is not None  # `_candidates` keeps only backends with a device here
             # All on the GPU: best quality (biggest file) first. Otherwise decoding is bound by
             # CPU memory bandwidth, so the smallest file is the fastest.
-            options = sorted((a for a in artifacts if a.format == spec.format), key=lambda a: a.size_bytes,
+            options = sorted((a for a in artifacts if a.format in spec.formats), key=lambda a: a.size_bytes,
                              reverse=full_offload)
             for a in options:
                 want = min(o.context or DEFAULT_CONTEXT, a.dims.n_ctx_train or DEFAULT_CONTEXT)
                 for ctx in (_contexts(want)[1:] if shrink else [want]):
-                    fit = spec.fit(a, ctx, host, device, o.gpu_layers if on_gpu else 0, *kv)
-                    # A GPU backend with nothing on the GPU is the CPU backend: leave it to that.
-                    if fit is None or (on_gpu and fit.gpu_layers == 0):
+                    # On the GPU: all layers in the first pass, at least one after (none: the CPU backend's job).
+                    least = min(a.dims.n_layers, o.gpu_layers or a.dims.n_layers) if full_offload else int(on_gpu)
+                    kv = _fit_kv(spec, a, ctx, host, device, o.gpu_layers if on_gpu else 0, o, least)
+                    if kv is None:
                         continue
-                    if full_offload and fit.gpu_layers < min(a.dims.n_layers, o.gpu_layers or a.dims.n_layers):
-                        continue
+                    fit = kv.fit
                     why = list(reasons)
                     if o.context and o.context > want:
                         why.append(f"context {o.context} capped at the model's trained length {want}")
@@ -434,16 +645,21 @@ def plan(report: HardwareReport, artifacts: list[Artifact], overrides: Overrides
                                + (f", {gb(fit.memory.device_bytes)} GPU of {gb(device.usable)} usable"
                                   if fit.memory.device_bytes else ""))
                     why.append(f"{threads} threads ({report.cpu.physical_cores} physical cores)")
-                    if slots > 1 or kv_cache != "f16":
-                        why.append(f"KV cache {gb(fit.memory.kv_bytes)}: {slots} slot(s) of {ctx} tokens in "
-                                   f"{kv_cache}" + (" (with flash attention)" if kv_cache != "f16" else "")
-                                   if spec.batches else
-                                   f"{backend} decodes one sequence at a time with an f16 KV cache")
-                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why),
-                                *kv)
+                    if kv.why:
+                        why.append(kv.why)
+                    elif not spec.batches and (o.parallel or o.kv_cache):
+                        why.append(f"{backend} decodes one sequence at a time with an f16 KV cache")
+                    return Plan(backend, a, ctx, fit.gpu_layers, threads, fit.memory, tuple(why), kv.kv_cache,
+                                kv.slots, tensor_parallel=fit.tensor_parallel)
             if full_offload:
-                reasons.append(f"{backend} cannot hold the whole model on {device.where}")
+                smallest = min(a.size_bytes for a in options)
+                misfits.append(f"{backend} cannot hold the whole model on {device.where}"
+                               + (f" ({len(device.gpus)} of them)" if len(device.gpus) > 1 else "")
+                               + f": needs more than its {gb(smallest)} of weights")
+                reasons.append(misfits[-1])
 
+    if all(backend_spec(b).library != CPU for b in order):  # only GPU backends were possible
+        raise PlanError("the model does not fit the GPU: " + "; ".join(misfits))
     smallest = min(a.size_bytes + a.dims.kv_bytes(MIN_CONTEXT) + _compute_bytes(a, MIN_CONTEXT)
                    for a in artifacts)
     raise PlanError(f"needs {gb(smallest)}, has {gb(host)} usable RAM "

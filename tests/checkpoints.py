@@ -130,18 +130,24 @@ def spm_tokenizer(out: Path, vocab_size: int = 1000, tokenizer_config: dict[str,
     return out
 
 
+def llama_cpp_sdist(version: str = LLAMA_CPP_SDIST.rsplit("-", 1)[1]) -> Path:
+    """The llama-cpp-python sdist of `version` (a tarball), downloaded once into the cache."""
+    dl = CACHE / "sdist"
+    tarball = dl / f"llama_cpp_python-{version}.tar.gz"
+    if not tarball.is_file():
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
+    return tarball
+
+
 def llama_cpp_source() -> Path:
     """llama.cpp's source tree from the llama-cpp-python sdist (the parts the tests use), cached per machine."""
     dl = CACHE / "sdist"
     root = dl / LLAMA_CPP_SDIST / "vendor" / "llama.cpp"
     missing = [p for p in LLAMA_CPP_PARTS if not (root / p).exists()]
     if missing:
-        tarball = dl / f"{LLAMA_CPP_SDIST}.tar.gz"
-        if not tarball.is_file():
-            dl.mkdir(parents=True, exist_ok=True)
-            version = LLAMA_CPP_SDIST.rsplit("-", 1)[1]
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                            f"llama-cpp-python=={version}", "-d", str(dl)], check=True)
+        tarball = llama_cpp_sdist()
         subprocess.run(["tar", "xzf", str(tarball), "-C", str(dl)]
                        + [f"{LLAMA_CPP_SDIST}/vendor/llama.cpp/{p}" for p in missing], check=True)
     return root

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -22,6 +23,7 @@ from localchat.artifacts import artifact_from_gguf
 from localchat.chat import ChatSession
 from localchat.engine import SamplingSettings
 from localchat.engine.backend import Chunk, GenerationStats
+from localchat.engine.batching import DecodeEngine
 from localchat.engine.llamacpp import LlamaCppBackend
 from localchat.hardware import probe
 from localchat.planner import Overrides, gb, plan
@@ -141,21 +143,32 @@ def test_tenth_turn_evaluates_no_more_than_the_first_while_other_clients_chat(ba
     assert ttft[-1] <= 3 * ttft[0] + 0.5, ttft  # wall time on a shared machine: generous
 
 
+def kv_allocated(gguf: Path, kind: str, slots: int, check: Callable[[LlamaCppBackend, DecodeEngine], None]
+                 ) -> dict[str, int]:
+    """The KV cache bytes llama.cpp allocates for `slots` sequences in f16 and in `kind`, each engine
+    first passing `check` (it answers)."""
+    allocated = {}
+    for kv in ("f16", kind):
+        b = load(gguf, kv_cache=kv, parallel=slots)
+        try:
+            engine = b.engine(slots)
+            allocated[kv] = engine.kv_bytes
+            check(b, engine)
+        finally:
+            b.close()
+    return allocated
+
+
 def test_kv_cache_q8_0_halves_the_kv_memory_llama_cpp_allocates(starter_gguf: Path) -> None:
     """q8_0 KV cache: llama.cpp allocates about half the f16 buffers (34/64) for four slots, still
     answers right, and `localchat doctor --kv-cache q8_0 --parallel 4` shows the KV memory llama.cpp
     allocates."""
-    allocated = {}
-    for kv in ("f16", "q8_0"):
-        b = load(starter_gguf, kv_cache=kv, parallel=4)
-        try:
-            engine = b.engine(4)
-            allocated[kv] = engine.kv_bytes
-            assert engine.kv_bytes == pytest.approx(4 * b.kv_bytes, rel=1e-3)  # llama.cpp logs MiB, 2 decimals
-            greedy = SamplingSettings(temperature=0.0, repeat_penalty=1.0, max_tokens=24)
-            assert "Paris" in run(engine.stream(chat_prompt(b, QUESTIONS[0]), greedy))[0]
-        finally:
-            b.close()
+    def answers(b: LlamaCppBackend, engine: DecodeEngine) -> None:
+        assert engine.kv_bytes == pytest.approx(4 * b.kv_bytes, rel=1e-3)  # llama.cpp logs MiB, 2 decimals
+        greedy = SamplingSettings(temperature=0.0, repeat_penalty=1.0, max_tokens=24)
+        assert "Paris" in run(engine.stream(chat_prompt(b, QUESTIONS[0]), greedy))[0]
+
+    allocated = kv_allocated(starter_gguf, "q8_0", 4, answers)
     assert 0.5 <= allocated["q8_0"] / allocated["f16"] <= 0.56
     r = subprocess.run([sys.executable, "-m", "localchat", "doctor", "--model", str(starter_gguf), "--ctx",
                         str(TEST_CONTEXT), "--kv-cache", "q8_0", "--parallel", "4"],
@@ -163,6 +176,21 @@ def test_kv_cache_q8_0_halves_the_kv_memory_llama_cpp_allocates(starter_gguf: Pa
     assert r.returncode == 0, r.stderr
     assert f"KV cache {gb(allocated['q8_0'])} q8_0" in r.stdout
     assert f"context: {TEST_CONTEXT} tokens in each of 4 parallel slots" in r.stdout
+
+
+def test_kv_cache_q4_0_decodes_through_the_engine(starter_gguf: Path) -> None:
+    """`--kv-cache q4_0` (a quantized V cache, which llama.cpp allows only with flash attention, so the
+    backend turns that on): the batching engine's own context gets it too, allocates about a quarter
+    (18/64) of the f16 cache for two slots, and two requests decoded together both answer."""
+    def both_answer(b: LlamaCppBackend, engine: DecodeEngine) -> None:
+        greedy = SamplingSettings(temperature=0.0, max_tokens=12)
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda q: run(engine.stream(chat_prompt(b, q), greedy)), QUESTIONS[:2]))
+        for text, stats in answers:
+            assert text.strip() and stats.completion_tokens > 0
+
+    allocated = kv_allocated(starter_gguf, "q4_0", 2, both_answer)
+    assert 0.25 <= allocated["q4_0"] / allocated["f16"] <= 0.31, allocated
 
 
 def test_kv_cache_q8_0_changes_perplexity_by_under_one_percent(starter_gguf: Path) -> None:
@@ -204,5 +232,41 @@ def test_server_answers_a_short_request_while_a_long_one_streams(tmp_path: Path,
         assert short.choices[0].message.content
         assert long_tokens == 300
         assert short_done < long_done
+    finally:
+        srv.stop()
+
+
+def test_server_loads_a_model_as_the_planner_plans_it_with_the_slots_memory_holds(
+        tmp_path: Path, starter_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localchat serve --kv-cache f16` with no --parallel on a machine whose free memory holds the
+    starter and the KV cache of two full contexts, not four: `localchat doctor` plans two slots, and the
+    server loads the model through the same runtime path, decoding with those two slots (it used to take
+    four and halve the context)."""
+    import os
+    from dataclasses import replace
+
+    from localchat.hardware import ENV_REPORT, MemoryInfo
+    from localchat.planner import kv_cache_bytes
+
+    from .test_server import Server
+
+    a = artifact_from_gguf(starter_gguf)
+    one = plan(probe(), [a], Overrides(context=TEST_CONTEXT, parallel=1, kv_cache="f16"))
+    spare = one.memory.host_bytes + kv_cache_bytes(a, TEST_CONTEXT) * 3 // 2  # one slot and a half more
+    report = tmp_path / "tight.json"  # of 4 GiB, the planner keeps 1 GiB back for the system
+    report.write_text(replace(probe(), memory=MemoryInfo(4 << 30, (1 << 30) + spare)).to_json())
+    monkeypatch.setenv(ENV_REPORT, str(report))
+    store = starter_home(tmp_path / "home", starter_gguf)
+    r = subprocess.run([sys.executable, "-m", "localchat", "doctor", "--ctx", str(TEST_CONTEXT), "--kv-cache",
+                        "f16"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LOCALCHAT_HOME": str(store.root)})
+    assert f"context: {TEST_CONTEXT} tokens in each of 2 parallel slots" in r.stdout, r.stdout + r.stderr
+    srv = Server(store, kv_cache="f16", threads=1)
+    try:
+        reply = srv.client(timeout=300).chat.completions.create(
+            model=STARTER.name, max_tokens=8, temperature=0, messages=[{"role": "user", "content": QUESTIONS[0]}])
+        assert reply.choices[0].message.content
+        served = srv.app.state.manager.loaded[STARTER.name]
+        assert (served.plan.slots, served.plan.context, served.engine.slots) == (2, TEST_CONTEXT, 2)
     finally:
         srv.stop()

@@ -189,3 +189,35 @@ def test_preset_command_sets_shows_and_applies_a_models_sampling_defaults(home: 
         assert run("chat", "-q", "-p", "Name a fruit.", "--seed", seed, "--max-tokens", "16").stdout == greedy
     assert run("preset", STARTER.name, "--clear").stdout.strip().endswith("(the global defaults apply)")
     assert "sampling" not in home.get(STARTER.name).defaults
+
+
+def _flag_help(text: str, flag: str) -> str:
+    """The help of `flag` in argparse's -h output, as one line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(flag))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(" " * 10):  # its wrapped lines
+        end += 1
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+def test_run_flags_are_one_typed_set_in_every_command(home: Store) -> None:
+    """--context (--ctx), --threads, --parallel and --kv-cache read the same in chat, doctor, serve and ui,
+    and a value out of range is refused by name before any model loads."""
+    helps = {cmd: run(cmd, "-h").stdout for cmd in ("chat", "doctor", "serve", "ui")}
+    for flag in ("--context", "--threads", "--parallel", "--kv-cache"):
+        seen = {cmd: _flag_help(text, flag) for cmd, text in helps.items()}
+        assert len(set(seen.values())) == 1, seen
+    assert "--ctx" in _flag_help(helps["chat"], "--context")
+    assert "up to 4" in _flag_help(helps["serve"], "--parallel")
+    r = run("chat", "--parallel", "0", "-p", "hi")
+    assert r.returncode != 0 and "parallel=0 is out of range [1, 256]" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_doctor_shows_the_kv_cache_and_slots_at_the_chosen_context(home: Store) -> None:
+    """`localchat doctor` with no --parallel: the planner's slots, and their KV memory at the context."""
+    r = run("doctor", "--ctx", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "context: 2048 tokens in each of 4 parallel slots" in r.stdout
+    assert "KV cache 0.19 GB at 2048 tokens: 4 parallel slots (the most the planner gives" in r.stdout

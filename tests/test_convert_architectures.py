@@ -279,16 +279,18 @@ print(json.dumps({"grew": peak[0] - before}))
 """
 
 
-def test_experts_are_stacked_in_about_one_stacks_memory(tmp_path: Path) -> None:
-    """Converting an MoE checkpoint holds about one stacked expert tensor at a time: writing two layers of
-    8 experts (six 32 MB float32 stacks, 192 MB) grows memory by less than two stacks, not by a layer's
-    three or the model's six."""
+def test_experts_are_stacked_without_holding_a_whole_stack(tmp_path: Path) -> None:
+    """Converting an MoE checkpoint never holds a whole stacked expert tensor: writing two layers of 32
+    small experts (six 32 MB float32 stacks of 1 MB slices, 192 MB) grows memory by less than half a stack,
+    since each stack is written one expert's slice at a time. The allocator keeps a few freed slices
+    (up to 20 MB with 4 MB slices), so the slices are kept small beside the stack. Filling each stack
+    whole first grew memory by 57-65 MB."""
     import gguf
     from safetensors.torch import save_file
 
     from tests.checkpoints import example_tokenizer
 
-    hidden, width, experts, layers = 256, 4096, 8, 2
+    hidden, width, experts, layers = 256, 1024, 32, 2
     folder = tmp_path / "mixtral-wide"
     folder.mkdir()
     for f in ("tokenizer.model", "tokenizer_config.json"):
@@ -320,5 +322,5 @@ def test_experts_are_stacked_in_about_one_stacks_memory(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     stack = experts * width * hidden * 4
     grew = json.loads(r.stdout.strip().splitlines()[-1])["grew"]
-    assert grew < 2 * stack, f"writing took {grew / 2**20:.0f} MB more; one stack is {stack / 2**20:.0f} MB"
+    assert grew < stack / 2, f"writing took {grew / 2**20:.0f} MB more; one stack is {stack / 2**20:.0f} MB"
     assert written["blk.1.ffn_down_exps.weight"] == [width, hidden, experts]

@@ -191,3 +191,14 @@ def test_a_report_saved_before_the_accelerator_list_still_plans(tmp_path: Path,
     assert r.accelerators == (Accelerator("metal", 0, "Apple M2", 16 * GIB, 16 * GIB, unified=True),)
     assert r.runtimes.llama_cpp_backends == ("cpu",)
     assert plan(r, [Q4]).backend == "llamacpp-cpu"
+
+
+def test_only_doctor_and_serve_vllm_ask_the_vllm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking vLLM's environment starts a child Python: the probe every front end runs (chat, serve, the
+    app) leaves it out, and `doctor`'s probe (vllm=True) records what it says."""
+    import localchat.hardware as hw
+
+    asked: list[str] = []
+    monkeypatch.setattr(hw, "probe_vllm", lambda: asked.append("vllm") or "/venv/bin/python")
+    assert probe_machine(llama_cpp=False).runtimes.vllm == "" and asked == []
+    assert probe_machine(llama_cpp=False, vllm=True).runtimes.vllm == "/venv/bin/python" and asked == ["vllm"]

@@ -26,13 +26,15 @@ def test_chat_imports_neither_torch_nor_converters(home: Store) -> None:
 
 
 def test_planner_is_pure_code() -> None:
-    """The planner module imports no probe and no backend: it only reads the report."""
+    """The planner module imports no probe and no backend: it only reads the report (`options` types its
+    overrides, the flags every command shares)."""
     import localchat.planner as planner
 
     tree = ast.parse(Path(planner.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported <= {"__future__", "collections.abc", "dataclasses", "artifacts", "hardware.report"}, imported
+    allowed = {"__future__", "collections.abc", "dataclasses", "artifacts", "hardware.report", "options"}
+    assert imported <= allowed, imported
 
 
 def test_ui_builds_without_torch(home: Store) -> None:

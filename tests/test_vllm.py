@@ -1,5 +1,6 @@
 """`localchat serve --engine vllm`: the arguments vLLM is started with and the refusals, checked without
-vLLM; then, where the vLLM environment exists (tests/checkpoints.VLLM_VENV, made by `localchat setup-vllm
+vLLM on machines described by saved hardware reports (tests/hardware: four 24 GB GPUs, one 8 GB GPU, no
+GPU; each with a vLLM environment recorded); then, where the vLLM environment exists (tests/checkpoints.VLLM_VENV, made by `localchat setup-vllm
 --venv` with vLLM's CPU build), the real server on the starter's HF checkpoint through the `openai` client.
 """
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from localchat.cli import main as cli
-from localchat.engine.vllm import (ENV_GUARD, ENV_PYTHON, GUARD_MIDDLEWARE, VllmModel, VllmUnavailable,
-                                   build_launch, model_for_vllm)
+from localchat.commands.serve import vllm_launch
+from localchat.engine.vllm import ENV_GUARD, ENV_PYTHON, GUARD_MIDDLEWARE, VllmLaunch, VllmUnavailable
+from localchat.hardware import ENV_REPORT, load_report
 from localchat.server.settings import ServerSettings
 from localchat.store import ModelEntry, ModelFile, Store
 
@@ -23,6 +25,8 @@ from .checkpoints import CACHE, starter_hf
 from .conftest import link_or_copy
 
 VLLM_VENV = CACHE / "vllm-venv"
+HARDWARE = Path(__file__).parent / "hardware"
+FAKE_VLLM = "/opt/vllm-venv/bin/python"  # the vLLM environment the saved reports record
 GiB = 1024**3
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
@@ -58,9 +62,15 @@ def fake_gptq(folder: Path, group_size: int = 128, heads: int = 12, hidden: int 
     return folder
 
 
-def launch(model: VllmModel, tmp_path: Path, gpus: list[int], **settings: object):
-    return build_launch(model, ServerSettings(**settings), Path("/opt/vllm/bin/python"), gpus, TEMPLATE,
-                        tmp_path, cpu_memory=64 * GiB)
+def launch(model: str, home: Path, machine: str, monkeypatch: pytest.MonkeyPatch,
+           **settings: object) -> tuple[list[str], VllmLaunch]:
+    """What `serve --engine vllm --model MODEL` would start with the store at `home` on the machine of
+    tests/hardware/MACHINE.json: the plan's reasons and the launch."""
+    monkeypatch.setenv("LOCALCHAT_HOME", str(home))
+    monkeypatch.setenv(ENV_REPORT, str(HARDWARE / f"{machine}.json"))
+    scratch = home.parent / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return vllm_launch(ServerSettings(**settings), model, scratch)
 
 
 @pytest.fixture
@@ -78,55 +88,60 @@ def hf_store(tmp_path: Path, starter_gguf: Path) -> Store:
     return store
 
 
-def test_hf_checkpoint_on_the_cpu(hf_store: Store, tmp_path: Path) -> None:
+def test_hf_checkpoint_on_the_cpu(hf_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """No CUDA GPU: vLLM's CPU build on the store's HF folder in float32, loopback, no key, the model's own
     chat template, the context capped at the model's, our Host guard as middleware, no cross-origin."""
-    model = model_for_vllm("smol-hf", hf_store)
-    assert model.format == "hf" and model.folder == hf_store.model_dir("smol-hf")
-    run = launch(model, tmp_path, [], port=8123, context=4096)
+    folder = hf_store.model_dir("smol-hf")
+    reasons, run = launch("smol-hf", hf_store.root, "no-gpu", monkeypatch, port=8123, context=4096)
     argv = run.argv
-    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
-    assert arg(argv, "--model") == str(model.folder) and arg(argv, "--served-model-name") == "smol-hf"
+    assert argv[:3] == [FAKE_VLLM, "-m", "vllm.entrypoints.openai.api_server"]
+    assert arg(argv, "--model") == str(folder) and arg(argv, "--served-model-name") == "smol-hf"
     assert (arg(argv, "--host"), arg(argv, "--port")) == ("127.0.0.1", "8123")
     assert arg(argv, "--max-model-len") == "4096"  # under SmolLM2's 8192
     assert arg(argv, "--tensor-parallel-size") == "1" and arg(argv, "--dtype") == "float32"
-    assert arg(argv, "--chat-template") == str(model.folder / "chat_template.jinja")
+    assert arg(argv, "--chat-template") == str(folder / "chat_template.jinja")
     assert "--api-key" not in argv and "--quantization" not in argv
     assert arg(argv, "--allowed-origins") == "[]" and arg(argv, "--middleware") == GUARD_MIDDLEWARE
     assert json.loads(run.env[ENV_GUARD]) == {"bind": "127.0.0.1", "hosts": [], "origins": []}
-    assert any("no CUDA GPU visible" in r for r in run.reasons)
+    assert "backend vllm-cpu chosen by the user" in reasons
+    assert any(r.startswith("vLLM's CPU build (float32)") for r in reasons), reasons
 
 
-def test_gptq_folder_over_the_gpus(tmp_path: Path) -> None:
-    """A GPTQ folder on 8 visible GPUs: Marlin quantization, tensor parallel over the 6 GPUs its 12 heads
-    split evenly over (and the reason says so), the key and the extra origin passed on, bound to all."""
-    model = model_for_vllm(str(fake_gptq(tmp_path / "m-gptq", group_size=64)), Store(tmp_path / "home"))
-    run = launch(model, tmp_path, [80 * GiB] * 8, host="0.0.0.0", api_key="sekret",
-                 allowed_origin=("https://team.example",))
+def test_gptq_folder_over_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPTQ folder on four 24 GB GPUs: Marlin quantization, tensor parallel over the 2 GPUs its 6 heads
+    split evenly over (a power of two; the reason says so), the plan's 4096-token context, the key and the
+    extra origin passed on, bound to all."""
+    folder = fake_gptq(tmp_path / "m-gptq", group_size=64, heads=6)
+    reasons, run = launch(str(folder), tmp_path / "home", "cuda-4x24gb", monkeypatch, host="0.0.0.0",
+                          api_key="sekret", allowed_origin=("https://team.example",))
     argv = run.argv
-    assert arg(argv, "--quantization") == "gptq_marlin" and arg(argv, "--tensor-parallel-size") == "6"
+    assert arg(argv, "--model") == str(folder) and arg(argv, "--served-model-name") == "m-gptq"
+    assert arg(argv, "--quantization") == "gptq_marlin" and arg(argv, "--tensor-parallel-size") == "2"
     assert arg(argv, "--api-key") == "sekret" and arg(argv, "--host") == "0.0.0.0"
     assert json.loads(arg(argv, "--allowed-origins")) == ["https://team.example"]
     assert "--dtype" not in argv and "--kv-cache-memory-bytes" not in argv
-    assert any("12 attention heads split evenly over 6" in r for r in run.reasons)
-    assert arg(argv, "--max-model-len") == "8192"
+    assert any("tensor parallel over 2 of 4 CUDA GPU(s), the 6 attention heads split evenly over 2" in r
+               for r in reasons), reasons
+    assert arg(argv, "--max-model-len") == "4096"
 
 
 def test_gguf_model_is_refused_with_the_conversion(home: Store, capsys: pytest.CaptureFixture) -> None:
-    """The starter is a GGUF: `serve --engine vllm` says vLLM does not serve that format and how to get a
-    GPTQ folder, before looking for vLLM."""
+    """The starter is a GGUF: `serve --engine vllm` says (from the plan) which formats vLLM serves and how to
+    get a GPTQ folder, before looking for vLLM."""
     assert cli(["serve", "--engine", "vllm", "--model", "smollm2-135m-instruct"]) == 1
     err = capsys.readouterr().err
-    assert "model 'smollm2-135m-instruct' is GGUF (Q4_1): vLLM does not serve that format here" in err
-    assert "--to gptq --name smollm2-135m-instruct" in err
+    assert ("cannot serve 'smollm2-135m-instruct' with vLLM: backend 'vllm' runs a GPTQ folder or a Hugging Face "
+            "checkpoint; the model has only GGUF Q4_1") in err
+    assert "`localchat convert HF_CHECKPOINT --to gptq --name NAME`" in err
 
 
 def test_missing_vllm_environment_says_how_to_make_one(hf_store: Store, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
-    """No Python at $LOCALCHAT_VLLM_PYTHON, then a Python without vllm (this one): each refusal names what
-    it looked at and `localchat setup-vllm`."""
+    """This machine probed (no saved report): no Python at $LOCALCHAT_VLLM_PYTHON, then a Python without vllm
+    (this one): each refusal names what it looked at and `localchat setup-vllm`."""
     monkeypatch.setenv("LOCALCHAT_HOME", str(hf_store.root))
+    monkeypatch.delenv(ENV_REPORT)
     monkeypatch.setenv(ENV_PYTHON, str(tmp_path / "nowhere"))
     assert cli(["serve", "--engine", "vllm", "--model", "smol-hf"]) == 1
     err = capsys.readouterr().err
@@ -137,18 +152,27 @@ def test_missing_vllm_environment_says_how_to_make_one(hf_store: Store, tmp_path
     assert f"{sys.executable} (${ENV_PYTHON}={sys.executable}) cannot import vllm" in capsys.readouterr().err
 
 
-def test_model_too_big_for_the_gpus_is_refused(tmp_path: Path) -> None:
-    """Weights plus one full-context sequence's KV cache beyond 90% of the GPUs: refused with the sizes."""
-    model = model_for_vllm(str(fake_gptq(tmp_path / "m")), Store(tmp_path / "home"))
-    with pytest.raises(VllmUnavailable, match=r"does not fit the GPUs: .* usable on 1 GPU\(s\) \(90% of each\)"):
-        launch(model, tmp_path, [32 * 1024**2])
+def test_model_too_big_for_the_gpus_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """The 8 GB laptop's GPU cut to 1 GiB: weights, one full-context sequence's KV cache and vLLM's own
+    overhead do not fit, and `serve --engine vllm` says so naming the GPU and the weights."""
+    from dataclasses import replace
+
+    box = load_report(HARDWARE / "cuda-1x8gb.json")
+    box = replace(box, accelerators=tuple(replace(g, total_bytes=GiB, free_bytes=GiB) for g in box.accelerators))
+    (tmp_path / "small.json").write_text(box.to_json())
+    monkeypatch.setenv(ENV_REPORT, str(tmp_path / "small.json"))
+    monkeypatch.setenv("LOCALCHAT_HOME", str(tmp_path / "home"))
+    assert cli(["serve", "--engine", "vllm", "--model", str(fake_gptq(tmp_path / "m"))]) == 1
+    assert ("cannot serve 'm' with vLLM: the model does not fit the GPU: vllm-cuda cannot hold the whole model on "
+            "NVIDIA GeForce RTX 4060 Laptop GPU (1.07 GB VRAM free): needs more than its") in capsys.readouterr().err
 
 
-def test_gptq_folder_off_marlins_path_is_refused(tmp_path: Path) -> None:
+def test_gptq_folder_off_marlins_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPTQ folder vLLM's Marlin kernels do not read (group size 96) is refused with check-vllm's reason."""
-    model = model_for_vllm(str(fake_gptq(tmp_path / "m96", group_size=96)), Store(tmp_path / "home"))
+    folder = fake_gptq(tmp_path / "m96", group_size=96)
     with pytest.raises(VllmUnavailable, match="group_size is 96: Marlin reads -1, 32, 64, 128.*check-vllm"):
-        launch(model, tmp_path, [80 * GiB])
+        launch(str(folder), tmp_path / "home", "cuda-4x24gb", monkeypatch)
 
 
 def test_engine_flags_are_checked(capsys: pytest.CaptureFixture) -> None:
@@ -162,10 +186,10 @@ def test_engine_flags_are_checked(capsys: pytest.CaptureFixture) -> None:
     assert "pass --api-key KEY" in capsys.readouterr().err
 
 
-def test_host_guard_runs_inside_vllms_python(tmp_path: Path, hf_store: Store) -> None:
+def test_host_guard_runs_inside_vllms_python(hf_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The middleware vLLM is given imports from the launch's PYTHONPATH alone (no site-packages, so
     nothing of localchat's environment) and answers a foreign Host with 403, a loopback one normally."""
-    run = launch(model_for_vllm("smol-hf", hf_store), tmp_path, [])
+    _, run = launch("smol-hf", hf_store.root, "no-gpu", monkeypatch)
     script = """
 import asyncio, json, importlib
 mod, _, cls = "%s".rpartition(".")
@@ -184,6 +208,64 @@ print(json.dumps([asyncio.run(call("127.0.0.1:8123")), asyncio.run(call("evil.ex
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [200, 403]
+
+
+def fake_vllm_python(folder: Path) -> Path:
+    """An executable standing in for the vLLM environment's Python: it says it has vllm (exit 0) and, when
+    started as vLLM's server, writes its arguments to argv.json beside it and exits."""
+    folder.mkdir(parents=True)
+    python = folder / "python"
+    python.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {folder / 'argv.txt'}\nexit 0\n")
+    python.chmod(0o755)
+    return python
+
+
+def test_serve_vllm_probes_only_what_vllm_needs(hf_store: Store, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --engine vllm` on this machine (no saved report) probes CUDA GPUs, RAM and the vLLM
+    environment, never AMD, Apple or llama.cpp's backends, and starts vLLM from the environment it found."""
+    import localchat.hardware as hw
+
+    probed: list[str] = []
+    for name in ("probe_amd", "probe_apple", "probe_llama_cpp_backends"):
+        monkeypatch.setattr(hw, name, lambda name=name: probed.append(name) or [])
+    monkeypatch.delenv(ENV_REPORT)
+    monkeypatch.setenv("LOCALCHAT_HOME", str(hf_store.root))
+    python = fake_vllm_python(tmp_path / "vllm-env")
+    monkeypatch.setenv(ENV_PYTHON, str(python))
+    assert cli(["serve", "--engine", "vllm", "--model", "smol-hf"]) == 0
+    assert probed == []
+    started = (python.parent / "argv.txt").read_text().split()
+    assert started[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert arg(started, "--model") == str(hf_store.model_dir("smol-hf"))
+
+
+def test_check_vllm_and_serve_find_a_name_in_the_same_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A store model `m` and a folder `m` in the working directory: `check-vllm m` and `serve --engine vllm
+    --model m` both take the store's model (its GPTQ folder passes; the folder here has group size 96)."""
+    store = Store(tmp_path / "home")
+    good = fake_gptq(store.model_dir("m") / "m-GPTQ", group_size=64)
+    store.add(ModelEntry(name="m", format="gptq", quant="GPTQ-4bit-g128", source="test",
+                         files=[ModelFile(str(good.relative_to(store.root)), 0, "")]))
+    fake_gptq(tmp_path / "cwd" / "m", group_size=96)
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("LOCALCHAT_HOME", str(store.root))
+    assert cli(["check-vllm", "m"]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}: GPTQ 4-bit, group size 64")
+    _, run = launch("m", store.root, "cuda-4x24gb", monkeypatch)
+    assert arg(run.argv, "--model") == str(good)
+
+
+def test_check_vllm_names_a_truncated_safetensors_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A GPTQ folder whose safetensors file lost its last bytes: check-vllm names the file and the tensor past
+    its end (the header is checked as the format defines it before any zero-point is read)."""
+    folder = fake_gptq(tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    assert cli(["check-vllm", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"{weights}: tensor 'model.layers." in err and "past the end of the file" in err, err
 
 
 @pytest.mark.slow
@@ -223,7 +305,14 @@ def test_vllm_answers_like_llama_cpp_f16(hf_store: Store, tmp_path: Path) -> Non
 
     port = free_port()
     log = tmp_path / "vllm.log"
-    env = {**os.environ, "LOCALCHAT_HOME": str(hf_store.root), ENV_PYTHON: str(VLLM_VENV / "bin" / "python")}
+    # This machine as the session plans for it (CPU only), with the vLLM environment its probe would record.
+    from dataclasses import replace
+
+    here = load_report(os.environ[ENV_REPORT])
+    report = tmp_path / "with-vllm.json"
+    report.write_text(replace(here, runtimes=replace(here.runtimes, vllm=str(VLLM_VENV / "bin" / "python"))).to_json())
+    env = {**os.environ, "LOCALCHAT_HOME": str(hf_store.root), ENV_PYTHON: str(VLLM_VENV / "bin" / "python"),
+           ENV_REPORT: str(report)}
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "localchat", "serve", "--engine", "vllm", "--model", "smol-hf",
                                  "--port", str(port), "--api-key", "k"], stdout=out, stderr=subprocess.STDOUT,

@@ -23,16 +23,35 @@ footer {display: none !important}
   #chatbot {height: 40vh !important}
 }
 #chat-status p {margin: 0}
+/* The theme's three small choices sit in the top right corner, beside the title; on a phone they
+   follow the title, which gets smaller so the message box stays on the first screen. */
+#theme {position: absolute; top: 12px; right: 16px; width: auto !important; min-width: 0 !important}
+#theme label {padding: 2px 8px}
+@media (max-width: 720px) {
+  #theme {position: static}
+  #app-title h2 {font-size: 1rem; margin: 0}
+}
 button.label-wrap {padding-right: 8px}  /* the accordion's turned arrow stays inside its button */
 """
-# Esc stops the answer being written, as in other chat apps (Stop does the same).
+# Esc stops the answer being written, as in other chat apps (Stop does the same). The theme picked
+# in the header (system, light or dark) is kept in the browser and applied before Gradio's own
+# system-setting listener can undo it (ours runs after it when the computer's setting changes).
 JS = """
 () => {
   document.addEventListener('keydown', (e) => {
     if (e.key === 'Escape') { const b = document.querySelector('#stop'); if (b) b.click(); }
   });
+  const dark = window.matchMedia('(prefers-color-scheme: dark)');
+  window.localchatTheme = (mode) => {
+    if (mode) localStorage.setItem('localchat-theme', mode);
+    mode = localStorage.getItem('localchat-theme') || 'system';
+    document.body.classList.toggle('dark', mode === 'dark' || (mode === 'system' && dark.matches));
+  };
+  dark.addEventListener('change', () => window.localchatTheme());
+  window.localchatTheme();
 }
 """
+THEMES = [("System", "system"), ("Light", "light"), ("Dark", "dark")]
 
 
 def tilde(path: Path) -> str:
@@ -45,7 +64,9 @@ def tilde(path: Path) -> str:
 
 def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"## {TITLE} — offline chat, quantization and fine-tuning · store: `{tilde(ctx.store.root)}`")
+        gr.Markdown(f"## {TITLE} — offline chat, quantization and fine-tuning · store: `{tilde(ctx.store.root)}`",
+                    elem_id="app-title")
+        theme = gr.Radio(THEMES, value="system", label="Theme", elem_id="theme", container=False)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat = chat_tab.build(ctx)
@@ -54,28 +75,33 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune") as ft_tab:
                 f_panel, plot, ft_base, ft_chats = finetune_tab.build(ctx)
 
-        store_seen = gr.State(None)  # the manifest's stamp when this page last listed the models
+        # What this page was sent last (store stamp, loss version, job panel): the timer sends only
+        # what changed since, so an idle app sends nothing and plans no model, however many pages are open.
+        seen_state = gr.State(None)
         panels = [chat.panel, m_panel, f_panel]
 
-        def tick(seen: object, current: str | None) -> tuple:
+        def tick(seen: tuple | None, current: str | None) -> tuple:
             """Job progress everywhere, and every model list follows the store: a model imported,
             converted or deleted from the command line shows up here within a second."""
-            updates: list = list(job_panel.render(ctx.jobs)) * len(panels)  # the same job in every tab
-            updates.append(finetune_tab.loss_frame(ctx, ctx.jobs))
+            was_store, was_loss, was_job = seen or (None, None, None)
+            job = job_panel.render(ctx.jobs)
+            updates: list = list(job) * len(panels) if job != was_job else [gr.skip()] * (len(job) * len(panels))
+            version, frame = finetune_tab.loss_frame(ctx, ctx.jobs)
+            updates.append(frame if version != was_loss else gr.skip())
             stamp = ctx.store_stamp()
-            if stamp != seen:
+            if stamp != was_store:
                 models = list(ctx.store.models())
                 updates += [models_tab.table(ctx), gr.update(choices=models_tab.hf_models(ctx)),
                             gr.update(choices=models), gr.update(choices=models),
-                            *chat_tab.follow_store(ctx, current), stamp]
+                            *chat_tab.follow_store(ctx, current)]
             else:
-                updates += [gr.skip()] * 7 + [seen]
-            return tuple(updates)
+                updates += [gr.skip()] * 7
+            return (*updates, (stamp, version, job))
 
         timer = gr.Timer(1.0)
-        timer.tick(tick, [store_seen, chat.model_dd],
+        timer.tick(tick, [seen_state, chat.model_dd],
                    [*(c for p in panels for c in p.parts()), plot, models_df, m_dropdowns[0], m_dropdowns[1],
-                    ft_base, chat.model_dd, chat.status, chat.first_run, store_seen],
+                    ft_base, chat.model_dd, chat.status, chat.first_run, seen_state],
                    show_progress="hidden", queue=False)
 
         def chats_choices() -> dict:
@@ -84,6 +110,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         ft_tab.select(chats_choices, None, [ft_chats])
         # A page opened later (or after a restart) lists the chats saved since the app started.
         app.load(lambda: gr.update(choices=chat_tab.chat_choices(ctx)), None, [chat.chat_list])
+        # The theme lives in the browser (each person's own), so these run there, not on the server.
+        app.load(None, None, [theme], js="() => localStorage.getItem('localchat-theme') || 'system'")
+        theme.input(None, [theme], None, js="(mode) => { window.localchatTheme(mode); return []; }")
     return app
 
 

@@ -13,13 +13,15 @@ from typing import Any, Iterator
 import gradio as gr
 
 from localchat.chat.reasoning import split_thoughts
-from localchat.engine.settings import SamplingSettings, model_settings
+from localchat.commands.preset import set_preset
+from localchat.engine.settings import PRESET, SamplingSettings, model_settings, preset_text
 from localchat.store.chats import ChatError, Conversation
 
 from . import job_panel
 from .context import AppContext
 
-UPDATE_EVERY_S = 0.1
+UPDATE_EVERY_S = 0.25
+BUSY = "still answering: wait, or press Esc (or Stop) to end the answer first"
 OVERFLOW_POLICY = "when the context is full, the oldest turns are left out and the system prompt is kept"
 
 
@@ -68,12 +70,34 @@ def _budget_html(used: int, n_ctx: int, dropped: int) -> str:
             f"<small>{OVERFLOW_POLICY}</small>{note}</div>")
 
 
-def _settings(preset: SamplingSettings, temperature: float, top_p: float, max_tokens: float,
-              seed: Any) -> SamplingSettings:
+# The sampling settings the tab shows as sliders: field, low, high, step, label. A model's preset sets
+# them when the model is picked or a new chat starts; a saved chat restores the ones it was answered with.
+SLIDERS = (("temperature", 0, 2, 0.05, "Temperature (0: greedy)"), ("top_p", 0.05, 1, 0.05, "Top-p"),
+           ("top_k", 0, 200, 1, "Top-k (0: all)"), ("min_p", 0, 1, 0.01, "Min-p"),
+           ("repeat_penalty", 0.5, 2, 0.05, "Repeat penalty (1: none)"),
+           ("max_tokens", 16, 4096, 16, "Max answer tokens"))
+SHOWN = tuple(f for f, *_ in SLIDERS)
+DEFAULTS = SamplingSettings()
+
+
+def _settings(preset: SamplingSettings, seed: Any, *values: float) -> SamplingSettings:
     """The sliders' values over the model's preset (which also set the sliders when it was picked)."""
     seed = int(seed) if seed not in (None, "", -1) and int(seed) >= 0 else None
-    return replace(preset, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                   seed=seed)
+    typed = {f: type(getattr(DEFAULTS, f))(v) for f, v in zip(SHOWN, values)}  # a slider sends 40.0 for top_k
+    return replace(preset, **typed, seed=seed)
+
+
+def slider_values(settings: SamplingSettings) -> list[float]:
+    return [getattr(settings, f) for f in SHOWN]
+
+
+def preset_note(ctx: AppContext, name: str | None) -> str:
+    """Which preset the sliders start from: the model's own, or the global defaults."""
+    if not name or name not in ctx.store.models():
+        return ""
+    own = ctx.store.get(name).defaults.get(PRESET) or {}
+    return (f"**{name}**'s preset: {preset_text(own)}" if own else
+            f"**{name}** has no preset: the global defaults apply") + " (*Save as the model's preset* changes it)"
 
 
 def pager(conv: Conversation) -> tuple:
@@ -159,21 +183,26 @@ def build(ctx: AppContext) -> ChatParts:
             with gr.Accordion("System prompt and sampling", open=False):
                 system_box = gr.Textbox(label="System prompt", value=default_system(first), lines=2,
                                         elem_id="system-prompt")
+                preset_md = gr.Markdown(preset_note(ctx, first), elem_id="preset-note")
                 d = preset(first)
-                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0: greedy)",
-                                        elem_id="temperature")
-                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(16, 4096, value=d.max_tokens, step=16, label="Max answer tokens",
-                                       elem_id="max-tokens")
+                sliders = [gr.Slider(lo, hi, value=getattr(d, f), step=step, label=label,
+                                     elem_id=f.replace("_", "-")) for f, lo, hi, step, label in SLIDERS]
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                save_preset = gr.Button("Save as the model's preset", size="sm", elem_id="save-preset")
 
-    sampling = [temperature, top_p, max_tokens, seed]
-    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, send_btn]
-    idle = gr.update(interactive=True)  # Send, greyed out while an answer is written
+    sampling = [seed, *sliders]
+    # What would change the chat under an answer being written (its reply is a message of the chat
+    # it streams into): greyed out until the answer ends, and each handler refuses while one runs.
+    locked = [send_btn, regen_btn, cont_btn, edit_btn, delete_btn, new_btn, prev_btn, next_btn]
+    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, *locked]
+    lock = (gr.update(interactive=False),) * len(locked)
+    unlock = (gr.update(interactive=True),) * len(locked)
+    keep = (gr.skip(),) * len(locked)
 
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
                key: str) -> Iterator[tuple]:
         conv.model, conv.system = model, system.strip()
+        conv.sampling = {f: getattr(settings, f) for f in (*SHOWN, "seed") if getattr(settings, f) is not None}
         if mode == "send":
             conv.messages.append({"role": "user", "content": text})
         elif mode == "regenerate" and conv.messages[-1]["role"] == "assistant":
@@ -186,7 +215,7 @@ def build(ctx: AppContext) -> ChatParts:
         ctx.cancels[key] = cancel
         loading = ctx.slot.name != model
         note = f"loading {model} …" if loading else "…"
-        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), gr.update(interactive=False)
+        yield _bubbles(conv), "", note, gr.skip(), conv, gr.skip(), gr.skip(), *lock
         session = ctx.slot.session(model, conv.system or None)
         history = conv.full_messages()
         if mode != "continue":
@@ -199,16 +228,16 @@ def build(ctx: AppContext) -> ChatParts:
                 now = time.perf_counter()
                 first_at = first_at or now
                 reply["content"] = base + "".join(parts)
-                # Redraw at most 10 times a second: every token would cost the browser and
-                # the server more CPU than the decode itself on a small laptop (bench_ui.py:
-                # 0.48x of plain decode speed redrawing every token, 0.75x at 10 a second).
+                # Redraw at most 4 times a second: every redraw costs the browser and the server
+                # CPU that the decode needs on a small laptop (bench_ui.py, 2 cores: 0.48x of plain
+                # decode speed redrawing every token, 0.75x at 10 a second, 0.95x at 4).
                 if now - shown_at < UPDATE_EVERY_S and len(parts) > 1:
                     continue
                 shown_at = now
                 elapsed = now - first_at
                 rate = f"{(len(parts) - 1) / elapsed:.1f} tok/s" if elapsed > 0.2 else "…"
                 yield (_bubbles(conv), gr.skip(), f"generating on {ctx.slot.loaded.plan.backend}: {rate}",
-                       gr.skip(), conv, gr.skip(), gr.skip(), gr.skip())
+                       gr.skip(), conv, gr.skip(), gr.skip(), *keep)
         stats = session.last_stats
         conv.auto_title()
         ctx.history.save(conv)
@@ -220,19 +249,18 @@ def build(ctx: AppContext) -> ChatParts:
             line = "The answer was already complete; nothing to add. " + line
         used = (stats.prompt_tokens + stats.completion_tokens) if stats else 0
         yield (_bubbles(conv), gr.skip(), line, _budget_html(used, session.backend.n_ctx, session.last_dropped),
-               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, idle)
+               conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, *unlock)
 
     def refuse(why: str) -> tuple:
         return (gr.skip(), gr.skip(), why, *(gr.skip(),) * (len(outputs) - 3))
 
     def guarded(mode: str):
-        def handler(text: str, conv: Conversation, model: str, system: str, temp: float, tp: float,
-                    mt: float, sd: Any, request: gr.Request) -> Iterator[tuple]:
+        def handler(request: gr.Request, text: str, conv: Conversation, model: str, system: str, sd: Any,
+                    *values: float) -> Iterator[tuple]:
             text = (text or "").strip()
             key = request.session_hash if request else ""
-            running = ctx.cancels.get(key)
-            if running is not None and not running.is_set():  # Enter again while an answer is written
-                yield refuse("still answering: wait, or press Esc (or Stop) to end the answer first")
+            if ctx.answering(key):  # Enter again while an answer is written
+                yield refuse(BUSY)
                 return
             if mode == "send" and not text:
                 yield (gr.skip(),) * len(outputs)
@@ -250,11 +278,11 @@ def build(ctx: AppContext) -> ChatParts:
                 yield refuse("nothing to continue: the last message is yours")
                 return
             try:
-                yield from answer(conv, mode, text, model, system, _settings(preset(model), temp, tp, mt, sd), key)
+                yield from answer(conv, mode, text, model, system, _settings(preset(model), sd, *values), key)
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
-                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), idle)
+                yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), *unlock)
             finally:
                 if (running := ctx.cancels.get(key)) is not None:
                     running.set()  # no answer runs in this session any more (also after a failed load)
@@ -276,7 +304,9 @@ def build(ctx: AppContext) -> ChatParts:
 
     stop_btn.click(stop, None, None, queue=False)
 
-    def edit_last(conv: Conversation) -> tuple:
+    def edit_last(conv: Conversation, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return gr.skip(), gr.skip(), BUSY, gr.skip()
         idx = max((i for i, m in enumerate(conv.messages) if m["role"] == "user"), default=None)
         if idx is None:
             return gr.skip(), gr.skip(), "no question to edit yet", conv
@@ -286,39 +316,60 @@ def build(ctx: AppContext) -> ChatParts:
 
     edit_btn.click(edit_last, [conv_state], [chatbot, msg, status, conv_state]).then(**then_pager)
 
-    def page(conv: Conversation, step: int) -> tuple:
+    def page(conv: Conversation, step: int, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY
         i = conv.branch_point()
         if i is None:
-            return gr.skip(), conv, *pager(conv)
+            return gr.skip(), conv, *pager(conv), gr.skip()
         conv.show_version(i, conv.versions[str(i)]["at"] + step)
         if conv.messages:
             ctx.history.save(conv)  # reopened later, the chat shows the version picked last
-        return _bubbles(conv), conv, *pager(conv)
+        return _bubbles(conv), conv, *pager(conv), gr.skip()
 
-    prev_btn.click(lambda c: page(c, -1), [conv_state], [chatbot, conv_state, *pager_out])
-    next_btn.click(lambda c: page(c, 1), [conv_state], [chatbot, conv_state, *pager_out])
+    def page_back(conv: Conversation, request: gr.Request) -> tuple:
+        return page(conv, -1, request)
 
-    def new_chat(model: str, system: str) -> tuple:
+    def page_on(conv: Conversation, request: gr.Request) -> tuple:
+        return page(conv, 1, request)
+
+    prev_btn.click(page_back, [conv_state], [chatbot, conv_state, *pager_out, status])
+    next_btn.click(page_on, [conv_state], [chatbot, conv_state, *pager_out, status])
+
+    def new_chat(model: str, system: str, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):  # the trash icon cannot be greyed out
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY, *(gr.skip(),) * (1 + len(sliders))
         conv = Conversation(model=model or "", system=system)
-        return [], conv, gr.update(value=None), conv.title, "", ""
+        return [], conv, gr.update(value=None), conv.title, "", "", *slider_values(preset(model))
 
-    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget]
+    new_outputs = [chatbot, conv_state, chat_list, title_box, status, budget, *sliders]
     new_btn.click(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
     # The chat's trash icon starts a new chat: the cleared one stays saved and is not sent again.
     chatbot.clear(new_chat, [model_dd, system_box], new_outputs).then(**then_pager)
 
     def open_chat(chat_id: str | None, model: str) -> tuple:
+        """The saved chat, on its model (if still in the store) and with the sampling settings it was
+        answered with."""
+        skip = (gr.skip(),) * (2 + len(sampling))
         if not chat_id:
-            return (gr.skip(),) * 6
+            return (gr.skip(),) * 6 + skip
         try:
             conv = ctx.history.load(chat_id)
         except ChatError as exc:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: {exc}"
+            return (gr.skip(),) * 5 + (f"Error: {exc}",) + skip
         pick = conv.model if conv.model in ctx.chat_models() else model
-        return _bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”"
+        try:
+            used = replace(preset(pick), **{k: v for k, v in conv.sampling.items() if k in (*SHOWN, "seed")})
+        except (TypeError, ValueError):  # a hand-edited chat: its model's preset instead
+            used = preset(pick)
+        seed_value = used.seed if used.seed is not None else -1
+        return (_bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”",
+                ctx.plan_text(pick) if pick else gr.skip(), preset_note(ctx, pick), seed_value,
+                *slider_values(used))
 
     chat_list.input(open_chat, [chat_list, model_dd],
-                    [chatbot, conv_state, title_box, system_box, model_dd, status]).then(**then_pager)
+                    [chatbot, conv_state, title_box, system_box, model_dd, status, plan_md, preset_md,
+                     *sampling]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
         try:
@@ -331,7 +382,9 @@ def build(ctx: AppContext) -> ChatParts:
 
     rename_btn.click(rename, [conv_state, title_box], [conv_state, chat_list, status])
 
-    def delete(conv: Conversation, model: str, system: str) -> tuple:
+    def delete(conv: Conversation, model: str, system: str, request: gr.Request) -> tuple:
+        if ctx.answering(request.session_hash):
+            return (gr.skip(),) * 4 + (BUSY, gr.skip(), gr.skip())
         if not conv.messages:
             return (gr.skip(),) * 4 + ("nothing to delete: this chat is not saved yet", gr.skip(), gr.skip())
         ctx.history.delete(conv.id)
@@ -363,13 +416,31 @@ def build(ctx: AppContext) -> ChatParts:
 
     def pick_model(name: str) -> tuple:
         if not name:
-            return "no model", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return ("no model",) + (gr.skip(),) * (2 + len(sliders)) + ("",)
         if name not in ctx.chat_models():
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"Error: “{name}” was removed from the store"
-        d = preset(name)
-        return ctx.plan_text(name), default_system(name), d.temperature, d.top_p, ""
+            return (gr.skip(),) * (3 + len(sliders)) + (f"Error: “{name}” was removed from the store",)
+        return ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)), ""
 
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, temperature, top_p, status])
+    # Progress hidden: Gradio's pending timer ("0.0s") would show in the status line.
+    model_dd.input(pick_model, [model_dd], [plan_md, system_box, preset_md, *sliders, status],
+                   show_progress="hidden")
+
+    def save_as_preset(model: str, *values: float) -> tuple:
+        """The sliders as the model's preset (what `localchat preset` sets): only the settings that
+        differ from the global defaults are kept, so saving the defaults clears them; the preset's
+        settings without a slider (set with `localchat preset`) stay."""
+        if not model or model not in ctx.store.models():
+            return gr.skip(), "Error: pick a model first"
+        chosen = _settings(DEFAULTS, None, *values)
+        changes = {f: getattr(chosen, f) for f in SHOWN if getattr(chosen, f) != getattr(DEFAULTS, f)}
+        try:
+            entry = set_preset(ctx.store, model, changes, unset=SHOWN)
+        except Exception as exc:
+            return gr.skip(), f"Error: {exc}"
+        saved = entry.defaults.get(PRESET) or {}
+        return preset_note(ctx, model), f"saved {model}'s preset: {preset_text(saved)}"
+
+    save_preset.click(save_as_preset, [model_dd, *sliders], [preset_md, status])
 
     def install_starter() -> str:
         try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Callable
 
 from localchat.hardware import HardwareReport, probe
 from localchat.planner import Overrides, Plan
@@ -13,6 +14,7 @@ from localchat.store import Store
 from localchat.store.chats import ChatHistory
 
 from .jobs import JobRunner
+from .loss_log import LossLog
 from .model_slot import ModelSlot
 
 RUNNABLE = ("gguf", "gptq", "lora")
@@ -28,6 +30,14 @@ class AppContext:
         self.slot = ModelSlot(self.store, self.overrides)
         self.jobs = JobRunner({"LOCALCHAT_HOME": str(self.store.root)})
         self.cancels: dict[str, threading.Event] = {}  # per browser session: what Stop sets
+        self.loss_log = LossLog()
+        self._lock = threading.Lock()
+        self._table: tuple[object, list[list[str]]] | None = None  # the Models table, for a store stamp
+
+    def answering(self, session: str) -> bool:
+        """Whether an answer is being written for this browser session (Stop has not ended it)."""
+        running = self.cancels.get(session)
+        return running is not None and not running.is_set()
 
     @cached_property
     def report(self) -> HardwareReport:
@@ -35,6 +45,16 @@ class AppContext:
 
     def reprobe(self) -> None:
         self.__dict__.pop("report", None)
+        self._table = None  # planned for the hardware as probed before
+
+    def models_table(self, rows: Callable[[], list[list[str]]]) -> list[list[str]]:
+        """`rows()` made once per store change, not per page or timer tick: each row plans its model,
+        which reads the model's files; many pages open would each plan every model again."""
+        stamp = self.store_stamp()
+        with self._lock:
+            if self._table is None or self._table[0] != stamp:
+                self._table = (stamp, rows())
+            return self._table[1]
 
     def store_stamp(self) -> tuple[int, int, int] | None:
         """The manifest's inode, size and mtime: a stat per timer tick tells whether any process
@@ -51,7 +71,8 @@ class AppContext:
     def _plan(self, name: str) -> tuple[Plan | None, str]:
         """The plan, or why the model cannot run here (shown to the user, not raised)."""
         try:
-            return plan_model(name, self.overrides, self.store, self.report)[1], ""
+            # as the app loads it (open_model): in this process
+            return plan_model(name, replace(self.overrides, in_process=True), self.store, self.report)[1], ""
         except Exception as exc:
             return None, str(exc)
 

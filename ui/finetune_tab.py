@@ -3,7 +3,6 @@ chats), a base model, then `localchat finetune` as a job with live progress and 
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +10,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from localchat.finetune.estimate import base_size, clean_up, data_chars, estimate
 from localchat.finetune.settings import TrainSettings
+from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name
 from localchat.store.names import safe_file_name
 from localchat.store.chats import ChatError, write_dataset
@@ -49,25 +50,12 @@ def check_dataset(path: str | Path) -> str:
     return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
 
 
-def loss_frame(ctx: AppContext, jobs: JobRunner) -> pd.DataFrame:
-    """The loss of the fine-tune that runs (or ran last), one row per logged update, numeric columns:
-    an empty frame of object columns would make the plot's axis categorical for good."""
+def loss_frame(ctx: AppContext, jobs: JobRunner) -> tuple[tuple, pd.DataFrame]:
+    """The loss of the fine-tune that runs (or ran last), one row per logged update, and its version
+    (the timer sends the plot to a page only when that changed)."""
     job = jobs.current
     name = job.target if job is not None else ""
-    log = ctx.store.root / name / "finetune" / "loss.jsonl" if name else None
-    rows = []
-    if log is not None and log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line being written right now
-            if "loss" in r:
-                rows.append({"update": r["step"], "loss": r["loss"], "series": "train"})
-            elif "held_out_loss" in r:
-                rows.append({"update": r["step"], "loss": r["held_out_loss"], "series": "held out"})
-    frame = pd.DataFrame(rows, columns=["update", "loss", "series"])
-    return frame.astype({"update": "int64", "loss": "float64", "series": "string"})
+    return ctx.loss_log.read(ctx.store.root / name / "finetune" / "loss.jsonl" if name else None)
 
 
 def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown, gr.CheckboxGroup]:
@@ -95,11 +83,13 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
+            guess = gr.Markdown("Pick a dataset to see the time and disk it takes.", elem_id="finetune-estimate")
             with gr.Row():
                 start = gr.Button("Start fine-tune", variant="primary", elem_id="finetune-start")
                 resume = gr.Button("Resume", elem_id="finetune-resume")
+                tidy = gr.Button("Clean up", elem_id="finetune-cleanup")
     panel = job_panel.build("finetune")
-    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs), x="update", y="loss", color="series", title="Loss",
+    plot = gr.LinePlot(loss_frame(ctx, ctx.jobs)[1], x="update", y="loss", color="series", title="Loss",
                        elem_id="loss-plot", height=260)
 
     def on_upload(path: str | None) -> tuple:
@@ -157,7 +147,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             ctx.jobs.start(f"fine-tune {n}", args, target=n, phases=PHASES)
         except RuntimeError as exc:
             return f"Error: {exc}", gr.skip()
-        return f"started fine-tune of {b} into {n}", n
+        return f"started fine-tune of {folder.strip() or b} into {n}", n  # as typed: ~/… stays ~/…
 
     start.click(do_start, [dataset_path, base, base_path, name, epochs, lr, rank, lora], [check, name])
 
@@ -174,5 +164,33 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
         return f"resumed the fine-tune of {job.target} from its last checkpoint"
 
     resume.click(do_resume, None, [check])
+
+    def show_estimate(data: str, b: str | None, folder: str, ep: float, r: float) -> str:
+        """Time and disk before Start, from the rows, the base's size and the settings."""
+        spec = folder.strip() or b
+        if not data or not spec:
+            return "Pick a dataset and a base to see the time and disk it takes."
+        try:
+            guess = estimate(base_size(spec, ctx.store), data_chars(data),
+                             TrainSettings(epochs=float(ep), lora_r=int(r)), ctx.store)
+        except Exception as exc:  # a folder being typed, a base with no weights: no estimate, no error
+            return f"No estimate yet: {exc}"
+        return guess.describe()
+
+    shown = [dataset_path, base, base_path, epochs, rank]
+    for part in (dataset_path.change, base.change, base_path.blur, epochs.change, rank.change):
+        part(show_estimate, shown, [guess], show_progress="hidden")
+
+    def do_clean_up() -> str:
+        """Remove what finished fine-tunes leave (checkpoints, dequantized bases), saying what it freed."""
+        job = ctx.jobs.current
+        if job is not None and job.running:
+            return "Error: a job is running; clean up once it has finished (it may need those files)"
+        freed, what = clean_up(ctx.store)
+        if not what:
+            return "nothing to clean up: no finished fine-tune left checkpoints or a dequantized base"
+        return f"freed {human(freed)}: " + "; ".join(what)
+
+    tidy.click(do_clean_up, None, [check])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [check])
     return panel, plot, base, chats

@@ -8,6 +8,8 @@ from pathlib import Path
 import gradio as gr
 
 from localchat.commands.list import eval_text, printable
+from localchat.quant_types import DEFAULT_QUANT, GPTQ_BITS, NEEDS_IMATRIX, QUANT_TYPES
+from localchat.evaluation import EVAL_LEGEND, verdict
 from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name, check_relative
 from localchat.store.names import check_repo_id, safe_file_name
@@ -17,15 +19,20 @@ from . import job_panel
 from .context import AppContext
 
 HEADERS = ["name", "format", "quant", "size", "backend here", "eval", "source"]
-QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "F16"]
 
 
 def table(ctx: AppContext) -> list[list[str]]:
+    """The store as rows (made once per store change: AppContext.models_table)."""
+    return ctx.models_table(lambda: _rows(ctx))
+
+
+def _rows(ctx: AppContext) -> list[list[str]]:
     rows = []
     for e in ctx.store.models().values():
         backend = ctx.backend_for(e.name) if e.format in ("gguf", "gptq", "lora") else "convert it first"
-        rows.append([printable(c) for c in (e.name, e.format, e.quant, human(e.size), backend, eval_text(e),
-                                            e.source)])
+        hint = verdict(e.eval)
+        rows.append([printable(c) for c in (e.name, e.format, e.quant, human(e.size), backend,
+                                            eval_text(e) + (f" · {hint}" if hint else ""), e.source)])
     return rows
 
 
@@ -43,6 +50,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
                 "choose on this machine.")
     models_df = gr.Dataframe(value=table(ctx), headers=HEADERS, interactive=False, elem_id="models-table",
                              wrap=True)
+    gr.Markdown(EVAL_LEGEND, elem_id="models-legend")
     refresh = gr.Button("Refresh (probes the hardware again)", size="sm", elem_id="models-refresh")
     panel = job_panel.build("models")
     with gr.Tabs():
@@ -62,8 +70,15 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
                               elem_id="convert-source")
             cpath = gr.Textbox(label="…or a checkpoint folder on this computer (config.json and safetensors)",
                                placeholder="~/models/my-model", elem_id="convert-path")
-            to = gr.Radio(["gguf", "gptq"], value="gguf", label="Output format")
-            quant = gr.Dropdown(QUANTS, value="Q4_K_M", label="GGUF quant type", elem_id="convert-quant")
+            to = gr.Radio(["gguf", "gptq"], value="gguf", label="Output format", elem_id="convert-format")
+            # The CLI's own list (`localchat convert --quant`); the options of the other format are hidden.
+            quant = gr.Dropdown(list(QUANT_TYPES), value=DEFAULT_QUANT, label="GGUF quant type",
+                                info=f"{', '.join(NEEDS_IMATRIX)} use an importance matrix computed first; "
+                                     "AUTO mixes types per layer to fit a file size", elem_id="convert-quant")
+            size = gr.Textbox(label="File size to fit (AUTO)", placeholder="4.0GB", visible=False,
+                              elem_id="convert-size")
+            bits = gr.Radio(list(GPTQ_BITS), value=GPTQ_BITS[0], label="GPTQ bits per weight", visible=False,
+                            elem_id="convert-bits")
             cname = gr.Textbox(label="Name of the result (optional)", elem_id="convert-name")
             convert_btn = gr.Button("Convert", variant="primary", elem_id="convert")
         with gr.Tab("Delete"):
@@ -106,7 +121,15 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             return f"Error: {exc}"
         return start(f"import {Path(path).name}", ["import", path, "--name", name])
 
-    def do_convert(source: str | None, folder: str, fmt: str, q: str, n: str) -> str:
+    def applies(fmt: str, q: str) -> tuple:
+        """Only the options of the chosen format (and AUTO's size only with AUTO) are shown."""
+        return (gr.update(visible=fmt == "gguf"), gr.update(visible=fmt == "gguf" and q == "AUTO"),
+                gr.update(visible=fmt == "gptq"))
+
+    to.change(applies, [to, quant], [quant, size, bits])
+    quant.change(applies, [to, quant], [quant, size, bits])
+
+    def do_convert(source: str | None, folder: str, fmt: str, q: str, n: str, fit: str, b: int) -> str:
         if folder.strip():
             where = local(folder.strip())
             if not (where / "config.json").is_file():
@@ -116,7 +139,12 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
             where = ctx.store.model_dir(source)
         else:
             return "Error: pick a checkpoint in the store, or type the path of a checkpoint folder"
-        quant = ["--quant", q] if fmt == "gguf" else []
+        if fmt == "gguf" and q == "AUTO" and not fit.strip():
+            return "Error: AUTO needs the file size to fit (e.g. 4.0GB)"
+        if fmt == "gguf":
+            quant = ["--quant", q] + (["--size", fit.strip()] if q == "AUTO" else [])
+        else:
+            quant = ["--bits", str(b)]
         # The result never takes the source's own name: that would replace the checkpoint it is made from.
         n = n.strip() or f"{source}-{'gptq' if fmt == 'gptq' else q.lower()}"
         if n in ctx.store.models():
@@ -142,7 +170,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.Dataframe, list[gr.Dr
 
     pull_btn.click(do_pull, [repo, pfile, pname], [note])
     import_btn.click(do_import, [upload, ipath, iname], [note])
-    convert_btn.click(do_convert, [src, cpath, to, quant, cname], [note])
+    convert_btn.click(do_convert, [src, cpath, to, quant, cname, size, bits], [note])
     delete_btn.click(do_delete, [victim, sure], [note, models_df, victim])
     panel.stop.click(lambda: ctx.jobs.stop(), None, [note])
 

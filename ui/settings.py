@@ -6,19 +6,20 @@ from dataclasses import dataclass
 
 from localchat.hostguard import GuardedOptions
 from localchat.options import option
+from localchat.planner import RunOptions
 
 DEFAULT_PORT = 7860
 
 
 @dataclass(frozen=True)
-class UISettings(GuardedOptions):
+class UISettings(GuardedOptions, RunOptions):
+    """The app's flags, and how it runs the chat model (RunOptions, typed once for every command)."""
+
     option_group = "ui"
     host: str = option("127.0.0.1", "address to bind; the app has no login, so keep it on loopback")
     port: int = option(DEFAULT_PORT, "port to listen on (0: any free port)", 0, 65535)
     window: bool = option(False, "open in a native window (needs pywebview) instead of the browser")
     browser: bool = option(True, "open the app in the default browser once it is up")
-    context: int | None = option(None, "context size for chat models (default: the planner's)", 128, 1 << 20)
-    threads: int | None = option(None, "CPU threads for the model (default: physical cores)", 1, 1024)
     allow_remote: bool = option(False, "really serve a non-loopback --host (anyone who can reach it can "
                                        "use your models and files in the store; with 0.0.0.0, name the "
                                        "address browsers use with --allowed-host)")

@@ -46,7 +46,7 @@ def runnable_plans(report: HardwareReport, spec: str, store: Store) -> list[Plan
     plans = []
     for backend in BACKENDS:
         try:
-            plans.append(plan(report, model.artifacts, Overrides(backend=backend)))
+            plans.append(plan(report, model.artifacts, Overrides(backend=backend, in_process=True)))
         except PlanError:
             continue
     return plans

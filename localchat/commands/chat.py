@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from dataclasses import replace
 from typing import IO
 
 from ..chat import ChatSession
@@ -73,7 +74,10 @@ def interactive(session: ChatSession, show_stats: bool) -> None:
 
 def chat(args: argparse.Namespace) -> int:
     SamplingSettings.from_args(args)  # bad flags fail before a model loads
-    loaded = open_model(args.model, overrides_from(args))
+    overrides = overrides_from(args)
+    if overrides.parallel is None:  # the terminal asks one question at a time: one slot of KV cache
+        overrides = replace(overrides, parallel=1)
+    loaded = open_model(args.model, overrides)
     p = loaded.plan
     if not args.quiet:
         print(f"[{loaded.model.name}: {p.backend}, {p.artifact.quant}, context {p.context}, "

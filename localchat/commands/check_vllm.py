@@ -11,17 +11,24 @@ import argparse
 import json
 from pathlib import Path
 
+from ..engine.vllm import resolve_for_vllm
 from ..engine.vllm_check import check_folder
-from ..store import default_store
-from ..store.resolve import resolve_model
+from ..store import ModelNotFound, default_store
 
 
 def gptq_folder(spec: str) -> Path:
-    """A GPTQ folder given as a path, or the GPTQ folder of a model in the store."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    gptq = [a for a in resolve_model(spec, default_store()).artifacts if a.format == "gptq"]
+    """The GPTQ folder of a model in the store or of a folder given as a path, found as `serve --engine
+    vllm` finds it; a folder with no model in it is checked as it is (the check says what it lacks)."""
+    try:
+        resolved = resolve_for_vllm(spec, default_store())
+    except ModelNotFound:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return path
+        raise
+    gptq = [a for a in resolved.artifacts if a.format == "gptq"]
+    if not gptq and resolved.source != "store":
+        return Path(resolved.source)  # an HF folder: the check says it is not GPTQ
     if not gptq:
         raise ValueError(f"model {spec!r} has no GPTQ folder (convert one with `localchat convert "
                          f"SOURCE --to gptq --name {spec}`)")

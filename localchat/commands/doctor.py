@@ -30,7 +30,8 @@ def describe_report(r: HardwareReport) -> str:
     rt = r.runtimes
     build = f" (ggml backends: {', '.join(rt.llama_cpp_backends) or 'none'})" if rt.llama_cpp else ""
     lines.append(f"runtimes: llama.cpp {rt.llama_cpp_version or 'not installed'}{build}; "
-                 f"GPTQ (torch + GPTQModel) {'installed' if rt.gptq else 'not installed'}")
+                 f"GPTQ (torch + GPTQModel) {'installed' if rt.gptq else 'not installed'}; "
+                 f"vLLM {rt.vllm or 'not installed (`localchat setup-vllm`)'}")
     for e in r.errors:
         lines.append(f"probe error: {e.probe}: {e.message}")
     return "\n".join(lines)
@@ -53,7 +54,7 @@ def describe_store(store: Store, clean: bool) -> str:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    report = load_report(args.report) if args.report else probe()
+    report = load_report(args.report) if args.report else probe(vllm=True)
     if args.json:
         print(report.to_json())
         return 0

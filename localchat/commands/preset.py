@@ -10,28 +10,38 @@ drops the preset, so the global defaults apply.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Iterable
 
 from ..engine.settings import PRESET, PRESET_FIELDS, SamplingSettings, check_preset, preset_text
 from ..options import given
-from ..store import ModelEntry, default_store
+from ..store import ModelEntry, Store, default_store
+
+
+def set_preset(store: Store, name: str, changes: dict[str, Any], clear: bool = False,
+               unset: Iterable[str] = ()) -> ModelEntry:
+    """Change model `name`'s preset under the store's lock: `clear` starts from none, `unset` drops
+    those fields first (the app's sliders: a slider back at the default leaves the preset, the fields
+    it has no slider for stay). The CLI and the app's Chat tab both save a preset through here."""
+    check_preset(changes, "the preset")  # bounds checked before the manifest is touched
+
+    def change(entry: ModelEntry) -> None:
+        current: dict[str, Any] = {} if clear else dict(entry.defaults.get(PRESET) or {})
+        for field in unset:
+            current.pop(field, None)
+        current.update(changes)
+        if current:
+            entry.defaults[PRESET] = current
+        else:
+            entry.defaults.pop(PRESET, None)
+
+    return store.update(name, change)
 
 
 def preset(args: argparse.Namespace) -> int:
     store = default_store()
     changes = given(SamplingSettings, args)
     if changes or args.clear:
-        check_preset(changes, "the preset")  # bounds checked before the manifest is touched
-
-        def change(entry: ModelEntry) -> None:
-            current: dict[str, Any] = {} if args.clear else dict(entry.defaults.get(PRESET) or {})
-            current.update(changes)
-            if current:
-                entry.defaults[PRESET] = current
-            else:
-                entry.defaults.pop(PRESET, None)
-
-        entry = store.update(args.model, change)
+        entry = set_preset(store, args.model, changes, args.clear)
     else:
         entry = store.get(args.model)
     current = entry.defaults.get(PRESET) or {}

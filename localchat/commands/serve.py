@@ -3,15 +3,20 @@
 Editors, agents and scripts that speak the OpenAI API point their base URL at
 http://127.0.0.1:PORT/v1; those that speak Ollama's point OLLAMA_HOST at http://127.0.0.1:PORT.
 Binding any other address needs --api-key. `--engine vllm --model NAME` serves one model through vLLM
-instead (many concurrent users on CUDA GPUs), behind the same rules.
+instead (many concurrent users on CUDA GPUs; the planner's `vllm-*` rows), behind the same rules.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from ..engine.vllm import VllmLaunch
 
 
 def serve(settings: ServerSettings) -> int:
@@ -30,6 +35,29 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
+def vllm_launch(settings: ServerSettings, model: str, scratch: Path) -> tuple[list[str], VllmLaunch]:
+    """The plan's reasons and the vLLM server to start for `model`: the planner chooses (backend family
+    "vllm", as many users as --parallel) on a report of what vLLM needs (CUDA GPUs, RAM, its environment),
+    and its refusals (no vLLM, a format it does not serve, too big for the GPUs) are this command's."""
+    from ..engine.vllm import VllmUnavailable, build_launch, resolve_for_vllm
+    from ..hardware import probe
+    from ..planner import Overrides, PlanError, plan
+    from ..store import default_store
+    from ..templates import DEFAULT_FORMAT, get_format
+
+    resolved = resolve_for_vllm(model, default_store())
+    report = probe(libraries=("cuda",), llama_cpp=False, vllm=True)
+    try:
+        p = plan(report, resolved.artifacts, Overrides(backend="vllm", context=settings.context,
+                                                       parallel=settings.parallel), resolved.measured)
+    except PlanError as exc:
+        found = [e.message for e in report.errors if e.probe == "vllm"]  # why the environment was not usable
+        raise VllmUnavailable("; ".join([f"cannot serve {resolved.name!r} with vLLM: {exc}", *found])) from None
+    launch = build_launch(resolved.name, p, settings, Path(report.runtimes.vllm), get_format(DEFAULT_FORMAT).template,
+                          scratch)
+    return [*p.reasons, *launch.reasons], launch
+
+
 def serve_vllm(settings: ServerSettings, model: str) -> int:
     """vLLM's OpenAI server on one store model, as a child process (it brings its own torch)."""
     import os
@@ -37,21 +65,14 @@ def serve_vllm(settings: ServerSettings, model: str) -> int:
     import signal
     import subprocess
 
-    import psutil
+    from ..engine.vllm import scratch_dir
 
-    from ..engine.vllm import build_launch, cuda_gpus, find_vllm_python, model_for_vllm, scratch_dir
-    from ..store import default_store
-    from ..templates import DEFAULT_FORMAT, get_format
-
-    vllm_model = model_for_vllm(model, default_store())
-    python = find_vllm_python()
     scratch = scratch_dir()
     try:
-        launch = build_launch(vllm_model, settings, python, cuda_gpus(), get_format(DEFAULT_FORMAT).template,
-                              scratch, psutil.virtual_memory().available)
-        for reason in launch.reasons:
+        reasons, launch = vllm_launch(settings, model, scratch)
+        for reason in reasons:
             print(f"- {reason}", file=sys.stderr)
-        print(f"vLLM serving {vllm_model.name!r} on http://{settings.host}:{settings.port}/v1 "
+        print(f"vLLM serving {model!r} on http://{settings.host}:{settings.port}/v1 "
               f"({'API key required' if settings.api_key else 'loopback only, no key'}); "
               "it starts in about a minute; Ctrl-C stops", file=sys.stderr)
         child = subprocess.Popen(launch.argv, env={**os.environ, **launch.env})

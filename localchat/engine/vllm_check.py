@@ -21,19 +21,21 @@ The rules are vLLM's own, read from its source (kept here as data so `check-vllm
 - The Marlin kernel (kernels/linear/mixed_precision/marlin.py, `can_implement`): with tensor
   parallelism each rank's share of a row-parallel layer's input must hold whole groups.
 
-Reading the zero-points needs no torch: the safetensors layout (8-byte header length, a JSON
-header, raw little-endian tensors) is read with numpy, which the core install has.
+Reading the zero-points needs no torch: the runtime's safetensors header reader
+(localchat/safetensors_file.py) finds each `.qzeros` tensor's bytes and numpy reads them; the
+quantization settings come from the one reader of GPTQ configs (`artifacts.quantization_config`).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..artifacts import quantization_config
+from ..safetensors_file import TensorInfo, read_safetensors_header
 
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
 MARLIN_BITS_CUDA = (4, 8)  # GPTQMarlinConfig.TYPE_MAP, symmetric only
@@ -64,34 +66,6 @@ class VllmCheck:
         return "vLLM: not on its Marlin path: " + "; ".join(self.problems)
 
 
-def quantization_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
-    """The GPTQ settings vLLM reads: config.json's `quantization_config` (what it looks at first),
-    else quantize_config.json; a note when both exist and disagree on a field vLLM reads."""
-    def read(name: str) -> dict[str, Any]:
-        p = folder / name
-        if not p.is_file():
-            return {}
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{p}: not a JSON file: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a JSON object")
-        return data
-
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder}: no config.json: not a Hugging Face model folder")
-    hf = read("config.json").get("quantization_config") or {}
-    qfile = read("quantize_config.json")
-    notes = []
-    if hf and qfile:
-        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format"):
-            if key in qfile and hf.get(key) != qfile[key]:
-                notes.append(f"config.json says {key}={hf.get(key)!r} but quantize_config.json says "
-                             f"{qfile[key]!r}; vLLM reads config.json")
-    return (hf or qfile), notes
-
-
 def settings_problems(q: dict[str, Any], on_cpu: bool = False, where: str = "") -> list[str]:
     """Why `q` (a quantization config, or one `dynamic` override merged onto it) is not Marlin's."""
     out: list[str] = []
@@ -117,35 +91,22 @@ def settings_problems(q: dict[str, Any], on_cpu: bool = False, where: str = "") 
     return out
 
 
-def _tensor_index(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Every tensor's file and safetensors header entry (dtype, shape, data_offsets)."""
-    index: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 1024**2:
-                raise ValueError(f"{path}: safetensors header of {n} bytes: not a safetensors file")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as exc:
-                raise ValueError(f"{path}: unreadable safetensors header: {exc}") from None
-        for name, meta in header.items():
-            if name != "__metadata__":
-                index[name] = (path, {**meta, "_base": 8 + n})
-    return index
+TensorIndex = dict[str, tuple[Path, TensorInfo]]  # tensor name -> (its safetensors file, its entry there)
 
 
-def _read_int32(path: Path, meta: dict[str, Any]) -> np.ndarray:
-    start, end = meta["data_offsets"]
+def _tensor_index(folder: Path) -> TensorIndex:
+    """Every tensor of the folder's safetensors files, with the file it is in."""
+    return {name: (path, t) for path in sorted(folder.glob("*.safetensors"))
+            for name, t in read_safetensors_header(path).items()}
+
+
+def _read_int32(path: Path, t: TensorInfo) -> np.ndarray:
     with path.open("rb") as f:
-        f.seek(meta["_base"] + start)
-        return np.frombuffer(f.read(end - start), dtype="<i4")
+        f.seek(t.start)
+        return np.frombuffer(f.read(t.end - t.start), dtype="<i4")
 
 
-def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], list[str]]:
+def zero_point_problems(index: TensorIndex, q: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Compare the stored zero-points with the format the folder declares.
 
     A symmetric GPTQ layer's zero is 2**(bits-1) for every group: v1 stores it minus one (7 for
@@ -155,7 +116,6 @@ def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], lis
     declared = str(q.get("checkpoint_format") or "")
     if not sym or bits not in (2, 4, 8):
         return [], ["zero-points not checked (asymmetric or unusual bits: v1 and v2 look alike)"]
-    index = _tensor_index(folder)
     zeros = [n for n in index if n.endswith(".qzeros")]
     if not zeros:
         return ["no .qzeros tensors in the safetensors files: not a GPTQ checkpoint"], []
@@ -163,11 +123,11 @@ def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], lis
     layouts = {frozenset({2 ** (bits - 1) - 1}): "v1", frozenset({2 ** (bits - 1)}): "v2"}
     kinds: dict[str, list[str]] = {"v1": [], "v2": [], "other": []}
     for name in zeros:
-        path, meta = index[name]
-        if meta.get("dtype") != "I32":
+        path, t = index[name]
+        if t.dtype != "I32":
             kinds["other"].append(name)
             continue
-        words = _read_int32(path, meta).view(np.uint32)
+        words = _read_int32(path, t).view(np.uint32)
         values = {int(v) for s in range(per_word) for v in np.unique((words >> (bits * s)) & mask)}
         kinds[layouts.get(frozenset(values), "other")].append(name)
     problems = []
@@ -187,16 +147,16 @@ def zero_point_problems(folder: Path, q: dict[str, Any]) -> tuple[list[str], lis
     return [], [f"zero-points: {kind} in all {len(zeros)} quantized modules"]
 
 
-def tensor_parallel_problems(folder: Path, bits: int, group: int, tp: int) -> list[str]:
+def tensor_parallel_problems(index: TensorIndex, bits: int, group: int, tp: int) -> list[str]:
     """With `tp` ranks, each rank's slice of a row-parallel layer's input must hold whole groups
     (a qweight is [in_features / (32 / bits), out_features]: 32 / bits inputs packed per int32)."""
     if tp <= 1:
         return []
     out = []
-    for name, (_, meta) in sorted(_tensor_index(folder).items()):
+    for name, (_, t) in sorted(index.items()):
         if not (name.endswith(".qweight") and any(f".{r}." in name for r in ROW_PARALLEL)):
             continue
-        in_features = meta["shape"][0] * (32 // bits)
+        in_features = t.shape[0] * (32 // bits)
         share = in_features // tp
         if in_features % tp or (group != -1 and share % group):
             out.append(f"{name}: {in_features} inputs over {tp} GPUs is {in_features / tp:g} each, "
@@ -218,10 +178,11 @@ def check_folder(folder: str | Path, on_cpu: bool = False, tensor_parallel: int 
         if isinstance(override, dict) and not str(pattern).startswith("-:"):
             result.problems += settings_problems({**q, **override}, on_cpu, where=f"dynamic rule {pattern!r}: ")
     if str(q.get("quant_method", "")).lower() == "gptq":
-        zp_problems, zp_notes = zero_point_problems(folder, q)
+        index = _tensor_index(folder)  # every safetensors header, read once for both checks
+        zp_problems, zp_notes = zero_point_problems(index, q)
         result.problems += zp_problems
         result.notes += zp_notes
         if not result.problems:
-            result.problems += tensor_parallel_problems(folder, int(q["bits"]), int(q["group_size"]),
+            result.problems += tensor_parallel_problems(index, int(q["bits"]), int(q["group_size"]),
                                                         tensor_parallel)
     return result

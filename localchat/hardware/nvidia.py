@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -43,4 +44,16 @@ def probe_nvidia() -> list[Accelerator]:
         raise NvidiaProbeError("nvidia-smi did not answer within 15 s") from None
     if out.returncode != 0:
         raise NvidiaProbeError(f"nvidia-smi exited {out.returncode}: {out.stderr.strip() or out.stdout.strip()}")
-    return parse_nvidia_smi(out.stdout)
+    return visible(parse_nvidia_smi(out.stdout), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible(gpus: list[Accelerator], env: str | None) -> list[Accelerator]:
+    """The GPUs CUDA programs (llama.cpp, torch, vLLM) see under $CUDA_VISIBLE_DEVICES, as nvidia-smi,
+    which ignores it, numbers them; a list of UUIDs or MIG names is left to CUDA (all are kept)."""
+    if env is None:
+        return gpus
+    wanted = [v.strip() for v in env.split(",") if v.strip()]
+    if not all(v.isdigit() for v in wanted):
+        return gpus
+    by_index = {g.index: g for g in gpus}
+    return [by_index[int(v)] for v in wanted if int(v) in by_index]

@@ -55,6 +55,7 @@ class Runtimes:
     # "metal", "rocm", "vulkan", "blas" ... where built in (ggml's backend registry).
     llama_cpp_backends: tuple[str, ...] = ()
     gptq: bool = False  # torch and gptqmodel importable
+    vllm: str = ""  # the Python of the vLLM environment (`localchat setup-vllm`) that imports vllm; "" if none
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ import importlib.util
 from .report import Runtimes
 
 
-def probe_runtimes() -> Runtimes:
-    """What is installed; `llama_cpp_backends` is filled by `probe_llama_cpp_backends`, a probe
-    of its own, so a failure there is reported without losing the rest."""
-    llama = importlib.util.find_spec("llama_cpp") is not None
+def probe_runtimes(llama_cpp: bool = True) -> Runtimes:
+    """What is installed; `llama_cpp_backends` and `vllm` are filled by probes of their own, so a
+    failure there is reported without losing the rest. Without `llama_cpp`, llama.cpp is not loaded
+    (`serve --engine vllm` does not run it)."""
+    llama = llama_cpp and importlib.util.find_spec("llama_cpp") is not None
     version = ""
     if llama:
         import llama_cpp  # loads the shared library: ~0.1 s, no weights
@@ -35,3 +36,12 @@ def probe_llama_cpp_backends() -> tuple[str, ...]:
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     return tuple(name(get(i)).decode().lower() for i in range(count()))
+
+
+def probe_vllm() -> str:
+    """The Python of the vLLM environment, "" when none was made or pointed at; raises (so the report's
+    errors say why) when one was, but has no Python or cannot import vllm. vLLM lives in its own
+    environment, so this asks that Python in a child process and never imports vLLM here."""
+    from ..engine.vllm import find_vllm_python, vllm_configured
+
+    return str(find_vllm_python()) if vllm_configured() else ""

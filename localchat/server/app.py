@@ -20,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -136,6 +137,42 @@ class TicketStreamingResponse(StreamingResponse):
             self.ticket.release()
 
 
+class Mailbox:
+    """Hands items from the engines' threads to an event loop's queues, waking the loop once per
+    burst: a decode step ends with a chunk for every stream in the batch, and a wake-up each would
+    cost a write to the loop's pipe and a handover of the GIL per stream, while llama.cpp waits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # (the loop keys _mailboxes: no strong reference back)
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """From any thread: `item` into `queue` soon (RuntimeError once the loop is closed)."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a delivery is already on its way
+                return
+        try:
+            loop = self._loop()
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
 async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSettings,
                    grammar: str | None = None) -> AsyncIterator[Chunk]:
     """Run one generation on the ticket's model's engine; chunks cross from its thread to the
@@ -144,6 +181,7 @@ async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSetting
     """
     model = ticket.model
     loop = asyncio.get_running_loop()
+    mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, Mailbox(loop))
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
 
@@ -151,19 +189,39 @@ async def generate(ticket: Ticket, prompt: PromptLike, settings: SamplingSetting
         if item is None:
             model.last_used = time.monotonic()
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE if item is None else item)
+            mailbox.post(queue, _DONE if item is None else item)
         except RuntimeError:  # the loop is gone: the server is shutting down
             cancel.set()
 
     try:
         # Off the event loop: it tokenizes the prompt.
         await asyncio.to_thread(model.engine.submit, prompt, settings, post, cancel, grammar=grammar)
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for item in coalesced(items):
+                if item is _DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
     finally:
         cancel.set()  # a client that left stops its decode within one step
+
+
+def coalesced(items: list[Any]) -> list[Any]:
+    """`items` with each run of plain text chunks joined into one: when the event loop falls behind
+    the decode steps (many streams on a busy machine), a client gets one event for what piled up,
+    and the loop spends less of the CPU that llama.cpp's threads decode on."""
+    out: list[Any] = []
+    for item in items:
+        if (isinstance(item, Chunk) and item.stats is None and out and isinstance(out[-1], Chunk)
+                and out[-1].stats is None):
+            out[-1] = Chunk(out[-1].text + item.text)
+        else:
+            out.append(item)
+    return out
 
 
 @dataclass

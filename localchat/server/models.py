@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 from ..engine.backend import Backend
 from ..engine.batching import Engine
-from ..engine.registry import load_backend
 from ..engine.settings import SamplingSettings, model_settings
 from ..hardware import HardwareReport, probe
-from ..planner import Overrides, Plan, host_budget, plan
+from ..planner import Overrides, Plan, PlanError, host_budget
+from ..runtime import LoadedModel, load_model, plan_model
 from ..store import Store
-from ..store.resolve import resolve_model
 from .settings import ServerSettings
 
 
@@ -30,7 +29,7 @@ RUNNABLE_FORMATS = ("gguf", "gptq", "lora")  # store formats a backend can serve
 
 
 def keep_alive_seconds(seconds: float) -> float | None:
-    """A keep-alive as LoadedModel holds it: negative means until the server stops (None)."""
+    """A keep-alive as ServedModel holds it: negative means until the server stops (None)."""
     return None if seconds < 0 else seconds
 
 
@@ -49,19 +48,34 @@ def load_failed(name: str, exc: Exception) -> ServerError:
                        "server_error")
 
 
-@dataclass
-class LoadedModel:
+@dataclass(eq=False)
+class ServedModel:
+    """A model the server keeps loaded (loaded as the CLI and the app load it: runtime.py), with its queue."""
+
     name: str
-    plan: Plan
-    backend: Backend
-    defaults: dict[str, Any]
+    loaded: LoadedModel
     settings: SamplingSettings  # the model's preset: what a request's sampling fields override
-    # Decodes every request on one thread of its own (engine/batching.py): llama.cpp's OpenMP keeps
-    # a spinning thread team per calling thread, and teams from several threads fight over the cores.
-    engine: Engine
     tickets: int = 0
     last_used: float = field(default_factory=time.monotonic)
     keep_alive: float | None = None  # seconds it stays loaded once idle (None: until the server stops)
+
+    @property
+    def plan(self) -> Plan:
+        return self.loaded.plan
+
+    @property
+    def backend(self) -> Backend:
+        return self.loaded.backend
+
+    @property
+    def engine(self) -> Engine:
+        """Decodes every request on one thread of its own (engine/batching.py): llama.cpp's OpenMP keeps
+        a spinning thread team per calling thread, and teams from several threads fight over the cores."""
+        return self.loaded.engine
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.loaded.model.defaults
 
     @property
     def expires(self) -> float | None:
@@ -76,7 +90,7 @@ class LoadedModel:
 class Ticket:
     """A request's place in a model's queue; released exactly once."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: ServedModel) -> None:
         self.model = model
         model.tickets += 1
         model.last_used = time.monotonic()
@@ -92,7 +106,7 @@ class ModelManager:
     def __init__(self, store: Store, settings: ServerSettings,
                  report: Callable[[], HardwareReport] = probe) -> None:
         self.store, self.settings, self._report = store, settings, report
-        self.loaded: dict[str, LoadedModel] = {}
+        self.loaded: dict[str, ServedModel] = {}
         self._load_lock = asyncio.Lock()
         self.budget = host_budget(report())  # RAM for models, measured before any is loaded
 
@@ -111,7 +125,7 @@ class ModelManager:
     def _in_use(self) -> int:
         return sum(m.plan.memory.host_bytes for m in self.loaded.values())
 
-    async def _load(self, name: str) -> LoadedModel:
+    async def _load(self, name: str) -> ServedModel:
         async with self._load_lock:
             if name in self.loaded:
                 return self.loaded[name]
@@ -119,18 +133,15 @@ class ModelManager:
                 raise ServerError(404, f"the model {name!r} does not exist; available: "
                                        f"{', '.join(self.names()) or 'none'}", "model_not_found", "model")
             try:
-                resolved = resolve_model(name, self.store)
+                overrides = Overrides.of(self.settings, in_process=True)  # the engine runs in this process
+                resolved, p = plan_model(name, overrides, self.store, self._report())
                 preset = model_settings(resolved.defaults, f"model {name!r}: the sampling preset in "
                                                            f"{self.store.manifest_path}")
-            except Exception as exc:  # a damaged file in the store: say which model and why
-                raise load_failed(name, exc) from None
-            overrides = Overrides(context=self.settings.context, threads=self.settings.threads,
-                                  parallel=self.settings.parallel, kv_cache=self.settings.kv_cache)
-            try:
-                p = plan(self._report(), resolved.artifacts, overrides, resolved.measured)
-            except RuntimeError as exc:
+            except PlanError as exc:
                 raise ServerError(503, f"cannot run {name!r} here: {exc}", "model_does_not_fit",
                                   type_="server_error") from None
+            except Exception as exc:  # a damaged file in the store: say which model and why
+                raise load_failed(name, exc) from None
             while self.loaded and (len(self.loaded) >= self.settings.max_models
                                    or self._in_use() + p.memory.host_bytes > self.budget):
                 idle = [m for m in self.loaded.values() if m.idle]
@@ -139,12 +150,10 @@ class ModelManager:
                                            "retry when they finish", "server_busy", type_="server_error")
                 self.unload(min(idle, key=lambda m: m.last_used).name)
             try:
-                backend = await asyncio.to_thread(load_backend, p)
-                engine = await asyncio.to_thread(backend.engine, p.slots)
+                loaded = await asyncio.to_thread(load_model, resolved, p, True)
             except Exception as exc:
                 raise load_failed(name, exc) from None
-            model = LoadedModel(name, p, backend, dict(resolved.defaults), preset, engine,
-                                keep_alive=keep_alive_seconds(self.settings.keep_alive))
+            model = ServedModel(name, loaded, preset, keep_alive=keep_alive_seconds(self.settings.keep_alive))
             self.loaded[name] = model
             return model
 
@@ -163,9 +172,7 @@ class ModelManager:
             self.reap()
 
     def unload(self, name: str) -> None:
-        model = self.loaded.pop(name)
-        model.engine.close()  # waits for the step in progress
-        model.backend.close()
+        self.loaded.pop(name).loaded.close()  # waits for the step in progress
 
     def close(self) -> None:
         for name in list(self.loaded):

@@ -21,6 +21,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import __version__
+from ..artifacts import artifact_from_gguf
 from ..chat.session import Turn
 from ..chat.tools import template_format
 from ..engine.backend import ContextOverflow, GenerationStats
@@ -204,8 +205,13 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
     def details(name: str, entry: Any) -> tuple[dict[str, Any], dict[str, Any], GGUFHeader | None]:
         """Ollama's `details` and `model_info` of a store model (its manifest `entry`), and its GGUF
         header (None for other formats): each file read once."""
+        gguf = next((pipe.store.path_of(f.path) for f in entry.files if f.path.endswith(".gguf")), None)
         try:
-            artifact = resolve_model(name, pipe.store).artifacts[0]
+            if gguf is not None:  # the header once: the artifact's figures and the parameter count
+                header = read_gguf(gguf)
+                artifact = artifact_from_gguf(gguf, header)
+            else:
+                header, artifact = None, resolve_model(name, pipe.store).artifacts[0]
         except Exception as exc:  # a damaged store entry: say which model and why
             raise ServerError(500, f"the model {name!r} cannot be read: {exc}", "model_load_failed", "model",
                               "server_error") from None
@@ -214,9 +220,8 @@ def ollama_routes(pipe: Pipeline) -> APIRouter:
                                 f"{arch}.embedding_length": dims.n_embd, f"{arch}.block_count": dims.n_layers,
                                 f"{arch}.attention.head_count": dims.n_head,
                                 f"{arch}.attention.head_count_kv": dims.n_head_kv}
-        size, header = "", None
-        if artifact.format == "gguf":
-            header = read_gguf(artifact.path)
+        size = ""
+        if header is not None:
             n = info["general.parameter_count"] = header.n_params
             size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
         return ({"parent_model": "", "format": entry.format, "family": arch, "families": [arch],

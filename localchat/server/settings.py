@@ -6,13 +6,16 @@ from dataclasses import dataclass
 
 from ..hostguard import GuardedOptions
 from ..options import option
-from ..planner import KV_CACHE_TYPES
+from ..planner import RunOptions
 
 DEFAULT_PORT = 8000
 
 
 @dataclass(frozen=True)
-class ServerSettings(GuardedOptions):
+class ServerSettings(GuardedOptions, RunOptions):
+    """The server's flags, and how it runs every model it loads (RunOptions: --context, --threads,
+    --parallel, --kv-cache, typed once for every command)."""
+
     option_group = "server"
     host: str = option("127.0.0.1", "address to bind; anything but loopback needs --api-key")
     port: int = option(DEFAULT_PORT, "port to listen on", 0, 65535)
@@ -20,14 +23,8 @@ class ServerSettings(GuardedOptions):
     max_queue: int = option(32, "requests waiting or running per model before answering 429", 1, 10_000)
     max_body_bytes: int = option(4_000_000, "largest request body accepted (413 above)", 1024, 1 << 30)
     max_models: int = option(2, "models kept loaded at once (least recently used unloads first)", 1, 64)
-    context: int | None = option(None, "context size for loaded models (default: the planner's)", 128, 1 << 20)
-    threads: int | None = option(None, "CPU threads per model (default: physical cores)", 1, 1024)
     keep_alive: float = option(300.0, "seconds an idle model stays loaded (negative: until the server stops; "
                                       "an Ollama request's keep_alive overrides it)", -1.0, 1e9)
-    parallel: int = option(4, "answers decoded at once per model (llama.cpp; each slot holds a full context "
-                              "of KV cache)", 1, 256)
-    kv_cache: str = option("f16", "KV cache type (q8_0 and q4_0 take about 1/2 and 1/4 of the memory, "
-                                  "with flash attention)", choices=tuple(KV_CACHE_TYPES))
 
     def __post_init__(self) -> None:
         super().__post_init__()

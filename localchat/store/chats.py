@@ -55,6 +55,8 @@ class Conversation:
     # Each tail is {"messages": [...], "versions": {...}} (the versions further down that tail); the
     # one shown (tails[at]) is None, since it is `messages[i:]` itself.
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The sampling settings the chat was last answered with (the app's sliders), restored on reopening.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def fork(self, index: int) -> None:
         """Keep `messages[index:]` as a version and start a new, empty one there: Regenerate and

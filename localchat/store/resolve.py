@@ -3,12 +3,11 @@ the artifacts the planner chooses from."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq
+from ..artifacts import Artifact, artifact_from_gguf, artifact_from_gptq, artifact_from_hf, quantization_config
 from ..gguf_file import IMATRIX_SUFFIX, read_gguf
 from ..planner import Measured
 from .manifest import Store, StoreError, gguf_defaults
@@ -35,23 +34,37 @@ def measured_of(extra: dict[str, Any]) -> tuple[Measured, ...]:
     return tuple(Measured.from_dict(d) for d in extra.get(SPEEDS, []))
 
 
-def is_gptq_folder(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if (folder / "quantize_config.json").is_file():
-        return True
-    if not cfg.is_file():
-        return False
+def _quantization(folder: Path) -> dict[str, Any] | None:
+    """The folder's quantization settings ({} for an unquantized checkpoint); None when it is not a
+    readable Hugging Face folder."""
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
-        return False
-    return str(q.get("quant_method", "")).lower() == "gptq"
+        return quantization_config(folder)[0]
+    except ValueError:
+        return None
 
 
-def artifacts_in(folder: Path) -> list[Artifact]:
+def is_gptq_folder(folder: Path) -> bool:
+    """AutoGPTQ's quantize_config.json (older ones name no method), or a config that says GPTQ."""
+    q = _quantization(folder)
+    if q is None:
+        return (folder / "quantize_config.json").is_file()
+    default = "gptq" if (folder / "quantize_config.json").is_file() else ""
+    return str(q.get("quant_method", default)).lower() == "gptq"
+
+
+def is_hf_checkpoint(folder: Path) -> bool:
+    """An unquantized safetensors checkpoint: config.json, no quantization settings, weights."""
+    return _quantization(folder) == {} and any(folder.glob("*.safetensors"))
+
+
+def artifacts_in(folder: Path, checkpoints: bool = False) -> list[Artifact]:
+    """The GGUF files and GPTQ checkpoint in a folder; with `checkpoints`, an unquantized HF checkpoint
+    too (only vLLM runs one as it is: the other backends need `localchat convert` first)."""
     found = [artifact_from_gguf(p) for p in sorted(folder.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
     if is_gptq_folder(folder):
         found.append(artifact_from_gptq(folder))
+    elif checkpoints and is_hf_checkpoint(folder):
+        found.append(artifact_from_hf(folder))
     return found
 
 
@@ -71,7 +84,8 @@ def _resolve_lora(spec: str, store: Store) -> ResolvedModel:
     return ResolvedModel(spec, ggufs, "store", {**base.defaults, **entry.defaults})
 
 
-def resolve_model(spec: str, store: Store) -> ResolvedModel:
+def resolve_model(spec: str, store: Store, checkpoints: bool = False) -> ResolvedModel:
+    """A store model first, else a GGUF file or model folder; `checkpoints`: HF checkpoints count too."""
     entries = store.models()
     if spec in entries and entries[spec].format == "lora":
         return _resolve_lora(spec, store)
@@ -84,9 +98,11 @@ def resolve_model(spec: str, store: Store) -> ResolvedModel:
                 raise StoreError(f"model {spec!r}: {p} is missing; pull or convert it again, "
                                  f"or `localchat rm {spec}`")
             if p.is_dir():
-                artifacts += artifacts_in(p)
+                artifacts += artifacts_in(p, checkpoints)
             elif p.suffix == ".gguf":
                 artifacts.append(artifact_from_gguf(p))
+            elif checkpoints and p.name == "config.json" and is_hf_checkpoint(p.parent):
+                artifacts.append(artifact_from_hf(p.parent))
         if not artifacts:
             raise StoreError(f"model {spec!r} ({entry.format}) has nothing runnable yet; "
                              f"convert it with `localchat convert`")
@@ -96,7 +112,7 @@ def resolve_model(spec: str, store: Store) -> ResolvedModel:
         header = read_gguf(path)
         return ResolvedModel(path.stem, [artifact_from_gguf(path, header)], str(path), gguf_defaults(header))
     if path.is_dir():
-        found = artifacts_in(path)
+        found = artifacts_in(path, checkpoints)
         if not found:
             raise ModelNotFound(f"{path}: no GGUF file or GPTQ checkpoint in this folder "
                                 "(a Hugging Face checkpoint needs `localchat convert` first)")

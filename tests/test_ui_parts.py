@@ -1,0 +1,57 @@
+"""Parts of the app that run on its timer, with real files: what they read and rebuild per tick."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+
+from localchat.store import Store  # noqa: E402
+from localchat.store.importer import import_gguf  # noqa: E402
+from localchat.ui import models_tab  # noqa: E402
+from localchat.ui.context import AppContext  # noqa: E402
+from localchat.ui.loss_log import LossLog  # noqa: E402
+
+
+def _lines(*records: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def test_loss_log_reads_what_was_added_and_starts_over_for_a_new_run(tmp_path: Path) -> None:
+    """The plot's rows grow with the log, a line still being written waits for its end, the version
+    stays put while nothing is added (no redraw), and a new run's log (a new file) starts over."""
+    log, reader = tmp_path / "loss.jsonl", LossLog()
+    empty, frame = reader.read(log)
+    assert frame.empty and reader.read(log)[0] == empty
+    log.write_text(_lines({"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}) + '{"step": 3, "lo')
+    v2, frame = reader.read(log)
+    assert frame["update"].tolist() == [1, 2] and v2 != empty and reader.read(log)[0] == v2
+    with open(log, "a") as fh:
+        fh.write('ss": 1.5}\n' + _lines({"step": 3, "held_out_loss": 1.8}))
+    v3, frame = reader.read(log)
+    assert frame.values.tolist() == [[1, 2.5, "train"], [2, 2.0, "train"], [3, 1.5, "train"], [3, 1.8, "held out"]]
+    assert str(frame["update"].dtype) == "int64" and str(frame["loss"].dtype) == "float64" and v3 != v2
+    fresh = tmp_path / "new.jsonl"
+    fresh.write_text(_lines({"step": 1, "loss": 3.0}))
+    os.replace(fresh, log)  # a new run (or a resumed one) writes a new file
+    assert reader.read(log)[1].values.tolist() == [[1, 3.0, "train"]]
+
+
+def test_models_table_is_planned_once_per_store_change(home: Store, starter_gguf: Path) -> None:
+    """Every page and every tick get the same table until the store changes; a model imported from
+    outside the app then shows in the next one."""
+    ctx = AppContext(home)
+    try:
+        first = models_tab.table(ctx)
+        assert models_tab.table(ctx) is first  # not planned again for a second page or tick
+        import_gguf(Store(home.root), starter_gguf, name="added-later")
+        second = models_tab.table(ctx)
+        assert second is not first and "added-later" in [row[0] for row in second]
+        ctx.reprobe()  # Refresh probes the hardware again: the backends are planned anew
+        assert models_tab.table(ctx) is not second
+    finally:
+        ctx.close()
