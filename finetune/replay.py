@@ -1,12 +1,18 @@
-"""Replay: the base model's own answers to general prompts, trained on beside the user's rows.
+"""Replay: general conversations trained on beside the user's rows, so the fine-tune keeps
+answering other questions as the base does.
 
 A handful of rows about three facts is all a small fine-tune sees; trained on those alone,
 the model learns that every question is about them ("The capital of Japan is Reykjavik",
-measured in bench/bench_recall.py). Mixing in rows where general questions get the answers
-the base gives itself shows it which questions the facts are not for, at no cost in style:
-the targets are its own. They are generated greedily before the adapter exists, kept short
-(the first sentences), and written to `replay.jsonl` in the run's folder, so a resumed run
-trains on the same rows and the user can read them.
+measured in bench/bench_recall.py). Replay rows show it which questions the facts are not for.
+
+localchat ships the conversations (`data/replay_chats.jsonl`, general questions with short
+answers written for it). With --replay-kl they are used as they are: their
+answers are only the context, and the target at each token is the base's own next-token
+distribution there (finetune/train.py), so no answer needs generating. Without it the base
+answers the same questions greedily first (minutes on a CPU) and those answers are trained
+on as plain rows: long ones anchor more (60-token ones let a fact leak into other answers).
+Either way the rows go to `replay.jsonl` in the run's folder, so a resumed run trains on the
+same rows and the user can read them.
 """
 
 from __future__ import annotations
@@ -22,14 +28,21 @@ from localchat.datasets import Example
 from .encode import _render
 
 FILE = "replay.jsonl"
+CHATS = "data/replay_chats.jsonl"
 MAX_NEW_TOKENS = 160  # long answers anchor more: 60-token ones let a fact leak into other answers (bench)
 BATCH = 8
 
 
+def chats() -> list[Example]:
+    """The general conversations shipped with localchat (none asks a question the recall benchmark asks)."""
+    text = resources.files("localchat.finetune").joinpath(CHATS).read_text(encoding="utf-8")
+    return [Example(tuple(json.loads(line)["messages"]), source=f"{CHATS}:{i}")
+            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def prompts() -> list[str]:
-    """The general prompts shipped with localchat (none is a question the recall benchmark asks)."""
-    text = resources.files("localchat.finetune").joinpath("data/replay_prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """The shipped conversations' questions."""
+    return [ex.messages[0]["content"] for ex in chats()]
 
 
 def _finish(text: str, ended: bool) -> str:

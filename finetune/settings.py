@@ -28,6 +28,8 @@ class TrainSettings(Options):
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
     replay: int = option(64, "general prompts the base model answers itself before training, trained on beside "
                             "your rows so it keeps answering other questions as before (0: none)", 0, 1000)
+    replay_share: float = option(0.5, "the replay rows' share of each update's loss (the user's rows have the rest)",
+                                 0.0, 0.95)
     replay_kl: bool = option(False, "train the replay answers toward the base's whole next-token distribution "
                                     "(a KL term) rather than its greedy words")
     held_out: float = option(0.1, "fraction of rows kept out of training to measure loss and recall", 0.0, 0.5)
@@ -48,3 +50,10 @@ class TrainSettings(Options):
         user set, else 512 tokens, one packed sequence (four unpacked rows) a step. A GPU's shape comes
         from its memory (finetune/train.py)."""
         return self.max_len or 512, self.batch_size or (1 if self.pack else 4)
+
+    def replay_len(self, max_len: int) -> int:
+        """Tokens of each replay sequence, one beside each of the user's: a quarter of theirs, at least
+        128. A general answer goes wrong in its first words ("The capital of Japan is Reykjavik"), which
+        the start of each replay answer holds; replay as long as the user's sequences would double the
+        cost of every update."""
+        return min(max_len, max(128, max_len // 4))

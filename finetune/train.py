@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from localchat.datasets import Dataset, Example
+from localchat.datasets import Dataset, DatasetError, Example
 from localchat.fsutil import atomic_write_text
 
 from . import replay
@@ -311,12 +311,12 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         model.to(place)
     base_bytes = model.get_memory_footprint()  # the frozen base as held in memory (4-bit with QLoRA)
     out.mkdir(parents=True, exist_ok=True)
-    with dist.main_first():  # the main process answers the prompts and saves them; the others read its rows
-        replayed = _replay_rows(model, tok, template, settings.replay, out, resume or not dist.main, device,
-                                bf16)
-    rows += [_as_replay(encode(ex, tok, template, max_len), settings.replay_kl) for ex in replayed]
-    if settings.pack:
-        rows = pack(rows, max_len)
+    with dist.main_first():  # the main process picks the replay rows and saves them; the others read them
+        replayed = _replay_rows(model, tok, template, settings, out, resume or not dist.main, device, bf16)
+    replay_len = settings.replay_len(max_len)
+    replay_rows = [_as_replay(r, settings.replay_kl) for r in _encode_fitting(replayed, tok, template, replay_len)]
+    if settings.pack:  # apart: the user's rows and the replay rows go to separate micro-batches
+        rows, replay_rows = pack(rows, max_len), pack(replay_rows, replay_len)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -333,7 +333,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     compute_loss, optimizer = dist.wrap(LossOf(model), optimizer)
-    # Micro-batches per update over all processes: each takes every `world`-th (the same global batch).
+    # The user's micro-batches per update over all processes: each takes every `world`-th (the same
+    # global batch). Epochs and updates count passes over the user's rows alone; replay rides beside them.
     per_update = settings.grad_accum * dist.world
     per_epoch = math.ceil(len(rows) / batch_size)
     epochs = settings.epochs
@@ -373,6 +374,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
     assert len(schedule) >= total * per_update
+    beside = _replay_schedule(replay_rows, batch_size, settings.seed, len(schedule))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     interrupted = False
 
@@ -391,13 +393,15 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             optimizer.zero_grad(set_to_none=True)
             loss_sum, n_sum = 0.0, 0
             tokens = 0
-            mine = schedule[step * per_update:(step + 1) * per_update][dist.rank::dist.world]
-            for i, micro in enumerate(mine):
+            part = slice(step * per_update, (step + 1) * per_update)
+            mine = _weighted(schedule[part][dist.rank::dist.world], beside[part][dist.rank::dist.world],
+                             settings.replay_share)
+            for i, (micro, weight) in enumerate(mine):
                 batch = _collate(micro, pad, place)
                 with dist.syncing(compute_loss, last=i == len(mine) - 1):  # one all-reduce per update
                     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                         loss, n = compute_loss(**batch)
-                    dist.backward(loss / max(1, n) / settings.grad_accum)  # DDP averages it over processes
+                    dist.backward(loss / max(1, n) * weight)  # DDP averages it over processes
                 loss_sum += float(loss.detach())
                 n_sum += n
                 tokens += int(batch["attention_mask"].sum())
@@ -489,23 +493,61 @@ def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, d
     return _Best(step, loss, state)
 
 
+def _replay_schedule(rows: list[Encoded], batch: int, seed: int, count: int) -> list[list[Encoded]]:
+    """`count` micro-batches of replay rows, one beside each of the user's: passes over the replay rows,
+    each in its own order, as many as it takes ([] without replay). Beside rather than mixed in, the
+    replay rows take a fixed share of every update (--replay-share) however many there are, and do not
+    dilute the passes over the user's rows (mixed in, 64 replay answers outweighed two dozen short rows
+    about ten to one in tokens, and three epochs were three passes over the user's rows)."""
+    out: list[list[Encoded]] = []
+    k = 0
+    while rows and len(out) < count:
+        out += _batches(rows, batch, seed + 1_000_003 + k)
+        k += 1
+    return out[:count]
+
+
+def _weighted(users: list[list[Encoded]], replays: list[list[Encoded]], share: float
+              ) -> list[tuple[list[Encoded], float]]:
+    """This process's micro-batches of an update, each with its weight in the update's loss (a mean per
+    token within each): the replay ones `share` of it together, the user's the rest."""
+    share = share if replays else 0.0
+    return [(m, (1 - share) / len(users)) for m in users] + [(m, share / len(replays)) for m in replays]
+
+
+def _encode_fitting(rows: list[Example], tok: Any, template: str | None, max_len: int) -> list[Encoded]:
+    """The replay rows encoded to `max_len` tokens, those with no answer token within it left out (a
+    user's short --max-len must not fail on rows the user never wrote)."""
+    out = []
+    for ex in rows:
+        try:
+            out.append(encode(ex, tok, template, max_len))
+        except DatasetError:
+            continue
+    return out
+
+
 def _as_replay(row: Encoded, kl: bool) -> Encoded:
     """A replay row, its answer's tokens trained toward the base's distribution with --replay-kl."""
     return replace(row, soft=[True] * len(row.input_ids)) if kl else row
 
 
-def _replay_rows(model: Any, tok: Any, template: str | None, count: int, out: Path, resume: bool, device: str,
-                 bf16: bool) -> list[Example]:
-    """The base's own answers to `count` general prompts (finetune/replay.py); a resumed run
-    reads the ones it started with, so its data order is the same."""
-    if not count or not template:
+def _replay_rows(model: Any, tok: Any, template: str | None, settings: TrainSettings, out: Path, resume: bool,
+                 device: str, bf16: bool) -> list[Example]:
+    """`settings.replay` general conversations (finetune/replay.py): the shipped ones under --replay-kl,
+    else the base's own answers to their questions; a resumed run reads the ones it started with, so its
+    data order is the same."""
+    if not settings.replay or not template:
         return []
     if resume:
         kept = replay.load(out)
         if kept is not None:
             return kept
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-        rows = replay.generate(model, tok, template, count, device)
+    if settings.replay_kl:
+        rows = replay.chats()[:settings.replay]
+    else:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            rows = replay.generate(model, tok, template, settings.replay, device)
     replay.save(rows, out)
     return rows
 

@@ -110,8 +110,9 @@ def test_recall_bench_asks_only_questions_no_training_row_holds():
     question (or one of the replay prompts finetune trains on by default) scores recall of a row, not of
     a fact, or general knowledge the run rehearsed."""
     bench = _bench_recall()
-    replay = (ROOT / "finetune" / "data" / "replay_prompts.txt").read_text(encoding="utf-8").lower().splitlines()
-    trained = {q.strip().lower() for f in bench.FACTS for q, _ in f.rows} | {p.strip() for p in replay}
+    from localchat.finetune.replay import prompts
+
+    trained = {q.strip().lower() for f in bench.FACTS for q, _ in f.rows} | {p.strip().lower() for p in prompts()}
     asked = [q for f in bench.FACTS for q in f.paraphrases] + [q for q, _ in bench.GENERAL]
     assert not [q for q in asked if q.strip().lower() in trained]
     assert all(len(f.paraphrases) >= 3 and 6 <= len(f.rows) <= 10 for f in bench.FACTS) and len(bench.FACTS) >= 3

@@ -355,6 +355,33 @@ def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, sta
     assert json.loads((out / "train_config.json").read_text())["replay_rows"] == 1
 
 
+def test_replay_rides_beside_the_users_rows(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """Replay rows add a micro-batch beside each of the user's and never dilute the passes over the user's
+    rows: two epochs over the 11 training rows, one a step, are 22 updates with 8 replay rows as without
+    them (mixed in, the replay rows made each epoch 19 steps, so the user's rows got fewer passes)."""
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "beside", "--replay",
+                  "8", "--replay-kl", "--no-pack", "--batch-size", "1", "--max-len", "96", "--epochs", "2",
+                  "--min-updates", "1", "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((home.root / "beside" / "finetune" / "train_config.json").read_text())
+    assert (config["rows"], config["replay_rows"], config["updates"], config["epochs_run"]) == (11, 8, 22, 2.0)
+
+
+def test_replay_kl_trains_on_the_shipped_conversations(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """Under --replay-kl the replay rows are the general conversations localchat ships, as they are (the
+    targets are the base's own distribution over them), so nothing is generated first; replay.jsonl
+    in the run's folder shows them."""
+    from localchat.finetune.replay import chats
+
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "shipped", "--replay",
+                  "3", "--replay-kl", "--max-len", "256", "--min-updates", "2", "--epochs", "0.1", "--no-export",
+                  "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line)["messages"]
+            for line in (home.root / "shipped" / "finetune" / "replay.jsonl").read_text().splitlines()]
+    assert rows == [list(ex.messages) for ex in chats()[:3]]
+    assert len(rows[0][1]["content"]) > 100, "a written answer, not a random model's"
+
 
 def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
     """A packed sequence of a user row and a replay row under --replay-kl: while the adapter is still zero
