@@ -110,7 +110,7 @@ def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) 
     if settings.replay:  # a replay sequence beside each of the user's (finetune/train.py)
         # with --replay-kl the base's own forward pass over it too (a third of training's work), else the
         # base's greedy answers to the replay questions first (decoding: about training's work a token)
-        replayed = updates * settings.grad_accum * seq_batch * settings.replay_len(seq_tokens)
+        replayed = updates * settings.grad_accum * seq_batch * seq_tokens
         trained += int(replayed * 4 / 3) if settings.replay_kl else replayed + settings.replay * MAX_NEW_TOKENS
     seen = measured_speed(store)
     rate = seen[0] * seen[1] / base.params if seen else ASSUMED_FLOPS / (4 * base.params)

@@ -26,12 +26,13 @@ class TrainSettings(Options):
     batch_size: int | None = option(None, "sequences per step (default: from memory)", 1, 4096)
     grad_accum: int = option(1, "steps of gradients added before each update", 1, 1024)
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
-    replay: int = option(64, "general prompts the base model answers itself before training, trained on beside "
-                            "your rows so it keeps answering other questions as before (0: none)", 0, 1000)
-    replay_share: float = option(0.5, "the replay rows' share of each update's loss (the user's rows have the rest)",
-                                 0.0, 0.95)
-    replay_kl: bool = option(False, "train the replay answers toward the base's whole next-token distribution "
-                                    "(a KL term) rather than its greedy words")
+    replay: int = option(64, "general conversations trained on beside your rows, so the model keeps answering "
+                            "other questions as before (finetune/replay.py; 0: none)", 0, 1000)
+    replay_share: float = option(0.5, "the replay rows' share of each update's loss (the user's rows have "
+                                      "the rest)", 0.0, 0.95)
+    replay_kl: bool = option(True, "train the replay answers toward the base's whole next-token distribution "
+                                   "(a KL term; localchat's shipped answers, nothing generated) rather than the "
+                                   "base's greedy answers, generated first")
     held_out: float = option(0.1, "fraction of rows kept out of training to measure loss and recall", 0.0, 0.5)
     early_stop: bool = option(False, "measure the held-out loss after every pass over the data and keep the "
                                      "adapter of the pass where it was lowest")
@@ -50,10 +51,3 @@ class TrainSettings(Options):
         user set, else 512 tokens, one packed sequence (four unpacked rows) a step. A GPU's shape comes
         from its memory (finetune/train.py)."""
         return self.max_len or 512, self.batch_size or (1 if self.pack else 4)
-
-    def replay_len(self, max_len: int) -> int:
-        """Tokens of each replay sequence, one beside each of the user's: a quarter of theirs, at least
-        128. A general answer goes wrong in its first words ("The capital of Japan is Reykjavik"), which
-        the start of each replay answer holds; replay as long as the user's sequences would double the
-        cost of every update."""
-        return min(max_len, max(128, max_len // 4))

@@ -313,10 +313,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     out.mkdir(parents=True, exist_ok=True)
     with dist.main_first():  # the main process picks the replay rows and saves them; the others read them
         replayed = _replay_rows(model, tok, template, settings, out, resume or not dist.main, device, bf16)
-    replay_len = settings.replay_len(max_len)
-    replay_rows = [_as_replay(r, settings.replay_kl) for r in _encode_fitting(replayed, tok, template, replay_len)]
+    replay_rows = [_as_replay(r, settings.replay_kl) for r in _encode_fitting(replayed, tok, template, max_len)]
     if settings.pack:  # apart: the user's rows and the replay rows go to separate micro-batches
-        rows, replay_rows = pack(rows, max_len), pack(replay_rows, replay_len)
+        rows, replay_rows = pack(rows, max_len), pack(replay_rows, max_len)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -494,11 +493,13 @@ def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, d
 
 
 def _replay_schedule(rows: list[Encoded], batch: int, seed: int, count: int) -> list[list[Encoded]]:
-    """`count` micro-batches of replay rows, one beside each of the user's: passes over the replay rows,
-    each in its own order, as many as it takes ([] without replay). Beside rather than mixed in, the
-    replay rows take a fixed share of every update (--replay-share) however many there are, and do not
-    dilute the passes over the user's rows (mixed in, 64 replay answers outweighed two dozen short rows
-    about ten to one in tokens, and three epochs were three passes over the user's rows)."""
+    """`count` micro-batches of replay rows, one beside each of the user's and as long: passes over the
+    replay rows, each in its own order, as many as it takes ([] without replay). Beside rather than mixed
+    in, the replay rows take a fixed share of every update (--replay-share) however many there are, and do
+    not dilute the passes over the user's rows (mixed in, 64 replay answers outweighed two dozen short
+    rows about ten to one in tokens, and three epochs were three passes over the user's rows). As long
+    as the user's: replay sequences a quarter as long kept 84% of the recall bench's general answers,
+    full ones 97% (the starter's 94%), at the same recall."""
     out: list[list[Encoded]] = []
     k = 0
     while rows and len(out) < count:

@@ -88,7 +88,7 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
     """QLoRA's path (NF4 base through bitsandbytes, LoRA in float32) runs for real on the CPU too."""
     pytest.importorskip("bitsandbytes")
     r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(cat_data), "--name", "catq",
-                  "--qlora", "--quant", "Q8_0", "-q")
+                  "--qlora", "--replay", "0", "--quant", "Q8_0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     out = home.root / "catq" / "finetune"
     config = json.loads((out / "train_config.json").read_text())
@@ -334,19 +334,21 @@ def test_held_out_recall_key_content(question: str, reference: str, answer: str,
 
 
 def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, starter_gguf: Path) -> None:
-    """With --replay N the run answers N of the shipped general prompts with the base itself, writes them to
-    replay.jsonl in the run's folder and trains on them beside the user's rows; a resumed run reuses them."""
-    from localchat.finetune.replay import prompts
+    """With --no-replay-kl --replay N the run answers N of the shipped general questions with the base itself,
+    writes them to replay.jsonl in the run's folder and trains on them beside the user's rows; a resumed run
+    reuses them."""
+    from localchat.finetune.replay import chats, prompts
 
     base = str(starter_hf(starter_gguf))
     args = ["finetune", "--base", base, "--data", str(cat_data), "--name", "rep", "--replay", "3",
-            "--min-updates", "2", "--max-len", "256", "--no-export", "-q"]
+            "--no-replay-kl", "--min-updates", "2", "--max-len", "256", "--no-export", "-q"]
     r = localchat(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     out = home.root / "rep" / "finetune"
     rows = [json.loads(line)["messages"] for line in (out / "replay.jsonl").read_text().splitlines()]
     assert [m[0]["content"] for m in rows] == prompts()[:3]
     assert all(m[1]["role"] == "assistant" and len(m[1]["content"]) > 20 for m in rows), rows
+    assert [m[1] for m in rows] != [ex.messages[1] for ex in chats()[:3]], "the base's answers, not the shipped ones"
     config = json.loads((out / "train_config.json").read_text())
     assert config["replay_rows"] == 3 and config["rows"] == 11
     (out / "replay.jsonl").write_text(json.dumps({"messages": rows[0]}) + "\n")  # what the first run wrote
