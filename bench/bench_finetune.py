@@ -72,10 +72,10 @@ def held_out_rows(tok: object, limit: int | None) -> list:
 
 
 def held_out_loss(model: object, tok: object, limit: int | None) -> float:
-    from localchat.finetune.train import evaluate_loss
+    from localchat.finetune.train import LossOf, evaluate_loss
 
     model.float()
-    return evaluate_loss(model, held_out_rows(tok, limit), 4, tok.pad_token_id or 0, "cpu", bf16=False)
+    return evaluate_loss(LossOf(model), held_out_rows(tok, limit), 4, tok.pad_token_id or 0, "cpu", bf16=False)
 
 
 def packed_length(rows: list, steps: int) -> int:

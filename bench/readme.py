@@ -245,7 +245,10 @@ def ui(b: Bench) -> list[str]:
     return [f"`bench/bench_ui.py`: decode speed inside the app, answered in headless Chromium on the same "
             f"cores, against the same greedy {s['max_tokens']}-token answer in a plain process, "
             f"{s['rounds']} alternating rounds after a warm-up: {_f(b, 'app_tok_s', 1)} against "
-            f"{_f(b, 'plain_tok_s', 1)}, {_f(b, 'ratio')}."]
+            f"{_f(b, 'plain_tok_s', 1)}, {_f(b, 'ratio')}."
+            + (f" Meanwhile the browser used {_f(b, 'browser_cores', 3)} (what the page takes from "
+               "the decode; other work on the machine moves it far less than the ratio)."
+               if "browser_cores" in b["figures"] else "")]
 
 
 def recall(b: Bench) -> list[str]:

@@ -115,8 +115,12 @@ def session(page: object, out: Path, data: Path) -> dict[str, str]:
     texts: dict[str, str] = {}
     folder = f"~/.cache/localchat-screenshots/{CHECKPOINT}"  # as a user types it: no machine path shows
 
-    def shoot(name: str, tab: str) -> None:
-        page.get_by_role("tab", name=tab).first.click()  # a click on the open tab keeps the scroll
+    def shoot(name: str, tab: str, bottom: str = "") -> None:
+        """Shoot `tab`; with `bottom` scrolled down until that element ends the picture (the click on
+        the tab scrolls back up to the tabs, so the scroll comes after it)."""
+        page.get_by_role("tab", name=tab).first.click()
+        if bottom:
+            page.locator(bottom).evaluate("e => e.scrollIntoView({block: 'end'})")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(out / f"ui-{name}.png"))
         texts[name] = page.inner_text("body")
@@ -142,9 +146,7 @@ def session(page: object, out: Path, data: Path) -> dict[str, str]:
     page.get_by_role("tab", name="Models").first.click()
     page.wait_for_function(f"document.querySelector('#models-table').innerText.includes('{TUNED}')")
     shoot("models", "Models")
-    page.get_by_role("tab", name="Fine-tune").first.click()
-    page.locator("#loss-plot").scroll_into_view_if_needed()  # the loss curve, below the form at 1280x800
-    shoot("finetune", "Fine-tune")
+    shoot("finetune", "Fine-tune", bottom="#loss-plot")  # the job's end and its loss curve, below the form
 
     page.get_by_role("tab", name="Chat").first.click()
     page.click("#new-chat")

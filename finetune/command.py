@@ -22,6 +22,7 @@ from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
 from .distributed import ranks
+from .estimate import after_export, reading_base
 from .settings import DEQUANTIZED, TrainSettings
 
 if TYPE_CHECKING:
@@ -145,50 +146,53 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
 
     store = store or default_store()
     dist = ranks()  # under `accelerate launch`: train in every process, write from the main one
-    with dist.main_first():
-        base_dir = base_folder(base, store, dequantized_dtype(settings), quiet)
-    name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
-    out = store.model_dir(name) / "finetune"
-    check_export_disk(base_dir, quant if export else None, save_merged, store)
-    report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
-    result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
-    if not dist.main:
-        return FinetuneResult(name, out, [f"process {dist.rank}: trained its share; the main process exports"])
-    if result.resumed_from:
-        report.append(f"resumed from update {result.resumed_from}")
-    report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
-                  + (f", held-out loss {result.held_out_loss:.3f}" if result.held_out_loss is not None else "")
-                  + (f" (update {result.kept_step} of {result.steps}, kept by --early-stop)"
-                     if result.kept_step else "")
-                  + (f", {result.held_out_recall.describe()}" if result.held_out_recall else "")
-                  + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
-    if lora_gguf:
-        lora_name = register_lora(store, base, base_dir, result.adapter, name)
-        report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")
-    extra = {"adapter": str(result.adapter.relative_to(store.root)),
-             "loss_plot": str((out / "loss.png").relative_to(store.root))}
-    if save_merged:
-        merged = write_merged(base_dir, result.adapter, out / MERGED, quiet)
-        extra[MERGED] = str(merged.relative_to(store.root))
-        report.append(f"merged checkpoint (the base's own dtypes): {merged}")
-    else:
-        shutil.rmtree(out / MERGED, ignore_errors=True)  # an earlier run's, merged with another adapter
-    if export:
-        ex = export_finetuned(base_dir, result.adapter, name, quant, store, quiet)
+    with reading_base(store, base):  # until the export has read it, no cleanup elsewhere removes the base
+        with dist.main_first():
+            base_dir = base_folder(base, store, dequantized_dtype(settings), quiet)
+        name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
+        out = store.model_dir(name) / "finetune"
+        check_export_disk(base_dir, quant if export else None, save_merged, store)
+        report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
+        result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
+        if not dist.main:
+            return FinetuneResult(name, out, [f"process {dist.rank}: trained its share; the main process exports"])
+        if result.resumed_from:
+            report.append(f"resumed from update {result.resumed_from}")
+        report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
+                      + (f", held-out loss {result.held_out_loss:.3f}" if result.held_out_loss is not None else "")
+                      + (f" (update {result.kept_step} of {result.steps}, kept by --early-stop)"
+                         if result.kept_step else "")
+                      + (f", {result.held_out_recall.describe()}" if result.held_out_recall else "")
+                      + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
+        if lora_gguf:
+            lora_name = register_lora(store, base, base_dir, result.adapter, name)
+            report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")
+        extra = {"adapter": str(result.adapter.relative_to(store.root)),
+                 "loss_plot": str((out / "loss.png").relative_to(store.root))}
+        if save_merged:
+            merged = write_merged(base_dir, result.adapter, out / MERGED, quiet)
+            extra[MERGED] = str(merged.relative_to(store.root))
+            report.append(f"merged checkpoint (the base's own dtypes): {merged}")
+        else:
+            shutil.rmtree(out / MERGED, ignore_errors=True)  # an earlier run's, merged with another adapter
+        if export:
+            ex = export_finetuned(base_dir, result.adapter, name, quant, store, quiet)
 
-        inherited = dict(store.get(base).defaults) if base in store.models() else {}
+            inherited = dict(store.get(base).defaults) if base in store.models() else {}
 
-        def finish(entry: ModelEntry) -> None:  # under the store lock
-            entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
-            entry.extra.update(extra)
-            # A store base's chat defaults (system prompt, sampling preset) carry over where the
-            # export's own file sets none: the fine-tune answers as its base did, facts aside.
-            entry.defaults = {**inherited, **entry.defaults}
+            def finish(entry: ModelEntry) -> None:  # under the store lock
+                entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
+                entry.extra.update(extra)
+                # A store base's chat defaults (system prompt, sampling preset) carry over where the
+                # export's own file sets none: the fine-tune answers as its base did, facts aside.
+                entry.defaults = {**inherited, **entry.defaults}
 
-        store.update(name, finish)
-        report.append(f"GGUF written from {base} + the adapter, merged tensor by tensor"
-                      + ("" if save_merged else " (no merged copy kept; --save-merged keeps one)"))
-        report += ex.report
+            store.update(name, finish)
+            report.append(f"GGUF written from {base} + the adapter, merged tensor by tensor"
+                          + ("" if save_merged else " (no merged copy kept; --save-merged keeps one)"))
+            report += ex.report
+    if export:  # a stopped or failed run never gets here: its checkpoints stay for Resume
+        report += after_export(store, name, base)
     return FinetuneResult(name, out, report)
 
 

@@ -1,5 +1,6 @@
-"""What a fine-tune will cost before it starts (time and disk), and what a finished one leaves
-behind that nothing reads any more (its resume checkpoints, a GGUF base dequantized for training).
+"""What a fine-tune will cost before it starts (time and disk), and what it leaves behind that
+nothing reads once its model is exported (its resume checkpoints, a GGUF base dequantized for
+training): removed when the export has succeeded; a stopped or failed run keeps them for Resume.
 
 The time is rough by nature: the tokens to train (from the rows, the epochs and the trainer's
 `min_updates`, and the replay sequence beside each of the user's) times the work per token (4 x the
@@ -13,11 +14,13 @@ and quantized files side by side (finetune/command.py checks that part before tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from localchat.fsutil import human
 from localchat.quant_types import DEFAULT_QUANT, QUANT_TYPES
@@ -26,6 +29,11 @@ from localchat.store import Store, StoreError
 
 from .replay import MAX_NEW_TOKENS
 from .settings import CHECKPOINTS, DEQUANTIZED, TrainSettings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, a dequantized base is removed as on a machine running one fine-tune
+    fcntl = None  # type: ignore[assignment]
 
 CHARS_PER_TOKEN = 4  # English text in a BPE vocabulary; the estimate needs no tokenizer
 # A two-core laptop CPU running torch, before this store has measured one (the docs session: the starter
@@ -97,7 +105,8 @@ class Estimate:
         parts = ", ".join(f"{k} {human(v)}" for k, v in self.disk.items() if v)
         return (f"Estimate: about {when} for {self.updates} updates over ~{self.tokens:,} tokens ({speed}); "
                 f"disk at the peak about {human(sum(self.disk.values()))} ({parts}). "
-                "*Clean up* afterwards removes the checkpoints and the dequantized base.")
+                "The checkpoints and a dequantized base are removed once the model is exported "
+                "(a stopped run keeps them for Resume).")
 
 
 def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) -> Estimate:
@@ -121,10 +130,55 @@ def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) 
     return Estimate(updates, trained, trained / rate, seen is not None, disk)
 
 
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _base_lock(store: Store, base: str) -> Path | None:
+    """What a fine-tune of `base` locks while it reads the base's dequantized copy: the store GGUF it is
+    made from (owned by the manifest, so it outlives the copy and no cleanup removes it). None for a
+    base that is no GGUF of the store: a checkpoint folder is read where it is, and never removed."""
+    entry = store.models().get(base)
+    if entry is None or entry.format != "gguf":
+        return None
+    return store.path_of(entry.files[0].path)
+
+
+@contextlib.contextmanager
+def reading_base(store: Store, base: str) -> Iterator[None]:
+    """A shared lock for as long as a fine-tune makes and reads the dequantized copy of `base` (training,
+    then the export): another run finishing, or Clean up in the app, keeps a copy that is in use. Taken
+    before the copy is looked for, so a run never finds a copy that is being removed."""
+    lock = _base_lock(store, base)
+    if lock is None or fcntl is None:
+        yield
+        return
+    with open(lock, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
+
+
+def _remove_unread(store: Store, base: str) -> int | None:
+    """Remove the dequantized copy of `base` unless a fine-tune reads it; its bytes, or None if kept."""
+    lock = _base_lock(store, base)  # None for a checkpoint folder given by path: nothing of ours to remove
+    if lock is None or not (folder := store.model_dir(base) / DEQUANTIZED).is_dir():
+        return 0
+    with open(lock, "rb") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+        size = _bytes(folder)
+        shutil.rmtree(folder)
+        return size
+
+
 def leftovers(store: Store) -> dict[Path, int]:
     """Files finished fine-tunes leave that nothing reads: the checkpoints of each fine-tuned model in
     the store (a run that was stopped has no model yet, and keeps them for Resume), and the bases
-    dequantized from GGUF for training (made again when a fine-tune needs one). Path -> bytes."""
+    dequantized from GGUF for training (made again when a fine-tune needs one). Path -> bytes.
+    A run removes its own once its model is exported: these are what `--no-export` and older runs left."""
     found: dict[Path, int] = {}
     for name, entry in store.models().items():
         folder = store.model_dir(name)
@@ -133,19 +187,45 @@ def leftovers(store: Store) -> dict[Path, int]:
             candidates.append(folder / DEQUANTIZED)
         for path in candidates:
             if path.is_dir():
-                found[path] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                found[path] = _bytes(path)
     return found
 
 
 def clean_up(store: Store) -> tuple[int, list[str]]:
-    """Remove `leftovers`; returns the bytes freed and what each was, in words."""
+    """Remove `leftovers` (a dequantized base that a fine-tune reads stays); returns the bytes freed and
+    what each was, in words."""
     freed, what = 0, []
     for path, size in leftovers(store).items():
-        shutil.rmtree(path)
+        owner = path.relative_to(store.root).parts[0]
+        if path.name == CHECKPOINTS:
+            shutil.rmtree(path)
+        elif _remove_unread(store, owner) is None:
+            what.append(f"{owner}: dequantized base kept, a fine-tune is reading it")
+            continue
         freed += size
-        kind = "checkpoints" if path.name == CHECKPOINTS else "dequantized base"
-        what.append(f"{path.relative_to(store.root).parts[0]}: {kind} {human(size)}")
+        what.append(f"{owner}: {'checkpoints' if path.name == CHECKPOINTS else 'dequantized base'} {human(size)}")
     return freed, what
+
+
+def after_export(store: Store, name: str, base: str) -> list[str]:
+    """Once the fine-tune `name` is exported: remove what only its training and Resume read (its
+    checkpoints, the copy of a GGUF `base` dequantized for training: made again when a fine-tune needs
+    it), and say what went, what stays and why, as lines of the run's report."""
+    out = store.model_dir(name) / "finetune"
+    gone = []
+    if (checkpoints := out / CHECKPOINTS).is_dir():
+        size = _bytes(checkpoints)
+        shutil.rmtree(checkpoints)
+        gone.append(f"its resume checkpoints ({human(size)}: the model is finished)")
+    kept = [f"the adapter in {out / 'adapter'} ({human(_bytes(out / 'adapter'))}: the trained weights, for "
+            "a new export or a GGUF LoRA), the loss log and its plot"]
+    freed = _remove_unread(store, base)
+    if freed is None:
+        kept.append(f"{store.model_dir(base) / DEQUANTIZED}: another fine-tune is reading it "
+                    "(Clean up in the app removes it later)")
+    elif freed:
+        gone.append(f"{base} dequantized for training ({human(freed)}; made again when a fine-tune needs it)")
+    return ([f"removed {'; '.join(gone)}"] if gone else []) + [f"kept {'; '.join(kept)}"]
 
 
 def data_chars(path: str | Path) -> int:

@@ -76,9 +76,11 @@ class Recall:
         return f"held-out recall {100 * self.share:.0f}% ({self.rows}{sample} rows answered greedily)"
 
 
-def held_out_recall(model: Any, tok: Any, template: str, rows: list[Example], device: str) -> Recall | None:
+def held_out_recall(model: Any, tok: Any, template: str, rows: list[Example], device: Any,
+                    synced: bool = False) -> Recall | None:
     """Greedy answers of `model` to the held-out chat rows (the first MAX_ROWS that have key
-    content), scored by `recalled`; None when no row can be scored (plain text, no held-out rows)."""
+    content), scored by `recalled`; None when no row can be scored (plain text, no held-out rows).
+    `synced`: every training process generates together (`Ranks.generating`), none stopping first."""
     import torch
 
     from .encode import _render
@@ -101,7 +103,8 @@ def held_out_recall(model: Any, tok: Any, template: str, rows: list[Example], de
             room = min(MAX_NEW_TOKENS, len(tok(last["content"], add_special_tokens=False)["input_ids"]) + 24)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=room, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                                     max_new_tokens=room, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                     synced_gpus=synced)
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             scored.append(bool(recalled(answer, question, last["content"])))
     finally:

@@ -152,6 +152,9 @@ class LossOf(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
+        # FSDP shards each of these blocks (a decoder layer) on its own, found by class name as in
+        # transformers' models; without them the whole model would be one unit, gathered at once.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None,
@@ -163,18 +166,20 @@ class LossOf(torch.nn.Module):
         return _loss(self.model, batch)
 
 
-def evaluate_loss(model: Any, rows: list[Encoded], batch_size: int, pad: int, device: str,
+def evaluate_loss(loss_of: LossOf, rows: list[Encoded], batch_size: int, pad: int, device: str,
                   bf16: bool = False) -> float:
-    """Mean loss per trained token over `rows` (no dropout, no gradients)."""
-    was_training = model.training
-    model.eval()
+    """Mean loss per trained token over `rows` (no dropout, no gradients). `loss_of` is the module
+    training runs (wrapped by `Ranks.wrap` under a launcher): under FSDP every process runs this,
+    since each forward gathers the weights' shards from all of them."""
+    was_training = loss_of.training
+    loss_of.eval()
     tot, n = 0.0, 0
     with torch.no_grad():
         for b in _batches(rows, batch_size, 0):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                loss, k = _loss(model, _collate(b, pad, device))
+                loss, k = loss_of(**_collate(b, pad, device))
             tot, n = tot + float(loss), n + k
-    model.train(was_training)
+    loss_of.train(was_training)
     return tot / max(1, n)
 
 
@@ -184,30 +189,34 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> Path:
-    from peft import get_peft_model_state_dict
+def _save_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> None:
+    """The adapter's weights and the optimizer's state, keyed by weight name. Every process calls it
+    (under FSDP the shards are gathered); the main one writes."""
     from safetensors.torch import save_file
 
+    dist = ranks()
+    weights, optim = dist.state(model, optimizer)
+    if not dist.main:
+        return
     final = out / CHECKPOINTS / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
-              str(tmp / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return final
 
 
 def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
     state = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        ranks().load_state(model, optimizer, load_file(str(ckpt / "adapter.safetensors")), state["optimizer"])
+    except ValueError as exc:  # another adapter's, or one keyed as PEFT saves (older localchat)
+        raise RuntimeError(f"{ckpt / 'adapter.safetensors'}: {exc}; train again without --resume") from exc
     scheduler.load_state_dict(state["scheduler"])
     return int(json.loads((ckpt / "state.json").read_text())["step"])
 
@@ -274,6 +283,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     device = "cuda" if cuda else "cpu"
     dist = ranks()  # one process, or one of `accelerate launch`'s (finetune/distributed.py)
     place = dist.device(device)
+    if settings.early_stop and dist.kind == "DEEPSPEED":  # its trained weights are its optimizer's copies
+        raise RuntimeError("--early-stop is not supported under DeepSpeed; train without --early-stop")
     qlora = cuda if settings.qlora is None else settings.qlora
     bf16 = fast_bf16(device) if settings.bf16 is None else settings.bf16
     # The frozen base is stored in bf16 wherever autocast runs the matmuls in bf16 anyway:
@@ -329,9 +340,11 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         from transformers.integrations.neftune import activate_neftune
 
         activate_neftune(model, settings.neftune_alpha)  # a hook that adds noise only in training mode
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    compute_loss, optimizer = dist.wrap(LossOf(model), optimizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=0.0)
+    # Each process's micro-batches per update: the user's, and as many replay ones beside them.
+    micro_per_update = settings.grad_accum * (2 if replay_rows else 1)
+    compute_loss, optimizer = dist.wrap(LossOf(model), optimizer, batch_size, micro_per_update)
     # The user's micro-batches per update over all processes: each takes every `world`-th (the same
     # global batch). Epochs and updates count passes over the user's rows alone; replay rides beside them.
     per_update = settings.grad_accum * dist.world
@@ -368,7 +381,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
          "batch_size": batch_size, "device": device, "qlora": qlora, "gradient_checkpointing": checkpointing,
          "bf16": bf16, "base_bytes": base_bytes,
          "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-         "epochs_run": round(epochs, 2), "processes": dist.world}, indent=2))
+         "epochs_run": round(epochs, 2), "processes": dist.world, "distributed": dist.kind}, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
@@ -404,7 +417,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                 loss_sum += float(loss.detach())
                 n_sum += n
                 tokens += int(batch["attention_mask"].sum())
-            dist.clip(params, 1.0)
+            dist.clip(compute_loss, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -421,16 +434,16 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             bar.update(1)
             if on_step:
                 on_step(record)
-            if (step % settings.save_every == 0 or step == total) and dist.main:
+            if step % settings.save_every == 0 or step == total:
                 _save_checkpoint(out, model, optimizer, scheduler, step)
             if held and (step % per_pass == 0 or step == total):
-                best = _held_out_pass(model, held, batch_size, pad, device, bf16, step,
+                best = _held_out_pass(compute_loss, model, held, batch_size, pad, device, bf16, step,
                                       log if dist.main else None, best, settings.early_stop)
             if stop_after is not None and step >= stop_after:
                 interrupted = True
         if interrupted and step < total:
+            _save_checkpoint(out, model, optimizer, scheduler, step)
             if dist.main:
-                _save_checkpoint(out, model, optimizer, scheduler, step)
                 plot_loss(log, out / LOSS_PLOT)
             raise Interrupted(f"stopped at update {step} of {total}; checkpoint saved, continue with --resume")
     finally:
@@ -441,16 +454,18 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     train_time = time.perf_counter() - t_start
     held_loss, recall, kept_step = None, None, None
     if held and settings.early_stop and best is not None and best.step != step:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, best.state)  # in every process: they all hold the same adapter
+        dist.restore(model, best.state)  # in every process, sharded again where FSDP shards the weights
         kept_step = best.step
+    if held:  # every process: under FSDP each forward gathers the weights' shards from all of them
+        held_loss = evaluate_loss(compute_loss, held, batch_size, pad, device, bf16)  # of the adapter saved
+        if template:
+            with dist.generating(compute_loss) as synced, \
+                    torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                recall = held_out_recall(model, tok, template, data.held_out, place, synced)
+    weights, _ = dist.state(model)  # whole in the main process, however the processes held it
     adapter = out / "adapter"
-    if dist.main:  # the others wait: every process holds the same adapter after the last update
-        if held:
-            held_loss = evaluate_loss(model, held, batch_size, pad, device, bf16)  # of the adapter saved below
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-                recall = held_out_recall(model, tok, template, data.held_out, device) if template else None
+    if dist.main:  # the others wait
+        if held_loss is not None:
             record = {"step": kept_step or step, "held_out_loss": round(held_loss, 5), "saved": True}
             if recall:
                 record.update(held_out_recall=round(recall.share, 4), held_out_recall_rows=recall.rows)
@@ -459,7 +474,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         plot_loss(log, out / LOSS_PLOT)
         tmp = out / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
     dist.wait()
@@ -474,22 +489,20 @@ class _Best:
     state: dict[str, torch.Tensor] | None  # the adapter's weights then (with early stopping)
 
 
-def _held_out_pass(model: Any, held: list[Encoded], batch_size: int, pad: int, device: str, bf16: bool, step: int,
-                   log: Path | None, best: _Best | None, keep: bool) -> _Best:
+def _held_out_pass(loss_of: LossOf, model: Any, held: list[Encoded], batch_size: int, pad: int, device: str,
+                   bf16: bool, step: int, log: Path | None, best: _Best | None, keep: bool) -> _Best:
     """The held-out loss after a pass, logged (the plot shows it beside the training loss); the
     best so far, with a copy of its adapter when early stopping will want it back. The last
-    pass wins when early stopping is off. Every process measures it (the same weights, the same
-    choice); only the main one logs (`log` None in the others)."""
-    from peft import get_peft_model_state_dict
-
-    loss = evaluate_loss(model, held, batch_size, pad, device, bf16)
+    pass wins when early stopping is off. Every process measures it through `loss_of` (the same
+    weights, the same choice; under FSDP each forward needs them all); only the main one logs
+    (`log` None in the others)."""
+    loss = evaluate_loss(loss_of, held, batch_size, pad, device, bf16)
     if log is not None:
         with open(log, "a") as fh:
             fh.write(json.dumps({"step": step, "held_out_loss": round(loss, 5)}) + "\n")
     if keep and best is not None and best.loss <= loss:
         return best
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()} if keep else None
-    return _Best(step, loss, state)
+    return _Best(step, loss, ranks().snapshot(model) if keep else None)
 
 
 def _replay_schedule(rows: list[Encoded], batch: int, seed: int, count: int) -> list[list[Encoded]]:

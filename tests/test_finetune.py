@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,9 +61,12 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     assert "GPT-QModel" not in r.stdout + r.stderr, "fine-tuning and GGUF export must not import GPTQModel"
     entry = home.get("cat")
     assert entry.source.startswith("finetune:") and entry.quant == "Q8_0"
-    assert (home.root / "smollm2-135m-instruct" / "hf" / "model.safetensors").is_file()
-    assert safetensors_dtypes(home.root / "smollm2-135m-instruct" / "hf") <= {"F16", "BF16"}, "never float32"
+    # What only training read is gone once the model is exported; the report says what and how big.
+    assert not (home.root / "smollm2-135m-instruct" / "hf").exists()
+    freed = re.search(r"smollm2-135m-instruct dequantized for training \(([\d.]+) MB", r.stdout)
+    assert freed and float(freed.group(1)) < 3 * 134.5, "never float32: 2 bytes a weight"
     out = home.root / "cat" / "finetune"
+    assert not (out / "checkpoints").exists() and "removed its resume checkpoints" in r.stdout
     for f in ("adapter/adapter_config.json", "train_config.json", "loss.jsonl", "loss.png"):
         assert (out / f).is_file(), f
     assert not (out / "merged").exists() and "merged" not in entry.extra, "no merged copy unless --save-merged"
@@ -127,6 +131,24 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, total + 1)), "the same updates, none repeated, none skipped"
 
+
+
+def test_resume_refuses_a_checkpoint_of_other_weights(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """A checkpoint whose weights are not this adapter's (here keyed as PEFT saves adapters, which older
+    localchat wrote) stops --resume with an error naming the file, instead of torch skipping every weight
+    and training on from a fresh adapter."""
+    from safetensors.torch import load_file, save_file
+
+    args = ["finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "t", "--no-export",
+            "--min-updates", "2", "--epochs", "0.1", "-q"]
+    assert localchat(*args).returncode == 0
+    [ckpt] = (home.root / "t" / "finetune" / "checkpoints").glob("step-*")
+    weights = load_file(ckpt / "adapter.safetensors")
+    save_file({k.replace(".default.", "."): v for k, v in weights.items()}, ckpt / "adapter.safetensors")
+    r = localchat(*args, "--resume")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{ckpt / 'adapter.safetensors'}: the weights are not this adapter's" in r.stderr, r.stderr[-2000:]
+    assert "train again without --resume" in r.stderr and "Traceback" not in r.stderr
 
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "a", "output": "b"}\n{oops\n', "bad.jsonl:2: not valid JSON"),
@@ -207,6 +229,30 @@ def test_save_merged_keeps_the_base_dtype(home: Store, tiny_llama: Path, cat_dat
     for name, t in ours.items():
         want = ref[name].to(torch.bfloat16).float()
         assert ((t.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all(), name
+
+
+def test_a_dequantized_base_that_another_fine_tune_reads_stays(home: Store) -> None:
+    """A finished run removes its checkpoints, but keeps the base's dequantized copy while another
+    fine-tune reads it (the shared lock it holds until its export is done) and says so; then it goes."""
+    from localchat.finetune.estimate import after_export, reading_base
+
+    base = "smollm2-135m-instruct"
+    copy = home.model_dir(base) / "hf"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"\0" * 2000)
+    out = home.root / "cat" / "finetune"
+    (out / "checkpoints" / "step-30").mkdir(parents=True)
+    (out / "checkpoints" / "step-30" / "optimizer.pt").write_bytes(b"\0" * 3000)
+    (out / "adapter").mkdir()
+    with reading_base(home, base):
+        report = after_export(home, "cat", base)
+    assert report[0] == "removed its resume checkpoints (3.0 KB: the model is finished)", report
+    assert f"kept the adapter in {out / 'adapter'}" in report[1] and f"{copy}: another fine-tune is reading it" \
+        in report[1], report
+    assert copy.is_dir() and not (out / "checkpoints").exists()
+    report = after_export(home, "cat", base)
+    assert report[0] == f"removed {base} dequantized for training (2.0 KB; made again when a fine-tune needs it)"
+    assert not copy.exists()
 
 
 def test_a_gguf_only_base_is_dequantized_to_bf16_tensor_by_tensor(starter_gguf: Path, tmp_path: Path) -> None:

@@ -441,6 +441,42 @@ def test_no_button_text_overflows(laptop: object) -> None:
         assert over == [], f"{tab}: {over}"
 
 
+def test_an_idle_page_has_the_browser_draw_almost_nothing(browser: object, page: object,
+                                                          tmp_path: Path) -> None:
+    """Gradio's status tracker leaves a timer asking for 60 animation frames a second once the page's
+    Loading screen is gone; served as the app serves it, it stops, so an idle page soon gets only the few
+    frames of the app's own timer (CPU that answers need: bench_ui.py)."""
+    trace = tmp_path / "trace.json"
+    for _ in range(6):  # the Loading screen's own animation ends within seconds; a timer left running never
+        browser.start_tracing(page=page, path=str(trace), categories=["devtools.timeline"])
+        page.wait_for_timeout(3000)
+        browser.stop_tracing()
+        frames = sum(e.get("name") == "FireAnimationFrame" for e in json.loads(trace.read_text())["traceEvents"])
+        if frames < 90:
+            break
+    assert frames < 90, f"{frames} animation frames in 3 s of an idle page (60 a second: a timer left running)"
+
+
+def test_the_timer_pauses_while_an_answer_is_written(page: object) -> None:
+    """The page's one-second timer (job progress, the model lists) asks nothing while an answer is written
+    (each tick costs the browser more than a redraw of the answer) and ticks again once it has ended."""
+    ticks: list[float] = []
+    page.on("request", lambda r: ticks.append(time.time()) if "/run/predict" in r.url else None)
+    page.wait_for_timeout(2500)
+    assert ticks, "the timer ticks while no answer is written"
+    start_long_answer(page)
+    page.wait_for_timeout(500)
+    since = time.time()
+    page.wait_for_timeout(3000)
+    assert [t for t in ticks if t > since] == [], "ticks while the answer is written"
+    page.keyboard.press("Escape")
+    page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('Stopped')",
+                           timeout=15_000)
+    ended = time.time()
+    page.wait_for_timeout(2500)
+    assert [t for t in ticks if t > ended], "no tick after the answer"
+
+
 def test_esc_stops_a_reply_and_send_shows_busy(laptop: object) -> None:
     """While an answer is written Send shows the busy state; Esc stops the answer like Stop does."""
     start_long_answer(laptop)
@@ -702,6 +738,8 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
     updates = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line]
+    checkpoints = app.home / "ft-plot" / "finetune" / "checkpoints"
+    assert [p.name for p in checkpoints.glob("step-*")] == [f"step-{updates[-1]['step']}"], "kept for Resume"
     deadline = time.time() + 30
     while not frames or sum(r[2] == "train" for r in frames[-1]["data"]) != len(updates):
         assert time.time() < deadline, (len(updates), frames[-1]["data"] if frames else None)
@@ -723,6 +761,47 @@ def test_loss_plot_is_a_numeric_line_following_the_job_and_resume_goes_on(
     page.click("#finetune-job-stop")
     page.wait_for_function("document.querySelector('#finetune-job-status').innerText.includes('stopped')",
                            timeout=120_000)
+
+
+def test_a_finished_finetune_removes_its_checkpoints_and_dequantized_base(
+        page: object, app: App, starter_gguf: Path, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Once a fine-tune over a GGUF base is exported, its resume checkpoints and the base dequantized for
+    training are gone, and the log says what went and what stays; the model, its adapter and loss log stay."""
+    from localchat.convert.command import export_gguf
+
+    from .checkpoints import starter_hf, tiny_model
+
+    tiny = tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("ftgguf") / "tiny", starter_hf(starter_gguf))
+    store = Store(app.home)
+    export_gguf(tiny, "Q8_0", name="tiny-gguf", store=store, quiet=True, check=False)
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is cat {i} called?", "output": f"Biscuit {i}."})
+                            + "\n" for i in range(12)))
+    try:
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.set_input_files("#dataset-file input[type=file]", str(data))
+        page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('OK')")
+        pick(page, "finetune-base", "tiny-gguf")
+        page.fill("#finetune-name textarea, #finetune-name input", "ft-tidy")
+        page.click("#finetune-start")
+        page.wait_for_function("document.querySelector('#dataset-check').innerText.includes('started')")
+        page.wait_for_function("/ft-tidy: (done in|failed|stopped)/.test(document.querySelector("
+                               "'#finetune-job-status').innerText)", timeout=300_000)
+        page.click("#finetune-job-log-box button")  # the Log, folded until opened
+        log = page.inner_text("#finetune-job-log")
+        assert "OK: fine-tune ft-tidy: done" in page.inner_text("#finetune-job-status"), log
+        out = app.home / "ft-tidy" / "finetune"
+        assert not (out / "checkpoints").exists() and not (app.home / "tiny-gguf" / "hf").exists()
+        assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.jsonl").is_file()
+        assert "ft-tidy" in Store(app.home).models()
+        assert re.search(r"removed its resume checkpoints \([\d.]+ [KM]B: the model is finished\); "
+                         r"tiny-gguf dequantized for training \([\d.]+ [KM]B; made again", log), log
+        assert f"kept the adapter in {out / 'adapter'}" in log, log
+    finally:
+        for name in ("ft-tidy", "tiny-gguf"):
+            if name in store.models():
+                store.remove(name)
 
 
 def test_finetune_estimates_time_and_disk_before_start(page: object, tmp_path: Path) -> None:

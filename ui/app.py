@@ -11,6 +11,7 @@ from localchat.hostguard import HostGuard, HostGuardMiddleware
 
 from . import chat_tab, finetune_tab, job_panel, models_tab
 from .context import AppContext
+from .tracker_fix import TrackerTimerFix
 
 TITLE = "localchat"
 # The conversation takes the height left over at 1280x800, so the status line above it and the
@@ -67,9 +68,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         gr.Markdown(f"## {TITLE} — offline chat, quantization and fine-tuning · store: `{tilde(ctx.store.root)}`",
                     elem_id="app-title")
         theme = gr.Radio(THEMES, value="system", label="Theme", elem_id="theme", container=False)
+        # Job progress and the model lists, refreshed every second (`tick` below); an answer pauses it.
+        timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat = chat_tab.build(ctx)
+                chat = chat_tab.build(ctx, timer)
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 m_panel, models_df, m_dropdowns = models_tab.build(ctx)
             with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune") as ft_tab:
@@ -98,7 +101,6 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 updates += [gr.skip()] * 7
             return (*updates, (stamp, version, job))
 
-        timer = gr.Timer(1.0)
         timer.tick(tick, [seen_state, chat.model_dd],
                    [*(c for p in panels for c in p.parts()), plot, models_df, m_dropdowns[0], m_dropdowns[1],
                     ft_base, chat.model_dd, chat.status, chat.first_run, seen_state],
@@ -125,5 +127,6 @@ def launch(ctx: AppContext, host: str, port: int, open_browser: bool,
     _, url, _ = app.launch(server_name=host, server_port=port or None, share=False, inbrowser=open_browser,
                            prevent_thread_lock=True, quiet=True, show_error=False, css=CSS, js=JS,
                            max_file_size="20gb", ssr_mode=False, footer_links=[],
-                           app_kwargs={"middleware": [Middleware(HostGuardMiddleware, guard=guard)]})
+                           app_kwargs={"middleware": [Middleware(HostGuardMiddleware, guard=guard),
+                                                         Middleware(TrackerTimerFix)]})
     return app, url

@@ -117,8 +117,9 @@ def first_model(ctx: AppContext) -> str | None:
     return next((m for m in models if m == "smollm2-135m-instruct"), models[0] if models else None)
 
 
-def build(ctx: AppContext) -> ChatParts:
-    """Lay out the tab; returns the parts the app refreshes on page load and on its timer."""
+def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
+    """Lay out the tab; returns the parts the app refreshes on page load and on `timer`, which an answer
+    pauses while it is written."""
     first = first_model(ctx)
 
     def default_system(name: str | None) -> str:
@@ -194,10 +195,13 @@ def build(ctx: AppContext) -> ChatParts:
     # What would change the chat under an answer being written (its reply is a message of the chat
     # it streams into): greyed out until the answer ends, and each handler refuses while one runs.
     locked = [send_btn, regen_btn, cont_btn, edit_btn, delete_btn, new_btn, prev_btn, next_btn]
-    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, *locked]
-    lock = (gr.update(interactive=False),) * len(locked)
-    unlock = (gr.update(interactive=True),) * len(locked)
-    keep = (gr.skip(),) * len(locked)
+    # The page's timer (job progress, the model lists) pauses while the answer is written: each tick costs
+    # the browser more than a redraw of the answer, on the cores the model decodes on (bench_ui.py), and
+    # the first tick after the answer brings whatever changed meanwhile.
+    outputs = [chatbot, msg, status, budget, conv_state, chat_list, title_box, *locked, timer]
+    lock = (gr.update(interactive=False),) * len(locked) + (gr.update(active=False),)
+    unlock = (gr.update(interactive=True),) * len(locked) + (gr.update(active=True),)
+    keep = (gr.skip(),) * (len(locked) + 1)
 
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
                key: str) -> Iterator[tuple]:

@@ -26,7 +26,7 @@ def build(prefix: str) -> JobPanel:
     with gr.Group():
         status = gr.Markdown("no job running", elem_id=f"{prefix}-job-status")
         bar = gr.HTML("", elem_id=f"{prefix}-job-bar")
-        with gr.Accordion("Log", open=False):
+        with gr.Accordion("Log", open=False, elem_id=f"{prefix}-job-log-box"):
             log = gr.Code("", language=None, elem_id=f"{prefix}-job-log", interactive=False)
         stop = gr.Button("Stop job", size="sm", variant="stop", visible=False, elem_id=f"{prefix}-job-stop")
     return JobPanel(status, bar, log, stop)
