@@ -17,6 +17,8 @@ or 1) nothing here touches torch.distributed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -117,25 +119,21 @@ class Ranks:
 
         set_model_state_dict(model, weights, options=_full(strict=False))  # the frozen base is not in `weights`
 
-    def generating(self, module: Any) -> Any:
+    @contextmanager
+    def generating(self, module: Any) -> Iterator[bool]:
         """A context in which the model inside `module` (the one `wrap` returned) generates text in every
         process; it yields whether the processes must keep stepping together (transformers' `synced_gpus`):
         under FSDP and DeepSpeed each forward gathers weights from all of them, so one that stops early would
-        leave the others waiting. FSDP's outermost unit (the embeddings and the output layer) is gathered
-        for the whole context, since generation does not go through `module`'s own forward."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def whole() -> Any:
-            if self.kind == "FSDP":
-                module.unshard()
-            try:
-                yield self.kind in ("FSDP", "DEEPSPEED")
-            finally:
-                if self.kind == "FSDP":
-                    module.reshard()
-
-        return whole()
+        leave the others waiting. FSDP's (version 2) outermost unit, the embeddings and the output layer, is
+        gathered for the whole context: generation does not go through `module`'s own forward."""
+        fsdp = self.kind == "FSDP"
+        if fsdp:
+            module.unshard()
+        try:
+            yield fsdp or self.kind == "DEEPSPEED"
+        finally:
+            if fsdp:
+                module.reshard()
 
     def load_state(self, model: Any, optimizer: Any, weights: dict[str, Any], optim: dict[str, Any]) -> None:
         """`state`'s output back into `model` and `optimizer`, sharded again where FSDP shards them.
