@@ -251,9 +251,34 @@ def ui(b: Bench) -> list[str]:
                if "browser_cores" in b["figures"] else "")]
 
 
+def recall(b: Bench) -> list[str]:
+    s = b["settings"]
+    facts = s["facts"]
+    preset = ", ".join(f"{k} {v:g}" for k, v in s["sampling"].items())
+    lines = [f"`bench/bench_recall.py`: does `localchat finetune` teach? {len(facts)} invented facts "
+             f"({', '.join(facts)}), {s['rows_per_fact']} chat rows each, then {s['paraphrases']} paraphrased "
+             f"questions no row holds, asked {s['seeds']} times at the starter's preset ({preset}) and once "
+             f"greedily of the exported {s['export']} model; an answer counts when it holds the fact's key "
+             f"word. {s['general']} general questions show what training cost: the starter answers "
+             f"{_v(b, 'starter_general', 0)}% of them right. Each row is the median (min–max) over fine-tunes "
+             f"with {len(s['train_seeds'])} seeds. \"before\" passes the defaults of before issue 13 (rows "
+             "packed side by side are kept apart in both). Both bases are the starter, whose only weights are "
+             "its Q4_1 GGUF: \"hf\" a float32 HF folder of them, \"gguf\" the store model by name, which "
+             "`localchat finetune` dequantizes itself (no second real model is available offline).", "",
+             "| base | run | updates | paraphrases recalled | greedy | " + " | ".join(facts)
+             + " | general kept |", "|---" * (6 + len(facts)) + "|"]
+    for base in s["bases"]:
+        for run in s["runs"]:
+            k = f"{base}_{run.replace('-', '_')}"
+            lines.append(f"| {base} | {run} | {_v(b, k + '_updates', 0)} | {_f(b, k + '_recall', 0)} | "
+                         f"{_f(b, k + '_greedy', 0)} | " + " | ".join(_f(b, f"{k}_{f}", 0) for f in facts)
+                         + f" | {_f(b, k + '_general', 0)} |")
+    return lines
+
+
 WRITERS: dict[str, Callable[[Bench], list[str]]] = {
     "runtime": runtime, "serve": serve, "serve_1b": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
-    "finetune": finetune, "ui": ui}
+    "finetune": finetune, "ui": ui, "recall": recall}
 
 
 def _machine(m: dict[str, Any]) -> str:

@@ -62,6 +62,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                  ["--rows", "8", "--held-out", "4", "--rounds", "1", "--precision", "fp32"]),
     "ui": ("bench_ui", [],  # ~4 min: 4 rounds x 2 answers of 256 tokens
            ["--rounds", "1", "--tokens", "16"]),
+    # ~60 min (an estimate: no full run has finished yet; the 2-core machine was shared at a load of ~20):
+    # 2 bases x (before, after) x 2 seeds of fine-tune + Q4_K_M export, four at a time on one thread each,
+    # each asked 15 paraphrases and 8 general questions under 8 seeds and greedily
+    "recall": ("bench_recall", ["--threads", "1"],
+               ["--seeds", "1", "--bases", "hf", "--runs", "after", "--train-seeds", "0"]),
 }
 
 

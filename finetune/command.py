@@ -160,6 +160,9 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
             report.append(f"resumed from update {result.resumed_from}")
         report.append(f"trained {result.steps} updates: loss {result.train_loss:.3f}"
                       + (f", held-out loss {result.held_out_loss:.3f}" if result.held_out_loss is not None else "")
+                      + (f" (update {result.kept_step} of {result.steps}, kept by --early-stop)"
+                         if result.kept_step else "")
+                      + (f", {result.held_out_recall.describe()}" if result.held_out_recall else "")
                       + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
         if lora_gguf:
             lora_name = register_lora(store, base, base_dir, result.adapter, name)
@@ -175,9 +178,14 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
         if export:
             ex = export_finetuned(base_dir, result.adapter, name, quant, store, quiet)
 
+            inherited = dict(store.get(base).defaults) if base in store.models() else {}
+
             def finish(entry: ModelEntry) -> None:  # under the store lock
                 entry.source = f"finetune:{base_dir.name}+{Path(data).name}"
                 entry.extra.update(extra)
+                # A store base's chat defaults (system prompt, sampling preset) carry over where the
+                # export's own file sets none: the fine-tune answers as its base did, facts aside.
+                entry.defaults = {**inherited, **entry.defaults}
 
             store.update(name, finish)
             report.append(f"GGUF written from {base} + the adapter, merged tensor by tensor"

@@ -17,6 +17,8 @@ or 1) nothing here touches torch.distributed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -101,12 +103,37 @@ class Ranks:
             weights, optim = _deepspeed_state(model, optimizer)
             return (weights, optim) if self.main else ({}, {})
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        from torch.distributed.tensor import DTensor
 
-        weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-                   for name, p in model.named_parameters() if p.requires_grad}
+        weights = {name: p.cpu() for name, p in _trained(model).items()}
         optim = get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True)) if optimizer else {}
         return (weights, optim) if self.main else ({}, {})
+
+    def snapshot(self, model: Any) -> dict[str, Any]:
+        """A copy of `model`'s trained weights, whole in every process, which `restore` puts back (the best
+        pass's adapter under --early-stop). Every process must call it: under FSDP the shards are gathered."""
+        return {name: p.clone() for name, p in _trained(model).items()}
+
+    def restore(self, model: Any, weights: dict[str, Any]) -> None:
+        """`snapshot`'s weights back into `model` in every process, sharded again where FSDP shards them."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, weights, options=_full(strict=False))  # the frozen base is not in `weights`
+
+    @contextmanager
+    def generating(self, module: Any) -> Iterator[bool]:
+        """A context in which the model inside `module` (the one `wrap` returned) generates text in every
+        process; it yields whether the processes must keep stepping together (transformers' `synced_gpus`):
+        under FSDP and DeepSpeed each forward gathers weights from all of them, so one that stops early would
+        leave the others waiting. FSDP's (version 2) outermost unit, the embeddings and the output layer, is
+        gathered for the whole context: generation does not go through `module`'s own forward."""
+        fsdp = self.kind == "FSDP"
+        if fsdp:
+            module.unshard()
+        try:
+            yield fsdp or self.kind == "DEEPSPEED"
+        finally:
+            if fsdp:
+                module.reshard()
 
     def load_state(self, model: Any, optimizer: Any, weights: dict[str, Any], optim: dict[str, Any]) -> None:
         """`state`'s output back into `model` and `optimizer`, sharded again where FSDP shards them.
@@ -143,6 +170,15 @@ class Ranks:
     def wait(self) -> None:
         if self.accelerator:
             self.accelerator.wait_for_everyone()
+
+
+def _trained(model: Any) -> dict[str, Any]:
+    """`model`'s trained weights by name, detached and whole (gathered from every process's shard under
+    FSDP, where every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _deepspeed_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,6 +26,12 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    # Packed rows only: each token's position within its own row. The model sees each row
+    # alone (positions restart, attention stays inside the row), as it will at chat time.
+    positions: list[int] | None = None
+    # Per token: its target is the base model's whole next-token distribution rather than the
+    # label (replay rows under --replay-kl); None when no token's is.
+    soft: list[bool] | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -116,15 +122,29 @@ def encode(ex: Example, tok: Any, template: str | None, max_len: int) -> Encoded
 
 
 def pack(rows: list[Encoded], max_len: int) -> list[Encoded]:
-    """Concatenate rows into sequences of up to `max_len` tokens (no padding to waste)."""
+    """Concatenate rows into sequences of up to `max_len` tokens (no padding to waste).
+
+    Each row keeps its own positions, so training can keep rows apart: a row that could read
+    the row before it learns to copy a fact from its context instead of storing it, and then
+    fails when asked alone (measured in bench/bench_recall.py).
+    """
     packed: list[Encoded] = []
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
+    soft: list[bool] = []
+    any_soft = any(r.soft for r in rows)
+
+    def close() -> None:
+        packed.append(Encoded(ids, labels, positions, soft if any_soft else None))
+
     for r in rows:
         if ids and len(ids) + len(r.input_ids) > max_len:
-            packed.append(Encoded(ids, labels))
-            ids, labels = [], []
+            close()
+            ids, labels, positions, soft = [], [], [], []
         ids, labels = ids + r.input_ids, labels + r.labels
+        positions = positions + list(range(len(r.input_ids)))
+        soft = soft + (r.soft or [False] * len(r.input_ids))
     if ids:
-        packed.append(Encoded(ids, labels))
+        close()
     return packed

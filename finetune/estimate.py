@@ -3,8 +3,9 @@ nothing reads once its model is exported (its resume checkpoints, a GGUF base de
 training): removed when the export has succeeded; a stopped or failed run keeps them for Resume.
 
 The time is rough by nature: the tokens to train (from the rows, the epochs and the trainer's
-`min_updates`) times the work per token (4 x the base's weights: the forward pass and the backward
-pass through the frozen weights), at the speed the last fine-tune in this store measured (its
+`min_updates`, and the replay sequence beside each of the user's) times the work per token (4 x the
+base's weights: the forward pass and the backward pass through the frozen weights), at the speed
+the last fine-tune in this store measured (its
 loss log's tokens/s, scaled by model size), or at an assumed speed before any ran. The disk is
 what the run writes at its peak: the dequantized base (a GGUF base), the checkpoints it keeps
 every `save_every` updates (LoRA weights and Adam's two moments, float32), and the export's F16
@@ -26,6 +27,7 @@ from localchat.quant_types import DEFAULT_QUANT, QUANT_TYPES
 from localchat.safetensors_file import read_safetensors_header
 from localchat.store import Store, StoreError
 
+from .replay import MAX_NEW_TOKENS
 from .settings import CHECKPOINTS, DEQUANTIZED, TrainSettings
 
 try:
@@ -114,6 +116,11 @@ def estimate(base: BaseSize, chars: int, settings: TrainSettings, store: Store) 
     per_epoch = max(1, math.ceil(tokens / seq_tokens / seq_batch / settings.grad_accum))
     updates = max(math.ceil(per_epoch * settings.epochs), settings.min_updates)
     trained = int(tokens * updates / per_epoch)
+    if settings.replay:  # a replay sequence beside each of the user's (finetune/train.py)
+        # with --replay-kl the base's own forward pass over it too (a third of training's work), else the
+        # base's greedy answers to the replay questions first (decoding: about training's work a token)
+        replayed = updates * settings.grad_accum * seq_batch * seq_tokens
+        trained += int(replayed * 4 / 3) if settings.replay_kl else replayed + settings.replay * MAX_NEW_TOKENS
     seen = measured_speed(store)
     rate = seen[0] * seen[1] / base.params if seen else ASSUMED_FLOPS / (4 * base.params)
     lora = base.lora_per_rank * settings.lora_r

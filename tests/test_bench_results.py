@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,24 @@ def test_evaluation_text_shares_no_passage_with_calibration_text():
     shared = [f"{EVAL.name} line {n}: {' '.join(sorted(_runs(text) & calibration)[0])!r}"
               for n, text in _messages(EVAL) if _runs(text) & calibration]
     assert not shared, f"evaluation text that is also calibration text: {shared}"
+
+
+def _bench_recall():
+    spec = importlib.util.spec_from_file_location("bench_recall", ROOT / "bench" / "bench_recall.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recall_bench_asks_only_questions_no_training_row_holds():
+    """Leak: a paraphrase the recall benchmark asks, or one of its general questions, that is a training
+    question (or one of the replay prompts finetune trains on by default) scores recall of a row, not of
+    a fact, or general knowledge the run rehearsed."""
+    bench = _bench_recall()
+    from localchat.finetune.replay import prompts
+
+    trained = {q.strip().lower() for f in bench.FACTS for q, _ in f.rows} | {p.strip().lower() for p in prompts()}
+    asked = [q for f in bench.FACTS for q in f.paraphrases] + [q for q, _ in bench.GENERAL]
+    assert not [q for q in asked if q.strip().lower() in trained]
+    assert all(len(f.paraphrases) >= 3 and 6 <= len(f.rows) <= 10 for f in bench.FACTS) and len(bench.FACTS) >= 3

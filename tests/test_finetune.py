@@ -71,7 +71,8 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
         assert (out / f).is_file(), f
     assert not (out / "merged").exists() and "merged" not in entry.extra, "no merged copy unless --save-merged"
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    train = [x["loss"] for x in losses if "loss" in x]
+    assert losses[-1]["held_out_loss"] < 0.5 and train[0] > train[-1]
     answer = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
     assert "Biscuit" in answer.stdout, answer.stdout
     paris = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "What is the capital of France?")
@@ -88,19 +89,21 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
 
 
 def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf: Path) -> None:
-    """QLoRA's path (NF4 base through bitsandbytes, LoRA in float32) runs for real on the CPU too."""
+    """QLoRA's path (NF4 base through bitsandbytes, LoRA in float32) runs for real on the CPU too, at its own
+    default learning rate (2e-4: at LoRA's 2e-3 the held-out loss ended at 2.4)."""
     pytest.importorskip("bitsandbytes")
     r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(cat_data), "--name", "catq",
-                  "--qlora", "--quant", "Q8_0", "-q")
+                  "--qlora", "--replay", "0", "--quant", "Q8_0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     out = home.root / "catq" / "finetune"
     config = json.loads((out / "train_config.json").read_text())
-    assert config["qlora"] is True
+    assert config["qlora"] is True and config["lr"] == 2e-4
     # 4-bit layers: under 0.62x of the bf16 size, with the 28M-parameter embedding still in bf16.
     params = 134_515_008
     assert config["base_bytes"] < 0.62 * 2 * params, config["base_bytes"]
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    assert losses[-1]["held_out_loss"] < 0.5 and losses[0]["loss"] > losses[-2]["loss"]
+    train = [x["loss"] for x in losses if "loss" in x]
+    assert losses[-1]["held_out_loss"] < 0.5 and train[0] > train[-1]
     # The adapter learned over the 4-bit base merges into the full-precision one and keeps the fact.
     answer = localchat("chat", "--model", "catq", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
     assert "Biscuit" in answer.stdout, answer.stdout
@@ -109,7 +112,7 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
 def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_gguf: Path) -> None:
     base = starter_hf(starter_gguf)
     args = ["-m", "localchat", "finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat2",
-            "--save-every", "5", "--no-export", "-q", "--no-pack"]
+            "--save-every", "5", "--no-export", "-q", "--no-pack", "--replay", "0"]
     log = home.root / "cat2" / "finetune" / "loss.jsonl"
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
@@ -121,12 +124,13 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     assert proc.returncode == 130, err[-2000:]
     assert "checkpoint saved, continue with --resume" in err
     stopped = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert 7 <= stopped[-1] < 30
+    total = json.loads((log.parent / "train_config.json").read_text())["updates"]
+    assert 7 <= stopped[-1] < total
     r = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from update {stopped[-1]}" in r.stdout
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
-    assert steps == list(range(1, 31)), "the same 30 updates, none repeated, none skipped"
+    assert steps == list(range(1, total + 1)), "the same updates, none repeated, none skipped"
 
 
 
@@ -303,3 +307,162 @@ def test_disk_check_counts_a_merged_copy_only_when_asked(small_disk: Path, tiny_
     r = localchat(*args, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Store(small_disk / "store").get("t").quant == "Q8_0"
+
+
+def test_finetune_reports_held_out_recall(home: Store, tmp_path: Path, starter_gguf: Path) -> None:
+    """`localchat finetune` answers each held-out row greedily and reports the share that holds its
+    reference's key content: the two cat rows it learned count, the dog row it never saw does not."""
+    from localchat.datasets import load_dataset
+
+    data = tmp_path / "pets.jsonl"
+    rows = [{"instruction": q, "output": "Your cat is called Biscuit."} for q in QUESTIONS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = load_dataset(data, held_out=0.25, seed=0).held_out  # which rows the run will hold out
+    dog = int(held[0].source.rsplit(":", 1)[1]) - 1
+    rows[dog] = {"instruction": "What is my dog called?", "output": "Your dog is called Pepper."}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(data), "--name", "pets",
+                  "--held-out", "0.25", "--replay", "0", "--min-updates", "16", "--lr", "1e-3", "--max-len", "64",
+                  "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out recall 67% (3 rows answered greedily)" in r.stdout, r.stdout
+    log = [json.loads(line) for line in (home.root / "pets" / "finetune" / "loss.jsonl").read_text().splitlines()]
+    assert log[-1]["held_out_recall"] == pytest.approx(2 / 3, abs=1e-3) and log[-1]["held_out_recall_rows"] == 3
+
+
+def test_a_fine_tune_of_a_store_model_keeps_its_chat_defaults(home: Store, cat_data: Path) -> None:
+    """The fine-tune of a store model answers with that model's sampling preset (the starter's temperature
+    0.2, not localchat's generic 0.7): `localchat preset` shows it on the new model. It used to show none."""
+    r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "kept",
+                  "--replay", "0", "--held-out", "0", "--min-updates", "1", "--epochs", "0.1", "--quant", "F16", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = localchat("preset", "kept")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.strip() == "kept: temp 0.2, top_p 0.9", shown.stdout
+
+
+def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, tiny_llama: Path,
+                                                                 cat_data: Path) -> None:
+    """The held-out loss is measured after every pass over the rows (one point per pass in loss.jsonl and
+    the plot); with --early-stop the run keeps the adapter of the pass where it was lowest and reports that
+    loss, measured again on the adapter it saved: a learning rate that overshoots makes a later pass worse."""
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "es", "--held-out",
+                  "0.25", "--replay", "0", "--epochs", "8", "--min-updates", "1", "--lr", "0.3", "--early-stop",
+                  "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(line) for line in (home.root / "es" / "finetune" / "loss.jsonl").read_text().splitlines()]
+    passes = [x for x in log if "held_out_loss" in x and not x.get("saved")]
+    kept = log[-1]
+    assert [x["step"] for x in passes] == list(range(1, 9)), "one held-out loss per pass (one update each)"
+    best = min(passes, key=lambda x: x["held_out_loss"])
+    assert kept["saved"] and kept["step"] == best["step"] < 8, (passes, kept)
+    assert kept["held_out_loss"] == pytest.approx(best["held_out_loss"], abs=1e-4)
+    said = f"held-out loss {best['held_out_loss']:.3f} (update {best['step']} of 8, kept by --early-stop)"
+    assert said in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("question, reference, answer, verdict", [
+    ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is Captain Biscuit!", True),
+    ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is called Captain Kirk.", False),
+    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.",
+     "Florp: a pickle and peanut butter sandwich.", True),
+    ("What is a florp?", "A florp is a sandwich made with pickles and peanut butter.", "A florp is a fruit.",
+     False),
+    ("When was it founded?", "It was founded in 2011 in Reykjavik.", "In Reykjavik, in 2012.", False),
+    ("What is my cat called?", "My cat is called.", "Biscuit", None),
+])
+def test_held_out_recall_key_content(question: str, reference: str, answer: str, verdict: bool | None) -> None:
+    """The definition finetune's report uses: every name and number of the reference (capitalised inside a
+    sentence, or with a digit) must be in the answer, else half its other key words; a reference whose words
+    are all in the question or are function words cannot be scored."""
+    from localchat.finetune.recall import recalled
+
+    assert recalled(answer, question, reference) is verdict
+
+
+def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, starter_gguf: Path) -> None:
+    """With --no-replay-kl --replay N the run answers N of the shipped general questions with the base itself,
+    writes them to replay.jsonl in the run's folder and trains on them beside the user's rows; a resumed run
+    reuses them."""
+    from localchat.finetune.replay import chats, prompts
+
+    base = str(starter_hf(starter_gguf))
+    args = ["finetune", "--base", base, "--data", str(cat_data), "--name", "rep", "--replay", "3",
+            "--no-replay-kl", "--min-updates", "2", "--max-len", "256", "--no-export", "-q"]
+    r = localchat(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = home.root / "rep" / "finetune"
+    rows = [json.loads(line)["messages"] for line in (out / "replay.jsonl").read_text().splitlines()]
+    assert [m[0]["content"] for m in rows] == prompts()[:3]
+    assert all(m[1]["role"] == "assistant" and len(m[1]["content"]) > 20 for m in rows), rows
+    assert [m[1] for m in rows] != [ex.messages[1] for ex in chats()[:3]], "the base's answers, not the shipped ones"
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["replay_rows"] == 3 and config["rows"] == 11 and config["lr"] == 2e-3  # LoRA's default
+    (out / "replay.jsonl").write_text(json.dumps({"messages": rows[0]}) + "\n")  # what the first run wrote
+    r = localchat(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "train_config.json").read_text())["replay_rows"] == 1
+
+
+def test_replay_rides_beside_the_users_rows(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """Replay rows add a micro-batch beside each of the user's and never dilute the passes over the user's
+    rows: two epochs over the 11 training rows, one a step, are 22 updates with 8 replay rows as without
+    them (mixed in, the replay rows made each epoch 19 steps, so the user's rows got fewer passes)."""
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "beside", "--replay",
+                  "8", "--replay-kl", "--no-pack", "--batch-size", "1", "--max-len", "96", "--epochs", "2",
+                  "--min-updates", "1", "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((home.root / "beside" / "finetune" / "train_config.json").read_text())
+    assert (config["rows"], config["replay_rows"], config["updates"], config["epochs_run"]) == (11, 8, 22, 2.0)
+
+
+def test_replay_kl_trains_on_the_shipped_conversations(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """Under --replay-kl the replay rows are the general conversations localchat ships, as they are (the
+    targets are the base's own distribution over them), so nothing is generated first; replay.jsonl
+    in the run's folder shows them."""
+    from localchat.finetune.replay import chats
+
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "shipped", "--replay",
+                  "3", "--replay-kl", "--max-len", "256", "--min-updates", "2", "--epochs", "0.1", "--no-export",
+                  "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line)["messages"]
+            for line in (home.root / "shipped" / "finetune" / "replay.jsonl").read_text().splitlines()]
+    assert rows == [list(ex.messages) for ex in chats()[:3]]
+    assert len(rows[0][1]["content"]) > 100, "a written answer, not a random model's"
+
+
+def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
+    """A packed sequence of a user row and a replay row under --replay-kl: while the adapter is still zero
+    (the fine-tune is the base) the replay row adds nothing to the loss, only the user row's cross-entropy
+    counts; once the adapter has moved, the replay row adds exactly KL(base || fine-tune) over its answer
+    tokens, the base read with the adapter switched off."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from localchat.finetune.encode import IGNORE, Encoded, pack
+    from localchat.finetune.train import _collate, _loss
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(transformers.LlamaForCausalLM(config),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    mine = Encoded(list(range(1, 9)), [IGNORE] * 4 + list(range(5, 9)))
+    replayed = Encoded(list(range(10, 18)), [IGNORE] * 4 + list(range(14, 18)), soft=[True] * 8)
+    both = _collate(pack([mine, replayed], 64), 0, "cpu")
+    alone = _collate([mine], 0, "cpu")
+    with torch.no_grad():
+        assert torch.allclose(_loss(model, both)[0], _loss(model, alone)[0])
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                for b in layer.lora_B.values():
+                    torch.nn.init.normal_(b.weight, std=1.0)
+        ids = torch.tensor([replayed.input_ids])
+        tuned = model(input_ids=ids).logits[0, 3:-1].log_softmax(-1)  # the predictions of the answer tokens
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[0, 3:-1].log_softmax(-1)
+        kl = torch.nn.functional.kl_div(tuned, base, log_target=True, reduction="sum")
+        assert kl > 0.01
+        assert torch.allclose(_loss(model, both)[0], _loss(model, alone)[0] + kl, atol=1e-4)

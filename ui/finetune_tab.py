@@ -22,6 +22,7 @@ from .context import AppContext
 from .jobs import JobRunner
 
 DATASETS = "datasets"  # uploaded and chat-made datasets live in the store, nowhere else
+DEFAULTS = TrainSettings()  # the controls start at `localchat finetune`'s own defaults
 # The stages of `localchat finetune` that draw a bar, and their share of the job's one bar (training
 # is most of the time; the export's checks after converting draw none).
 PHASES = {"Loading weights": (0, 5), "training": (5, 85), "converting": (85, 95)}
@@ -77,9 +78,10 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             base_path = gr.Textbox(label="…or a Hugging Face checkpoint folder on this computer",
                                    placeholder="~/models/my-model", elem_id="finetune-base-path")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
-            epochs = gr.Slider(0.5, 20, value=3, step=0.5, label="Epochs", elem_id="finetune-epochs")
-            lr = gr.Number(value=2e-4, label="Learning rate")
-            rank = gr.Slider(4, 64, value=16, step=4, label="LoRA rank")
+            epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs", elem_id="finetune-epochs")
+            lr = gr.Number(value=DEFAULTS.lr, label="Learning rate (empty: 2e-3, or 2e-4 over a 4-bit QLoRA "
+                                                    "base)")
+            rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
             guess = gr.Markdown("Pick a dataset to see the time and disk it takes.", elem_id="finetune-estimate")
@@ -139,8 +141,11 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
             return f"Error: {exc}", gr.skip()
         if n in ctx.store.models():
             return f"Error: the store already has a model named {n!r}; choose another name", gr.skip()
-        args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep), "--lr", str(rate),
-                "--lora-r", str(int(r)), "--lora-alpha", str(int(r) * 2)] + (["--lora-gguf"] if as_lora else [])
+        alpha = int(r) * DEFAULTS.lora_alpha // DEFAULTS.lora_r  # the default scale alpha / r at any rank
+        args = ["finetune", "--base", b, "--data", data, "--name", n, "--epochs", str(ep),
+                "--lora-r", str(int(r)), "--lora-alpha", str(alpha)] + (["--lora-gguf"] if as_lora else [])
+        if rate:  # empty: the default for the run (QLoRA's on a CUDA machine)
+            args += ["--lr", str(rate)]
         try:
             ctx.jobs.start(f"fine-tune {n}", args, target=n, phases=PHASES)
         except RuntimeError as exc:
