@@ -90,14 +90,15 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
 
 def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf: Path) -> None:
     """QLoRA's path (NF4 base through bitsandbytes, LoRA in float32) runs for real on the CPU too, at its own
-    default learning rate (2e-4: at LoRA's 2e-3 the held-out loss ended at 2.4)."""
+    default learning rate (5e-4: at LoRA's 2e-3 the held-out loss ended at 2.4; at 2e-4 the
+    answer was "Fox")."""
     pytest.importorskip("bitsandbytes")
     r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(cat_data), "--name", "catq",
                   "--qlora", "--replay", "0", "--quant", "Q8_0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     out = home.root / "catq" / "finetune"
     config = json.loads((out / "train_config.json").read_text())
-    assert config["qlora"] is True and config["lr"] == 2e-4
+    assert config["qlora"] is True and config["lr"] == 5e-4
     # 4-bit layers: under 0.62x of the bf16 size, with the 28M-parameter embedding still in bf16.
     params = 134_515_008
     assert config["base_bytes"] < 0.62 * 2 * params, config["base_bytes"]

@@ -79,7 +79,7 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
                                    placeholder="~/models/my-model", elem_id="finetune-base-path")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
             epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs", elem_id="finetune-epochs")
-            lr = gr.Number(value=DEFAULTS.lr, label="Learning rate (empty: 2e-3, or 2e-4 over a 4-bit QLoRA "
+            lr = gr.Number(value=DEFAULTS.lr, label="Learning rate (empty: 2e-3, or 5e-4 over a 4-bit QLoRA "
                                                     "base)")
             rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
