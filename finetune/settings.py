@@ -9,13 +9,20 @@ from localchat.options import Options, option
 CHECKPOINTS = "checkpoints"  # the resume checkpoints' folder in `<store>/<name>/finetune/`
 DEQUANTIZED = "hf"  # the folder in `<store>/<name>/` of a GGUF base dequantized for training
 
+LORA_LR = 2e-3  # a few rows move the model (2e-4 was too little: README, fine-tuning defaults)
+# Over an NF4 base 2e-3 reached loss 0.10 by update 5, then climbed back to 2.5; at 2e-4, with each
+# packed row attending only to itself, the QLoRA test's fact was not learned; 5e-4 and 1e-3 learned it.
+QLORA_LR = 5e-4
+
+
 @dataclass(frozen=True)
 class TrainSettings(Options):
     option_group = "training"
     epochs: float = option(3.0, "passes over the training rows", 0.01, 1000.0)
     min_updates: int = option(30, "repeat small datasets until this many updates", 1, 1_000_000)
-    lr: float | None = option(None, "peak learning rate, linear warm-up then linear decay (default: 2e-3; 5e-4 "
-                                    "over a 4-bit QLoRA base, where 2e-3 diverged)", 1e-7, 1.0)
+    lr: float | None = option(None, "peak learning rate, linear warm-up then linear decay (default: "
+                                    f"{LORA_LR:g}; {QLORA_LR:g} over a 4-bit QLoRA base, where {LORA_LR:g} diverged)",
+                                    1e-7, 1.0)
     lora_r: int = option(16, "LoRA rank", 1, 1024)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", 1, 4096)
     lora_dropout: float = option(0.05, "dropout on the LoRA path", 0.0, 0.9)
@@ -52,12 +59,6 @@ class TrainSettings(Options):
         user set, else 512 tokens, one packed sequence (four unpacked rows) a step. A GPU's shape comes
         from its memory (finetune/train.py)."""
         return self.max_len or 512, self.batch_size or (1 if self.pack else 4)
-
-
-LORA_LR = 2e-3  # a few rows move the model (2e-4 was too little: README, fine-tuning defaults)
-# Over an NF4 base 2e-3 reached loss 0.10 by update 5, then climbed back to 2.5; at 2e-4, with each
-# packed row attending only to itself, the QLoRA test's fact was not learned; 5e-4 and 1e-3 learned it.
-QLORA_LR = 5e-4
 
 
 def default_lr(qlora: bool) -> float:

@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from localchat.finetune.estimate import base_size, clean_up, data_chars, estimate
-from localchat.finetune.settings import TrainSettings
+from localchat.finetune.settings import LORA_LR, QLORA_LR, TrainSettings
 from localchat.fsutil import human
 from localchat.store import UnsafeNameError, check_name
 from localchat.store.names import safe_file_name
@@ -79,8 +79,8 @@ def build(ctx: AppContext) -> tuple[job_panel.JobPanel, gr.LinePlot, gr.Dropdown
                                    placeholder="~/models/my-model", elem_id="finetune-base-path")
             name = gr.Textbox(label="Name of the new model", elem_id="finetune-name")
             epochs = gr.Slider(0.5, 20, value=DEFAULTS.epochs, step=0.5, label="Epochs", elem_id="finetune-epochs")
-            lr = gr.Number(value=DEFAULTS.lr, label="Learning rate (empty: 2e-3, or 5e-4 over a 4-bit QLoRA "
-                                                    "base)")
+            lr = gr.Number(value=DEFAULTS.lr, label=f"Learning rate (empty: {LORA_LR:g}, or {QLORA_LR:g} over a "
+                                                    "4-bit QLoRA base)")
             rank = gr.Slider(4, 64, value=DEFAULTS.lora_r, step=4, label="LoRA rank")
             lora = gr.Checkbox(label="Also keep the adapter as a GGUF LoRA (a few MB, applied over the base "
                                      "at load time)", value=False)
