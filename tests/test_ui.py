@@ -560,6 +560,7 @@ def test_theme_toggle_is_remembered_and_system_follows_the_computer(browser: obj
     pg = open_page(ctx, app)
 
     def looks_dark() -> bool:
+        pg.wait_for_selector("#chatbot")  # the message box can be up before the chat is drawn
         rgb = pg.evaluate("getComputedStyle(document.querySelector('#chatbot')).backgroundColor")
         return sum(int(c) for c in re.findall(r"\d+", rgb)[:3]) < 3 * 100
 
