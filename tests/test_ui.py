@@ -428,9 +428,15 @@ def test_status_and_errors_are_in_view_at_1280x800(laptop: object) -> None:
     """At 1280x800 the speed line after an answer, an error, and the message box are all on screen."""
     ask(laptop, "Say hi.")
     assert in_viewport(laptop, "#chat-status") and in_viewport(laptop, "#message textarea")
+    before = status(laptop)
     laptop.click("#continue")  # the answer is complete or cut: either way a status line answers
+    # Each step waits for the one before to be answered: a click while an answer is written gets
+    # "busy", and a regenerate read before the edit lands would regenerate instead.
+    laptop.wait_for_function("b => { const s = document.querySelector('#chat-status').innerText;"
+                             " return s !== b && /tokens, .*(stop|length|cancelled)/.test(s); }", arg=before)
     laptop.fill("#message textarea", "")
     laptop.click("#edit-last")
+    laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('edit the question')")
     laptop.click("#regenerate")
     laptop.wait_for_function("document.querySelector('#chat-status').innerText.includes('nothing to regenerate')")
     assert in_viewport(laptop, "#chat-status")
