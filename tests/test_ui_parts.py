@@ -1,4 +1,5 @@
-"""Parts of the app that run on its timer, with real files: what they read and rebuild per tick."""
+"""Parts of the app without a browser, with real files: what the timer reads and rebuilds per tick, and
+the chat's handlers called as Gradio calls them."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")
 
+from localchat.engine.settings import SamplingSettings  # noqa: E402
 from localchat.store import Store  # noqa: E402
+from localchat.store.chats import Conversation  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui import models_tab  # noqa: E402
+from localchat.ui.app import build_app  # noqa: E402
+from localchat.ui.chat_tab import BUSY, slider_values  # noqa: E402
 from localchat.ui.context import AppContext  # noqa: E402
 from localchat.ui.loss_log import LossLog  # noqa: E402
 
@@ -54,4 +59,34 @@ def test_models_table_is_planned_once_per_store_change(home: Store, starter_gguf
         ctx.reprobe()  # Refresh probes the hardware again: the backends are planned anew
         assert models_tab.table(ctx) is not second
     finally:
+        ctx.close()
+
+
+def listener(app: gr.Blocks, elem_id: str, event: str) -> object:
+    """The function the app runs when `event` happens to its component `elem_id`."""
+    block = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+    return next(f.fn for f in app.fns.values() if (block._id, event) in f.targets)
+
+
+def test_an_answer_that_failed_leaves_the_chat_free_for_the_next_click(home: Store, starter_gguf: Path) -> None:
+    """The update saying an answer failed brings the buttons back, and Gradio sends it to the page before
+    it resumes the answer's generator to its end: Edit clicked then is answered, not refused as "still
+    answering" (a model that failed to load left the answer marked as running until then)."""
+    import_gguf(home, starter_gguf, name="broken")
+    weights = home.path_of(home.get("broken").files[0].path)
+    weights.unlink()  # perhaps a hard link to the starter: a new file, not a write through it
+    weights.write_bytes(b"GGUF" + b"\0" * 4096)
+    ctx = AppContext(home)
+    app = build_app(ctx)
+    send, edit = listener(app, "send", "click"), listener(app, "edit-last", "click")
+    page = gr.Request(session_hash="one-page")
+    conv = Conversation(model="broken")
+    answer = send(page, "Say hi.", conv, "broken", "", -1, *slider_values(SamplingSettings(max_tokens=8)))
+    try:
+        failed = next(update for update in answer if str(update[2]).startswith("Error:"))
+        assert failed[-1] == gr.update(active=True)  # the update that ends the answer: the timer ticks again
+        status = edit(conv, page)[2]
+        assert status != BUSY and status.startswith("edit the question"), status
+    finally:
+        answer.close()
         ctx.close()

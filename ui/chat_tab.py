@@ -203,6 +203,13 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
     unlock = (gr.update(interactive=True),) * len(locked) + (gr.update(active=True),)
     keep = (gr.skip(),) * (len(locked) + 1)
 
+    def answered(key: str) -> None:
+        """No answer runs in this session any more: the busy checks let the next click through. Set before
+        the update that brings the buttons back: Gradio sends it to the page before it resumes the
+        generator to its end, and a click made at once after a failed load was refused as busy there."""
+        if (running := ctx.cancels.get(key)) is not None:
+            running.set()
+
     def answer(conv: Conversation, mode: str, text: str, model: str, system: str, settings: SamplingSettings,
                key: str) -> Iterator[tuple]:
         conv.model, conv.system = model, system.strip()
@@ -252,6 +259,7 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
         elif mode == "continue" and not parts:
             line = "The answer was already complete; nothing to add. " + line
         used = (stats.prompt_tokens + stats.completion_tokens) if stats else 0
+        answered(key)  # (the engine also marks the event as its stream ends)
         yield (_bubbles(conv), gr.skip(), line, _budget_html(used, session.backend.n_ctx, session.last_dropped),
                conv, gr.update(choices=chat_choices(ctx), value=conv.id), conv.title, *unlock)
 
@@ -286,10 +294,10 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
             except Exception as exc:  # the user sees a message, never a traceback
                 if conv.messages and conv.messages[-1]["role"] == "assistant" and not conv.messages[-1]["content"]:
                     conv.messages.pop()
+                answered(key)
                 yield (_bubbles(conv), gr.skip(), f"Error: {exc}", gr.skip(), conv, gr.skip(), gr.skip(), *unlock)
             finally:
-                if (running := ctx.cancels.get(key)) is not None:
-                    running.set()  # no answer runs in this session any more (also after a failed load)
+                answered(key)  # however it ended (a page closed mid-answer closes the generator)
         return handler
 
     inputs = [msg, conv_state, model_dd, system_box, *sampling]
