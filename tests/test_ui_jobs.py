@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from localchat.store import Store
-from localchat.ui.jobs import JobRunner
+from localchat.ui.jobs import Job, JobRunner
 
 
 def _wait(runner: JobRunner, limit: float = 120) -> None:
     deadline = time.time() + limit
-    while runner.current.running:
+    while runner.current.running:  # until its last lines are read, too
         assert time.time() < deadline, runner.current.log()
         time.sleep(0.1)
-    time.sleep(0.2)  # the reader thread drains the last lines
 
 
 def test_import_job_lands_in_the_store(home: Store, starter_gguf: Path) -> None:
@@ -28,6 +31,24 @@ def test_import_job_lands_in_the_store(home: Store, starter_gguf: Path) -> None:
     _wait(runner)
     assert job.ok and "done in" in job.status() and "imported via-job" in job.log()
     assert "via-job" in home.models()
+
+
+def test_a_job_ends_once_its_last_lines_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose command has exited runs on until its output is read: the app never shows it done (or
+    failed, with a reason picked from its log) beside a log cut short. Here the lines are read slower
+    than the command writes them."""
+    read = JobRunner._line
+
+    def slow(job: Job, line: str) -> None:
+        time.sleep(0.05)
+        read(job, line)
+
+    monkeypatch.setattr(JobRunner, "_line", staticmethod(slow))
+    runner = JobRunner()
+    job = runner.start("help", ["--help"])
+    _wait(runner)
+    out = subprocess.run([sys.executable, "-m", "localchat", "--help"], capture_output=True, text=True).stdout
+    assert job.ok and job.log().splitlines() == [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def test_failed_job_says_why(home: Store, tmp_path: Path) -> None:

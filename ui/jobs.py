@@ -43,15 +43,17 @@ class Job:
 
     @property
     def running(self) -> bool:
-        return self.proc.poll() is None
+        """Until the command has exited and its last lines are read (`ended`): a job shown as done or
+        failed comes with its whole log, and a failure with its own error line."""
+        return self.ended is None
 
     @property
     def ok(self) -> bool:
-        return self.proc.poll() == 0
+        return not self.running and self.proc.returncode == 0
 
     def status(self) -> str:
         elapsed = (self.ended or time.monotonic()) - self.started
-        rc = self.proc.poll()
+        rc = None if self.running else self.proc.returncode
         if rc is None:
             where = f" {self.percent}%" if self.percent is not None else ""
             return f"{self.title}: running{where} ({elapsed:.0f} s) {self.stage}".rstrip()
