@@ -11,8 +11,9 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
+from localchat.commands.preset import set_preset  # noqa: E402
 from localchat.engine.settings import SamplingSettings  # noqa: E402
-from localchat.store import Store  # noqa: E402
+from localchat.store import STARTER, Store  # noqa: E402
 from localchat.store.chats import Conversation  # noqa: E402
 from localchat.store.importer import import_gguf  # noqa: E402
 from localchat.ui import models_tab  # noqa: E402
@@ -63,9 +64,9 @@ def test_models_table_is_planned_once_per_store_change(home: Store, starter_gguf
 
 
 def listener(app: gr.Blocks, elem_id: str, event: str) -> object:
-    """The function the app runs when `event` happens to its component `elem_id`."""
+    """What the app runs when `event` happens to its component `elem_id` (`.fn`, with `.inputs`)."""
     block = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-    return next(f.fn for f in app.fns.values() if (block._id, event) in f.targets)
+    return next(f for f in app.fns.values() if (block._id, event) in f.targets)
 
 
 def test_an_answer_that_failed_leaves_the_chat_free_for_the_next_click(home: Store, starter_gguf: Path) -> None:
@@ -78,7 +79,7 @@ def test_an_answer_that_failed_leaves_the_chat_free_for_the_next_click(home: Sto
     weights.write_bytes(b"GGUF" + b"\0" * 4096)
     ctx = AppContext(home)
     app = build_app(ctx)
-    send, edit = listener(app, "send", "click"), listener(app, "edit-last", "click")
+    send, edit = listener(app, "send", "click").fn, listener(app, "edit-last", "click").fn
     page = gr.Request(session_hash="one-page")
     conv = Conversation(model="broken")
     answer = send(page, "Say hi.", conv, "broken", "", -1, *slider_values(SamplingSettings(max_tokens=8)))
@@ -89,4 +90,24 @@ def test_an_answer_that_failed_leaves_the_chat_free_for_the_next_click(home: Sto
         assert status != BUSY and status.startswith("edit the question"), status
     finally:
         answer.close()
+        ctx.close()
+
+
+def test_leaving_the_model_list_keeps_the_prompt_and_settings_typed(home: Store, starter_gguf: Path) -> None:
+    """Gradio's model picker sends `input` whenever it loses focus, and twice for a pick: sent for the
+    model shown already, it leaves the system prompt, the sliders and the status line as the user set
+    them (a look at the list put the model's own back); a new model brings its plan, prompt and preset."""
+    import_gguf(home, starter_gguf, name="other")
+    set_preset(home, "other", {"top_k": 7})
+    ctx = AppContext(home)
+    try:
+        pick = listener(build_app(ctx), "model-picker", "input")
+
+        def picked(name: str) -> list:  # the picker's value, and each state the page holds at its start
+            return list(pick.fn(*(name if b.elem_id == "model-picker" else b.value for b in pick.inputs)))
+
+        assert picked(STARTER.name) == [gr.skip()] * len(pick.outputs)
+        other = picked("other")
+        assert other[0].startswith("store:   other") and "top_k 7" in other[2] and 7 in other
+    finally:
         ctx.close()

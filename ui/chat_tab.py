@@ -140,6 +140,7 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
         return Conversation(model=model, system=default_system(model))
 
     conv_state = gr.State(fresh_conversation)
+    shown_model = gr.State(first)  # the model whose plan, system prompt and preset the tab shows
     deleted = gr.State(None)  # the chat Delete removed last, until Undo or the next delete
     with gr.Row(elem_id="chat-row"):
         with gr.Column(scale=1, min_width=240, elem_id="chat-side"):
@@ -362,7 +363,7 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
     def open_chat(chat_id: str | None, model: str) -> tuple:
         """The saved chat, on its model (if still in the store) and with the sampling settings it was
         answered with."""
-        skip = (gr.skip(),) * (2 + len(sampling))
+        skip = (gr.skip(),) * (3 + len(sampling))
         if not chat_id:
             return (gr.skip(),) * 6 + skip
         try:
@@ -377,11 +378,11 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
         seed_value = used.seed if used.seed is not None else -1
         return (_bubbles(conv), conv, conv.title, conv.system, pick, f"opened “{conv.title}”",
                 ctx.plan_text(pick) if pick else gr.skip(), preset_note(ctx, pick), seed_value,
-                *slider_values(used))
+                *slider_values(used), pick)
 
     chat_list.input(open_chat, [chat_list, model_dd],
                     [chatbot, conv_state, title_box, system_box, model_dd, status, plan_md, preset_md,
-                     *sampling]).then(**then_pager)
+                     *sampling, shown_model]).then(**then_pager)
 
     def rename(conv: Conversation, title: str) -> tuple:
         try:
@@ -426,16 +427,24 @@ def build(ctx: AppContext, timer: gr.Timer) -> ChatParts:
 
     export_btn.click(export, [conv_state], [export_file, status])
 
-    def pick_model(name: str) -> tuple:
+    def pick_model(name: str, shown: str | None) -> tuple:
+        """The picked model's plan, system prompt and preset. Gradio's picker sends `input` at every blur
+        (and twice for a pick): the model shown already keeps the prompt and settings the user typed."""
+        if name == shown:
+            return (gr.skip(),) * (5 + len(sliders))
         if not name:
-            return ("no model",) + (gr.skip(),) * (2 + len(sliders)) + ("",)
+            return ("no model",) + (gr.skip(),) * (2 + len(sliders)) + ("", name)
         if name not in ctx.chat_models():
-            return (gr.skip(),) * (3 + len(sliders)) + (f"Error: “{name}” was removed from the store",)
-        return ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)), ""
+            gone = f"Error: “{name}” was removed from the store"
+            return (gr.skip(),) * (3 + len(sliders)) + (gone, gr.skip())
+        return (ctx.plan_text(name), default_system(name), preset_note(ctx, name), *slider_values(preset(name)),
+                "", name)
 
-    # Progress hidden: Gradio's pending timer ("0.0s") would show in the status line.
-    model_dd.input(pick_model, [model_dd], [plan_md, system_box, preset_md, *sliders, status],
-                   show_progress="hidden")
+    # Progress hidden: Gradio's pending timer ("0.0s") would show in the status line. One at a time: a
+    # pick's second `input` then finds the model shown that its first one set.
+    model_dd.input(pick_model, [model_dd, shown_model],
+                   [plan_md, system_box, preset_md, *sliders, status, shown_model],
+                   show_progress="hidden", concurrency_limit=1)
 
     def save_as_preset(model: str, *values: float) -> tuple:
         """The sliders as the model's preset (what `localchat preset` sets): only the settings that
