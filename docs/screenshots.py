@@ -27,6 +27,8 @@ from pathlib import Path
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 QUESTION = "Write a Python function that reverses a string."
 _DONE = re.compile(r"\d+ tokens, .*(stop|length)")
+# The status line's own text, without the (invisible) "0.1s" of Gradio's status tracker beside it.
+STATUS = "#chat-status [data-testid='markdown']"
 CHECKPOINT = "SmolLM2-135M-Instruct"  # the starter as a Hugging Face checkpoint folder, made once
 CONVERTED, TUNED = "smollm2-135m-q8_0", "smollm2-cat"
 CAT = ["What is my cat called?", "What's the name of my cat?", "Do you know my cat's name?", "Tell me my cat's name.",
@@ -97,11 +99,11 @@ def _wait(page: object, selector: str, done: str, seconds: float) -> None:
 
 
 def _ask(page: object, question: str) -> None:
-    before = page.inner_text("#chat-status")
+    before = page.inner_text(STATUS)
     page.fill("#message textarea", question)
     page.click("#send")
     deadline = time.time() + 300
-    while not _DONE.search(status := page.inner_text("#chat-status")) or status == before:
+    while not _DONE.search(status := page.inner_text(STATUS)) or status == before:
         if time.time() > deadline:
             raise RuntimeError(f"no answer: {status}")
         time.sleep(0.2)
@@ -152,8 +154,12 @@ def session(page: object, out: Path, data: Path) -> dict[str, str]:
 
     page.get_by_role("tab", name="Chat").first.click()
     page.click("#new-chat")
+    # Each step is answered before the next: the new chat's and the pick's answers set the sliders,
+    # and one arriving after the temperature is typed would put it back.
+    page.wait_for_function("document.querySelector('#chat-title textarea').value === 'New chat'")
     _pick(page, "model-picker", TUNED)
     page.get_by_text("System prompt and sampling").click()
+    page.wait_for_function(f"document.querySelector('#preset-note').innerText.includes('{TUNED}')")
     box = page.locator("#temperature input[type=number]")
     box.fill("0")
     box.press("Enter")
