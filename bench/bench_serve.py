@@ -244,8 +244,11 @@ def measure(args: argparse.Namespace, parallel: int) -> dict:
     binary = None if args.no_llama_server else llama_server_binary(build=not args.quick)
     port, anchor_port = free_port(), free_port()
     base, anchor_base = f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{anchor_port}/v1"
-    # llama-server samples greedily at temperature 0 too; the penalty is the one in-process applies.
-    same = {"repeat_penalty": SamplingSettings().repeat_penalty}
+    # llama-server samples greedily at temperature 0 too; the penalty is the one in-process applies. Every
+    # round sends the same prompts, and llama-server's prompt cache (on by default) would keep each one
+    # from the round before and skip its prefill, a third of the work at 16 clients; the in-process side
+    # and localchat (a seeded request never reuses a cache: llamacpp.reusable_prefix) evaluate every prompt.
+    same = {"repeat_penalty": SamplingSettings().repeat_penalty, "cache_prompt": False}
     inproc = InProcess(args.model, args.tokens, args.context)
     figures: dict[str, dict] = {}
     try:
