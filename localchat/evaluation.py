@@ -155,7 +155,7 @@ def _token_logprobs(path: str | Path, text: str, chunk: int, threads: int | None
     with without_chat_formatters():  # the file's templates are code: never compiled outside our sandbox
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=chunk, n_batch=chunk, n_ubatch=chunk,
                               logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False,
-                              **kv_cache_args(kv_cache))
+                              **kv_cache_args(kv_cache, exact=True))
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)[:MAX_TOKENS]
 
     def run() -> Iterator[tuple[list[int], np.ndarray]]:
