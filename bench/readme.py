@@ -63,7 +63,9 @@ def serve(b: Bench) -> list[str]:
              f"{s['rounds']} alternating rounds. The server decodes up to {s.get('parallel', 1)} requests in "
              "one llama.cpp batch (continuous batching)." + (
                  f" The anchor is llama.cpp's own llama-server (`-np {s['parallel']}`) on the same file, prompts "
-                 "and client, taking its turn in every round." if s.get("llama_server") else ""), "",
+                 "and client, taking its turn in every round, without its prompt cache (`cache_prompt: false`; "
+                 "localchat and the in-process side evaluate every prompt, and every round sends the same "
+                 "ones). Both sides run llama.cpp's flash attention." if s.get("llama_server") else ""), "",
              "| clients | requests | server tok/s | in-process tok/s | server / in-process | TTFT p50 "
              "| TTFT p95 |" + (" llama-server tok/s | llama-server / in-process | server / llama-server |"
                                 if s.get("llama_server") else ""),
