@@ -153,9 +153,10 @@ def checkpoint_tensors(c: dict) -> list[tuple[str, tuple[int, ...]]]:
             if not (name == "lm_head.weight" and config.tie_word_embeddings)]
 
 
-def make_checkpoint(folder: Path, shape: str, shard_gb: float = 2.0) -> Path:
+def make_checkpoint(folder: Path, shape: str, shard_gb: float = 2.0, device: str = "cpu") -> Path:
     """A checkpoint of SHAPES[shape] with random weights (norms at 1), sharded like the real one and
-    written a shard at a time, so no more than one shard is ever in memory."""
+    written a shard at a time, so no more than one shard is ever in memory (drawn on `device`: a GPU
+    draws 7B weights in seconds)."""
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     import torch
@@ -166,7 +167,7 @@ def make_checkpoint(folder: Path, shape: str, shard_gb: float = 2.0) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     size, n = 0, 1
@@ -180,7 +181,7 @@ def make_checkpoint(folder: Path, shape: str, shard_gb: float = 2.0) -> Path:
         if not name:
             break
         t = torch.ones(dims, dtype=dtype) if len(dims) == 1 else \
-            torch.empty(dims, dtype=dtype).normal_(0, 0.02, generator=gen)
+            torch.empty(dims, dtype=dtype, device=device).normal_(0, 0.02, generator=gen).cpu()
         shard[name] = t
         size += t.numel() * t.element_size()
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -26,6 +26,11 @@ LORA_STATE_BYTES = 4 + 4 + 8  # float32 weight, gradient, Adam's two moments
 ACT_PER_HIDDEN = 30
 ACT_PER_INTERMEDIATE = 8
 LOGIT_BYTES = 4 + 4 + 4  # float32 logits, log-softmax, its gradient (the bf16 matmul output aside)
+# Replay with a KL target (--replay-kl) also holds the base's distribution over a replay micro-batch: its
+# logits, their float32 copy, log-softmax and probabilities. Fitted on an H200 (bench/gpu_memory_fit.py): a
+# LLaMA-2-7B-shaped QLoRA run at 1024 x 2 tokens allocated 0.95 GiB more with replay than without (16 bytes
+# a token and vocabulary entry), and torch's allocator kept up to 1.55 GiB more than it allocated.
+REPLAY_KL_LOGIT_BYTES = 16
 # The CUDA context and cuBLAS workspace; on a CPU torch, transformers and the loading of the base.
 RUNTIME_BYTES = {"cuda": 700 * 1024**2, "cpu": 1200 * 1024**2}
 # Shapes tried, largest first: (tokens per sequence, sequences per step).
@@ -108,7 +113,8 @@ class TrainMemory:
 
 
 def estimate(shape: ModelShape, targets: tuple[str, ...], rank: int, max_len: int, batch: int, *,
-             qlora: bool, weight_bytes: int, checkpointing: bool, device: str) -> TrainMemory:
+             qlora: bool, weight_bytes: int, checkpointing: bool, device: str,
+             replay_kl: bool = False) -> TrainMemory:
     """Peak memory of one training step; `weight_bytes` is 2 for a bf16/fp16 base, 4 for float32."""
     modules = shape.module_shapes()
     unknown = [t for t in targets if t not in modules]
@@ -127,7 +133,7 @@ def estimate(shape: ModelShape, targets: tuple[str, ...], rank: int, max_len: in
         activations = shape.layers * tokens * shape.hidden * act_bytes + per_layer
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * LOGIT_BYTES
+    logits = tokens * shape.vocab * (LOGIT_BYTES + (REPLAY_KL_LOGIT_BYTES if replay_kl else 0))
     return TrainMemory(weights, lora_params * LORA_STATE_BYTES, activations, logits, RUNTIME_BYTES[device])
 
 

@@ -48,6 +48,9 @@ class TrainSettings(Options):
     seed: int = option(0, "seed for data order, LoRA init and dropout", 0, 2**31 - 1)
     qlora: bool | None = option(None, "4-bit NF4 base with bitsandbytes (default: on with CUDA; "
                                       "works on a CPU too, for tests and small models)")
+    gpu_memory: float | None = option(None, "GiB of GPU memory training may take (default: what is free): the "
+                                            "sequence length and batch are chosen to fit it, and the allocator "
+                                            "refuses more, so another program keeps the rest", 0.5, 4096.0)
     gradient_checkpointing: bool | None = option(None, "recompute activations to save memory "
                                                  "(default: on with CUDA, where memory is the limit)")
     chat_format: str | None = option(None, "render rows with this chat format instead of the model's template")

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import replay
 from .distributed import ranks
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
-from .memory import SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
+from .memory import RUNTIME_BYTES, SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
 from .recall import Recall, held_out_recall
 from .settings import CHECKPOINTS, TrainSettings, default_lr
 
@@ -53,6 +54,9 @@ class TrainResult:
     tokens_seen: int  # real tokens trained on in this run (no padding)
     held_out_recall: Recall | None = None  # held-out chat rows answered greedily with their key content
     kept_step: int | None = None  # the earlier update whose adapter --early-stop kept
+    peak_memory: int = 0  # measured: the GPU allocator's peak on CUDA, else the process's peak RSS
+    memory_estimate: int = 0  # what the run estimated before it started (finetune/memory.py)
+    device: str = "cpu"
 
 
 def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, weight_bytes: int,
@@ -68,7 +72,8 @@ def plan_memory(base: Path, settings: TrainSettings, device: str, qlora: bool, w
 
     def need(max_len: int, batch: int) -> TrainMemory:
         return estimate(shape, tuple(targets), settings.lora_r, max_len, batch, qlora=qlora,
-                        weight_bytes=weight_bytes, checkpointing=checkpointing, device=device)
+                        weight_bytes=weight_bytes, checkpointing=checkpointing, device=device,
+                        replay_kl=settings.replay > 0 and settings.replay_kl)
 
     budget = int(free_bytes * 0.9)
     if device == "cuda":
@@ -294,7 +299,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     # CUDA cards without bf16 (before Ampere) hold it in float16 and run without autocast.
     dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
     checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
-    free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
+    free = _gpu_budget(place, settings.gpu_memory) if cuda else _available_ram()
     if resume:  # the shape the run started with, whatever memory is free now: the same data order
         settings = _shape_of_run(out, settings)
     if settings.target is None:  # every linear layer of a block, as the architecture names them
@@ -474,6 +479,11 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             with open(log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         plot_loss(log, out / LOSS_PLOT)
+        config = json.loads((out / "train_config.json").read_text())
+        atomic_write_text(out / "train_config.json", json.dumps(
+            {**config, "memory_peak_bytes": _peak_memory(cuda, place),
+             **({"memory_peak_allocated_bytes": torch.cuda.max_memory_allocated(place)} if cuda else {})},
+            indent=2))
         tmp = out / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=weights)
@@ -481,7 +491,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         os.replace(tmp, adapter)
     dist.wait()
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
-                       resumed_from, tokens_done, recall, kept_step)
+                       resumed_from, tokens_done, recall, kept_step, _peak_memory(cuda, place), need.total, device)
 
 
 @dataclass
@@ -576,6 +586,29 @@ def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
         return settings
     return replace(settings, max_len=settings.max_len or saved.get("max_len"),
                    batch_size=settings.batch_size or saved.get("batch_size"))
+
+
+def _gpu_budget(place: Any, gib: float | None) -> int:
+    """The GPU memory free for training: all that is free, or `--gpu-memory` GiB of it, which torch's
+    allocator is then held to (what a card of that size would allow, or room left for another program)."""
+    place = torch.device(place)
+    if place.index is None:  # "cuda": the current card
+        place = torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(place)
+    if gib is None:
+        return free
+    cap = int(gib * 1024**3)  # the CUDA context's share (RUNTIME_BYTES) included, as on a card of that size
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (cap - RUNTIME_BYTES["cuda"]) / total)), place)
+    return min(free, cap)
+
+
+def _peak_memory(cuda: bool, place: Any) -> int:
+    """The run's measured peak: what torch's allocator held on the GPU, or the process's peak RSS."""
+    if cuda:
+        return torch.cuda.max_memory_reserved(place)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _available_ram() -> int:
