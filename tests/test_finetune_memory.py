@@ -23,15 +23,18 @@ CARD_8GB_FREE = int(7.6 * GIB)  # what an 8 GB card has free with a desktop runn
 
 
 def _need(shape: ModelShape, max_len: int, batch: int, qlora: bool):
+    """The default run's estimate: replay with its KL target on."""
     return estimate(shape, shape.default_targets, 16, max_len, batch, qlora=qlora, weight_bytes=2, checkpointing=True,
-                    device="cuda")
+                    device="cuda", replay_kl=True)
 
 
 def test_llama_7b_qlora_fits_an_8gb_card_and_plain_lora_is_refused() -> None:
     assert 6.4e9 < LLAMA_7B.linear_params < 6.6e9  # the 7B shape: 6.5B in the linear layers
     budget = int(CARD_8GB_FREE * 0.9)
     shape = choose_shape(lambda n, b: _need(LLAMA_7B, n, b, True).total <= budget, None, None)
-    assert shape is not None and shape[0] * shape[1] >= 1024, shape
+    # 512 x 2, which peaked at 5.5 GiB in torch's allocator on an H200 (README, bench/gpu_memory_fit.py); 1024 x 2
+    # peaked at 7.4 GiB there, too much beside an 8 GB card's CUDA context.
+    assert shape == (512, 2), shape
     need = _need(LLAMA_7B, *shape, True)
     assert 3.4 * GIB < need.weights < 3.8 * GIB  # NF4 base: ~0.52 bytes a weight
     assert need.total < 8 * GIB
