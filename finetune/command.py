@@ -23,6 +23,7 @@ from localchat.store import ModelEntry, ModelFile, Store, check_name, default_st
 
 from .distributed import ranks
 from .estimate import after_export, reading_base
+from .memory import GIB
 from .settings import DEQUANTIZED, TrainSettings
 
 if TYPE_CHECKING:
@@ -165,8 +166,8 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
                       + (f", {result.held_out_recall.describe()}" if result.held_out_recall else "")
                       + f", {result.tokens_per_s:.0f} tokens/s; plot: {out / 'loss.png'}")
         where = "GPU memory" if result.device == "cuda" else "RSS"
-        report.append(f"peak {where} {result.peak_memory / 1024**3:.2f} GiB (estimated {result.memory_estimate / 1024**3:.2f} GiB "
-                      "before the run)")
+        report.append(f"peak {where} {result.peak_memory / GIB:.2f} GiB "
+                      f"(estimated {result.memory_estimate / GIB:.2f} GiB before the run)")
         if lora_gguf:
             lora_name = register_lora(store, base, base_dir, result.adapter, name)
             report.append(f"GGUF LoRA adapter: {lora_name} (llama.cpp applies it over {base} at load time)")

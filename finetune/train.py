@@ -31,7 +31,7 @@ from . import replay
 from .distributed import ranks
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
-from .memory import RUNTIME_BYTES, SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
+from .memory import GIB, RUNTIME_BYTES, SHAPES, ModelShape, TrainMemory, check, choose_shape, estimate
 from .recall import Recall, held_out_recall
 from .settings import CHECKPOINTS, TrainSettings, default_lr
 
@@ -381,14 +381,15 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         log.unlink()
     resumed_from = step
     # The settings as given, then what was chosen for them (a None max_len becomes the one used).
+    # The measured peak joins it at the end.
+    run_config = {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind,
+                  "rows": len(data.train), "held_out_rows": len(data.held_out), "replay_rows": len(replayed),
+                  "max_len": max_len, "batch_size": batch_size, "device": device, "qlora": qlora,
+                  "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
+                  "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
+                  "epochs_run": round(epochs, 2), "processes": dist.world, "distributed": dist.kind}
     if dist.main:
-        atomic_write_text(out / "train_config.json", json.dumps(
-        {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind, "rows": len(data.train),
-         "held_out_rows": len(data.held_out), "replay_rows": len(replayed), "max_len": max_len,
-         "batch_size": batch_size, "device": device, "qlora": qlora, "gradient_checkpointing": checkpointing,
-         "bf16": bf16, "base_bytes": base_bytes,
-         "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-         "epochs_run": round(epochs, 2), "processes": dist.world, "distributed": dist.kind}, indent=2))
+        atomic_write_text(out / "train_config.json", json.dumps(run_config, indent=2))
 
     schedule = [b for epoch in range(math.ceil(epochs)) for b in
                 _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
@@ -470,6 +471,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                     torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                 recall = held_out_recall(model, tok, template, data.held_out, place, synced)
     weights, _ = dist.state(model)  # whole in the main process, however the processes held it
+    peak = _peak_memory(cuda, place)
     adapter = out / "adapter"
     if dist.main:  # the others wait
         if held_loss is not None:
@@ -479,9 +481,8 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
             with open(log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         plot_loss(log, out / LOSS_PLOT)
-        config = json.loads((out / "train_config.json").read_text())
         atomic_write_text(out / "train_config.json", json.dumps(
-            {**config, "memory_peak_bytes": _peak_memory(cuda, place),
+            {**run_config, "memory_peak_bytes": peak,
              **({"memory_peak_allocated_bytes": torch.cuda.max_memory_allocated(place)} if cuda else {})},
             indent=2))
         tmp = out / "adapter.tmp"
@@ -491,7 +492,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         os.replace(tmp, adapter)
     dist.wait()
     return TrainResult(adapter, step, last_loss, held_loss, tokens_done / train_time if train_time else 0.0,
-                       resumed_from, tokens_done, recall, kept_step, _peak_memory(cuda, place), need.total, device)
+                       resumed_from, tokens_done, recall, kept_step, peak, need.total, device)
 
 
 @dataclass
@@ -591,24 +592,28 @@ def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
 def _gpu_budget(place: Any, gib: float | None) -> int:
     """The GPU memory free for training: all that is free, or `--gpu-memory` GiB of it, which torch's
     allocator is then held to (what a card of that size would allow, or room left for another program)."""
-    place = torch.device(place)
-    if place.index is None:  # "cuda": the current card
-        place = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(place)
+    index = torch.device(place).index  # None ("cuda"): torch's current card
+    free, total = torch.cuda.mem_get_info(index)
     if gib is None:
         return free
-    cap = int(gib * 1024**3)  # the CUDA context's share (RUNTIME_BYTES) included, as on a card of that size
-    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (cap - RUNTIME_BYTES["cuda"]) / total)), place)
+    cap = int(gib * GIB)  # the CUDA context's share (RUNTIME_BYTES) included, as on a card of that size
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (cap - RUNTIME_BYTES["cuda"]) / total)), index)
     return min(free, cap)
 
 
 def _peak_memory(cuda: bool, place: Any) -> int:
-    """The run's measured peak: what torch's allocator held on the GPU, or the process's peak RSS."""
+    """The run's measured peak: what torch's allocator held on the GPU, else the process's own peak RSS.
+    On Linux that is VmHWM, counted from the process's exec: getrusage's ru_maxrss starts at the peak of
+    the process it was forked from (the app's, a test runner's)."""
     if cuda:
         return torch.cuda.max_memory_reserved(place)
-    import resource
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # no /proc (macOS, where ru_maxrss is in bytes)
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _available_ram() -> int:

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from localchat.convert.checkpoint import load_checkpoint, read_config  # noqa: E402
 from localchat.convert.gguf import ARCHITECTURES, converter_for  # noqa: E402
 from localchat.convert.to_gguf import convert_to_gguf  # noqa: E402
+from localchat.engine.llamacpp import kv_cache_args  # noqa: E402
 from tests.checkpoints import FAMILY_EXAMPLES, example_model, llama_cpp_convert, starter_hf  # noqa: E402
 
 CASES = [(arch, variant) for arch in ARCHITECTURES for variant in FAMILY_EXAMPLES.get(arch, {"(none)": None})]
@@ -83,7 +84,7 @@ def test_logits_match_transformers(arch: str, variant: str, models, tmp_path: Pa
         # The F32 file with an F32 KV cache and no flash attention (whose CPU kernel rounds the queries to
         # F16): with llama.cpp's defaults Gemma 3's logits were 5.04e-3 off on an AVX512-BF16 CPU (AMD EPYC),
         # over the bound; with these 2.6e-3 (LLaMA's 2.3e-6).
-        exact = {"type_k": 0, "type_v": 0, "flash_attn": False} if outtype == "f32" else {}  # 0: GGML_TYPE_F32
+        exact = kv_cache_args("f32", exact=True) if outtype == "f32" else {}
         llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, logits_all=True, n_threads=2, verbose=False, **exact)
         llm.eval(ids)
         got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)

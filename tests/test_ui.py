@@ -145,10 +145,11 @@ def set_number(page: object, elem: str, value: str) -> None:
             # Seen about once in 20 pages, right after the settings panel first opened: the box read its
             # old value back at once after the fill (no second mount was seen). Typed again, as a user would.
             continue
-    raise AssertionError(f"#{elem} kept {box.input_value()!r} after {value!r} was typed three times")
+    raise AssertionError(f"#{elem} kept {number(page, elem)!r} after {value!r} was typed three times")
 
 
 def number(page: object, elem: str) -> str:
+    """What a slider's number box shows."""
     return page.input_value(f"#{elem} input[type=number]")
 
 

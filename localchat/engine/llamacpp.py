@@ -48,11 +48,11 @@ def kv_cache_args(kv_cache: str, exact: bool = False) -> dict[str, Any]:
     quantizes the V cache only with it, and with an f16 cache its fused kernel (fewer graph nodes, so
     fewer thread barriers a layer) decoded faster on the 2-core CPU: the starter +8-10% on one stream,
     the 1.1B LLaMA-shaped Q4_K_M +5% on one stream and +16% with 16 in one batch (llama-server turns
-    it on by itself where the device has it). `exact` (perplexity, which compares quant types): off
-    with an f16 cache, since its CPU kernel rounds the queries to f16 (Q8_0's perplexity against
-    F16's moved from under 0.5% to 0.7% with it)."""
+    it on by itself where the device has it). `exact` (perplexity, which compares quant types; logits
+    checked against transformers): off with an unquantized (f16, f32) cache, since its CPU kernel rounds
+    the queries to f16 (Q8_0's perplexity against F16's moved from under 0.5% to 0.7% with it)."""
     kind = getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
-    return {"type_k": kind, "type_v": kind, "flash_attn": not (exact and kv_cache == "f16")}
+    return {"type_k": kind, "type_v": kind, "flash_attn": not (exact and kv_cache in ("f16", "f32"))}
 
 
 class LlamaErrors:
