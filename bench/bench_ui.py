@@ -7,7 +7,7 @@ one warm-up of each. The CPU the browser spends per second of answer (in cores) 
 too: what the page takes from the decode, a figure other work on the machine moves far less
 than the tok/s ratio.
 
-    python bench/bench_ui.py [--rounds 3] [--tokens 256]
+    python bench/bench_ui.py [--rounds 5] [--tokens 256]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def in_app(page, tokens: int) -> tuple[float, float]:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright

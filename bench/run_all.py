@@ -60,7 +60,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
              ["--samples", "4", "--seq-len", "64", "--chars", "2000"]),
     "finetune": ("bench_finetune", [],  # ~15 min: (fp32 + bf16 where native) x 3 sides x 3 rounds
                  ["--rows", "8", "--held-out", "4", "--rounds", "1", "--precision", "fp32"]),
-    "ui": ("bench_ui", [],  # ~4 min: 4 rounds x 2 answers of 256 tokens
+    "ui": ("bench_ui", [],  # ~5 min: 6 rounds (a warm-up and 5) x 2 answers of 256 tokens
            ["--rounds", "1", "--tokens", "16"]),
     # ~60 min (an estimate: no full run has finished yet; the 2-core machine was shared at a load of ~20):
     # 2 bases x (before, after) x 2 seeds of fine-tune + Q4_K_M export, four at a time on one thread each,

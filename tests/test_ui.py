@@ -177,7 +177,7 @@ def wait_answered(page: object, before: str) -> None:
 
 def record_status(page: object) -> None:
     """From now on keep every text the status line shows in `window.statusShown`: a note shown while an
-    answer is written lasts only until the answer's next redraw (a quarter of a second), which a
+    answer is written lasts only until the answer's next redraw (a third of a second), which a
     poll of the page can miss; the nodes and old texts a change replaces keep it."""
     page.evaluate("""line => {
         const shown = window.statusShown = [];
@@ -255,7 +255,7 @@ def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     set_number(page, "temperature", "0")
     answer, seen = ask(page, "What is the capital of France? Tell me about the city.", watch=True)
     assert "Paris" in answer
-    # Streamed: a partial answer showed before the whole (the app redraws at most 4 times a second, so a
+    # Streamed: a partial answer showed before the whole (the app redraws at most 3 times a second, so a
     # short answer on a fast machine may show only its first token, then the rest at once).
     assert seen and len(seen[0]) < len(answer), f"not streamed: {seen} before {answer!r}"
     assert re.search(r"smollm2-135m-instruct on llamacpp-cpu: \d+ tokens, [\d.]+ tok/s", status(page))
