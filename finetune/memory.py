@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
+from localchat.hardware.report import GIB
+
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits; an 8-bit scale per 64; fp32 per 256 scales
 LORA_STATE_BYTES = 4 + 4 + 8  # float32 weight, gradient, Adam's two moments
 # Per token and layer, in activations of the compute dtype: q/k/v/o and MLP outputs, norms,

@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from localchat.datasets import Dataset, DatasetError, Example
 from localchat.fsutil import atomic_write_text
+from localchat.hardware.memory import peak_rss, probe_memory
 
 from . import replay
 from .distributed import ranks
@@ -299,7 +299,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     # CUDA cards without bf16 (before Ampere) hold it in float16 and run without autocast.
     dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
     checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
-    free = _gpu_budget(place, settings.gpu_memory) if cuda else _available_ram()
+    free = _gpu_budget(place, settings.gpu_memory) if cuda else probe_memory().available_bytes
     if resume:  # the shape the run started with, whatever memory is free now: the same data order
         settings = _shape_of_run(out, settings)
     if settings.target is None:  # every linear layer of a block, as the architecture names them
@@ -602,24 +602,8 @@ def _gpu_budget(place: Any, gib: float | None) -> int:
 
 
 def _peak_memory(cuda: bool, place: Any) -> int:
-    """The run's measured peak: what torch's allocator held on the GPU, else the process's own peak RSS.
-    On Linux that is VmHWM, counted from the process's exec: getrusage's ru_maxrss starts at the peak of
-    the process it was forked from (the app's, a test runner's)."""
-    if cuda:
-        return torch.cuda.max_memory_reserved(place)
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):  # no /proc (macOS, where ru_maxrss is in bytes)
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _available_ram() -> int:
-    import psutil
-
-    return psutil.virtual_memory().available
+    """The run's measured peak: what torch's allocator held on the GPU, else the process's own peak RSS."""
+    return torch.cuda.max_memory_reserved(place) if cuda else peak_rss()
 
 
 def _main_thread() -> bool:

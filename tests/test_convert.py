@@ -284,10 +284,11 @@ def _peak_rss_converting(folder: Path, out: Path) -> int:
     code = ("from localchat.convert.checkpoint import load_checkpoint\n"
             "from localchat.convert.to_gguf import convert_to_gguf\n"
             f"convert_to_gguf(load_checkpoint({str(folder)!r}), {str(out)!r}, 'f16', quiet=True)\n"
-            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))\n")
+            "from localchat.hardware.memory import peak_rss\n"
+            "print(peak_rss())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    return int(r.stdout.split()[-1]) * 1024
+    return int(r.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")

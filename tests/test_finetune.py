@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("peft")
 
+from localchat.hardware.report import GIB  # noqa: E402
 from localchat.store import Store  # noqa: E402
 from tests.checkpoints import random_adapter, starter_hf, tiny_model  # noqa: E402
 from tests.conftest import starter_home  # noqa: E402
@@ -100,8 +101,8 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
     config = json.loads((out / "train_config.json").read_text())
     assert config["qlora"] is True and config["lr"] == 5e-4
     # The run says what it took beside what it planned for (on a CPU, its peak RSS).
-    assert (f"peak RSS {config['memory_peak_bytes'] / 1024**3:.2f} GiB "
-            f"(estimated {config['memory_estimate_bytes'] / 1024**3:.2f} GiB before the run)") in r.stdout, r.stdout
+    assert (f"peak RSS {config['memory_peak_bytes'] / GIB:.2f} GiB "
+            f"(estimated {config['memory_estimate_bytes'] / GIB:.2f} GiB before the run)") in r.stdout, r.stdout
     # 4-bit layers: under 0.62x of the bf16 size, with the 28M-parameter embedding still in bf16.
     params = 134_515_008
     assert config["base_bytes"] < 0.62 * 2 * params, config["base_bytes"]

@@ -84,13 +84,13 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak(tmp_path: Path, starte
             "from localchat.finetune.settings import TrainSettings; from localchat.finetune.train import train; "
             "train(Path(sys.argv[1]), load_dataset(sys.argv[2], held_out=0.0), Path(sys.argv[3]), "
             "TrainSettings(epochs=1.0, min_updates=1, held_out=0.0), quiet=True); "
-            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+            "from localchat.hardware.memory import peak_rss; print(peak_rss())")
     # The child's own high-water mark (VmHWM, from its exec on): getrusage's ru_maxrss would also count
     # the pytest process it was forked from, gigabytes late in the suite.
     proc = subprocess.run([sys.executable, "-c", code, str(starter_hf(starter_gguf)), str(data), str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = int(proc.stdout.split("VmHWM:")[1].split()[0]) * 1024
+    peak = int(proc.stdout.split()[-1])
     config = json.loads((out / "train_config.json").read_text())
     assert (config["max_len"], config["batch_size"]) == (512, 1)
     ratio = config["memory_estimate_bytes"] / peak

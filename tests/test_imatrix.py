@@ -229,7 +229,8 @@ from localchat.convert.to_gguf import plan_gguf
 plan = plan_gguf(load_checkpoint(sys.argv[1]), "f16")
 im = compute_imatrix(plan.ckpt, plan.conv.gguf_name, sys.argv[2], samples=int(sys.argv[3]), device="cpu")
 assert im.chunk_count == int(sys.argv[3]), im.chunk_count
-print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+from localchat.hardware.memory import peak_rss
+print(peak_rss())
 """
 
 
@@ -255,6 +256,6 @@ def test_importance_pass_memory_does_not_grow_with_rows(starter_gguf: Path, tmp_
         r = subprocess.run([sys.executable, "-c", MATRIX_PEAK, str(folder), str(calibration), str(rows)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        peaks[rows] = int(r.stdout.split()[-1]) * 1024
+        peaks[rows] = int(r.stdout.split()[-1])
     growth = peaks[24] - peaks[DEFAULT_BATCH_ROWS]
     assert growth < ROW_GROWTH_MAX, f"{growth / 1e6:.0f} MB more for {24 - DEFAULT_BATCH_ROWS} more rows ({peaks})"

@@ -253,11 +253,24 @@ def test_ui_binds_loopback_only() -> None:
 def test_streamed_answer_and_saved_chat(page: object, tmp_path: Path) -> None:
     open_settings(page)
     set_number(page, "temperature", "0")
+    # Every text the answer's bubble shows, with when (a poll of the page would miss redraws).
+    page.evaluate("""() => {
+        const shown = window.answerShown = [], chat = document.querySelector('#chatbot');
+        new MutationObserver(() => {
+            const bots = chat.querySelectorAll("[data-testid='bot']");
+            const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+            if (text && (!shown.length || shown[shown.length - 1][1] !== text)) shown.push([performance.now(), text]);
+        }).observe(chat, {subtree: true, childList: true, characterData: true});
+    }""")
     answer, seen = ask(page, "What is the capital of France? Tell me about the city.", watch=True)
     assert "Paris" in answer
     # Streamed: a partial answer showed before the whole (the app redraws at most 3 times a second, so a
     # short answer on a fast machine may show only its first token, then the rest at once).
     assert seen and len(seen[0]) < len(answer), f"not streamed: {seen} before {answer!r}"
+    # ... and at most 3 times a second (each redraw costs the decode CPU: bench_ui.py), not at every token.
+    shown = page.evaluate("window.answerShown")
+    seconds = (shown[-1][0] - shown[0][0]) / 1000
+    assert len(shown) - 1 <= 3 * seconds + 2, f"{len(shown)} texts in {seconds:.2f} s: {[t for _, t in shown]}"
     assert re.search(r"smollm2-135m-instruct on llamacpp-cpu: \d+ tokens, [\d.]+ tok/s", status(page))
     assert "context:" in page.inner_text("#budget-box") and "system prompt is kept" in page.inner_text("#budget-box")
     assert "What is the capital of France?" in page.input_value("#chat-title textarea")
