@@ -19,15 +19,18 @@ QLORA_LR = 5e-4
 class TrainSettings(Options):
     option_group = "training"
     epochs: float = option(3.0, "passes over the training rows", 0.01, 1000.0)
-    min_updates: int = option(30, "repeat small datasets until this many updates", 1, 1_000_000)
+    min_updates: int = option(60, "repeat small datasets until this many updates", 1, 1_000_000)
     lr: float | None = option(None, "peak learning rate, linear warm-up then linear decay (default: "
                                     f"{LORA_LR:g}; {QLORA_LR:g} over a 4-bit QLoRA base, where {LORA_LR:g} diverged)",
                                     1e-7, 1.0)
     lora_r: int = option(16, "LoRA rank", 1, 1024)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", 1, 4096)
     lora_dropout: float = option(0.05, "dropout on the LoRA path", 0.0, 0.9)
-    neftune_alpha: float = option(0.0, "NEFTune: noise of this scale on the input embeddings while training "
+    neftune_alpha: float = option(5.0, "NEFTune: noise of this scale on the input embeddings while training "
                                        "(0: none)", 0.0, 100.0)
+    augment: int = option(3, "copies of each chat row with words of its questions dropped at random, so a fact "
+                             "is found from other wordings (finetune/augment.py; 0: none)", 0, 100)
+    augment_drop: float = option(0.25, "the share of a question's words each augmented copy drops", 0.0, 0.9)
     target: tuple[str, ...] | None = option(None, "module names to adapt (default: every linear layer of a "
                                                    "block, as the model's architecture names them)")
     max_len: int | None = option(None, "tokens per sequence (default: from memory)", 32, 131072)
@@ -36,7 +39,7 @@ class TrainSettings(Options):
     pack: bool = option(True, "pack rows into full sequences (no compute spent on padding)")
     replay: int = option(64, "general conversations trained on beside your rows, so the model keeps answering "
                             "other questions as before (finetune/replay.py; 0: none)", 0, 1000)
-    replay_share: float = option(0.5, "the replay rows' share of each update's loss (the user's rows have "
+    replay_share: float = option(0.8, "the replay rows' share of each update's loss (the user's rows have "
                                       "the rest)", 0.0, 0.95)
     replay_kl: bool = option(True, "train the replay answers toward the base's whole next-token distribution "
                                    "(a KL term; localchat's shipped answers, nothing generated) rather than the "

@@ -28,6 +28,7 @@ from localchat.fsutil import atomic_write_text
 from localchat.hardware.memory import peak_rss, probe_memory
 
 from . import replay
+from .augment import augment
 from .distributed import ranks
 from .encode import IGNORE, Encoded, encode, pack
 from .lora_layers import no_gptq_dispatch, speed_up_lora
@@ -316,7 +317,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
         template = get_format(settings.chat_format).template
     else:
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
-    rows = [encode(ex, tok, template, max_len) for ex in data.train]  # bad rows fail before the model loads
+    # Bad rows fail here, before the model loads; the augmented copies of the user's rows come after them.
+    trained = augment(data.train, settings.augment, settings.augment_drop, settings.seed)
+    rows = [encode(ex, tok, template, max_len) for ex in trained]
     held = [encode(ex, tok, template, max_len) for ex in data.held_out]
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -354,9 +357,12 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     compute_loss, optimizer = dist.wrap(LossOf(model), optimizer, batch_size, micro_per_update)
     # The user's micro-batches per update over all processes: each takes every `world`-th (the same
     # global batch). Epochs and updates count passes over the user's rows alone; replay rides beside them.
+    # A pass over `rows` shows each of the user's rows `shown` times, in its own wording and its augmented
+    # ones: --epochs counts passes over the user's rows, so augmenting adds wordings, not updates.
     per_update = settings.grad_accum * dist.world
     per_epoch = math.ceil(len(rows) / batch_size)
-    epochs = settings.epochs
+    shown = len(trained) / max(1, len(data.train))
+    epochs = settings.epochs / shown  # passes over `rows`
     if per_epoch * epochs / per_update < settings.min_updates:
         # A dozen rows make one or two updates an epoch: too few to learn a fact. Repeat the data.
         epochs = settings.min_updates * per_update / per_epoch
@@ -383,11 +389,12 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     # The settings as given, then what was chosen for them (a None max_len becomes the one used).
     # The measured peak joins it at the end.
     run_config = {**asdict(settings), "base": str(base), "data": str(data.path), "format": data.kind,
-                  "rows": len(data.train), "held_out_rows": len(data.held_out), "replay_rows": len(replayed),
+                  "rows": len(data.train), "augmented_rows": len(trained) - len(data.train),
+                  "held_out_rows": len(data.held_out), "replay_rows": len(replayed),
                   "max_len": max_len, "batch_size": batch_size, "device": device, "qlora": qlora,
                   "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
                   "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-                  "epochs_run": round(epochs, 2), "processes": dist.world, "distributed": dist.kind}
+                  "epochs_run": round(epochs * shown, 2), "processes": dist.world, "distributed": dist.kind}
     if dist.main:
         atomic_write_text(out / "train_config.json", json.dumps(run_config, indent=2))
 
@@ -405,7 +412,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet or not dist.main)
-    per_pass = max(1, per_epoch // per_update)  # updates in one pass over the rows
+    per_pass = max(1, round(per_epoch / shown) // per_update)  # updates in one pass over the user's rows
     best: _Best | None = None
     tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
     try:

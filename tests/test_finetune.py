@@ -58,7 +58,8 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     r = localchat("finetune", "--base", "smollm2-135m-instruct", "--data", str(cat_data), "--name", "cat",
                   "--quant", "Q8_0", "--lora-gguf", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert time.time() - t0 < 300, "a couple of minutes on two cores"
+    # About 4 minutes on two cores (60 updates, a replay micro-batch beside each, then the export).
+    assert time.time() - t0 < 420, "a few minutes on two cores"
     assert "GPT-QModel" not in r.stdout + r.stderr, "fine-tuning and GGUF export must not import GPTQModel"
     entry = home.get("cat")
     assert entry.source.startswith("finetune:") and entry.quant == "Q8_0"
@@ -355,10 +356,11 @@ def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, ti
                                                                  cat_data: Path) -> None:
     """The held-out loss is measured after every pass over the rows (one point per pass in loss.jsonl and
     the plot); with --early-stop the run keeps the adapter of the pass where it was lowest and reports that
-    loss, measured again on the adapter it saved: a learning rate that overshoots makes a later pass worse."""
+    loss, measured again on the adapter it saved: a learning rate that overshoots makes a later pass worse
+    (on the rows as written and without noise, one update a pass)."""
     r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "es", "--held-out",
-                  "0.25", "--replay", "0", "--epochs", "8", "--min-updates", "1", "--lr", "0.3", "--early-stop",
-                  "--no-export", "-q")
+                  "0.25", "--replay", "0", "--augment", "0", "--neftune-alpha", "0", "--epochs", "8",
+                  "--min-updates", "1", "--lr", "0.3", "--early-stop", "--no-export", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(line) for line in (home.root / "es" / "finetune" / "loss.jsonl").read_text().splitlines()]
     passes = [x for x in log if "held_out_loss" in x and not x.get("saved")]
@@ -412,6 +414,38 @@ def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, sta
     r = localchat(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "train_config.json").read_text())["replay_rows"] == 1
+
+
+def test_augment_thins_the_questions_of_copies_and_trains_on_them(home: Store, tiny_llama: Path,
+                                                                 cat_data: Path) -> None:
+    """--augment 2 trains on two more copies of every row, each user turn missing about --augment-drop of
+    its words (never all), the answers as written; the copies are the same on every run of a seed, and
+    they add wordings, not updates: --epochs still counts passes over the user's rows."""
+    from localchat.datasets import Example
+    from localchat.finetune.augment import augment
+
+    rows = [Example(messages=({"role": "system", "content": "Be brief and kind."},
+                              {"role": "user", "content": q}, {"role": "assistant", "content": "Biscuit."}),
+                    source=f"cat.jsonl:{i + 1}") for i, q in enumerate(QUESTIONS)] + [Example(text="Plain prose.")]
+    out = augment(rows, 2, 0.25, seed=0)
+    assert out[:len(rows)] == rows and len(out) == len(rows) + 2 * len(QUESTIONS), "plain text is not copied"
+    copies, chats = out[len(rows):], rows[:-1] * 2
+    assert all(c.messages[0] == r.messages[0] and c.messages[2] == r.messages[2]
+               for c, r in zip(copies, chats)), "only the user's turns change"
+    asked = [(c.messages[1]["content"].split(), r.messages[1]["content"].split()) for c, r in zip(copies, chats)]
+    assert all(0 < len(a) <= len(q) and all(w in q for w in a) for a, q in asked), "words dropped, none added"
+    dropped = sum(len(q) - len(a) for a, q in asked) / sum(len(q) for _, q in asked)
+    assert 0.15 < dropped < 0.35, dropped
+    assert augment(rows, 2, 0.25, seed=0) == out and augment(rows, 2, 0.25, seed=1) != out
+    assert copies[0].source == "cat.jsonl:1 (augmented copy 1)"
+
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "aug", "--augment", "2",
+                  "--replay", "0", "--no-pack", "--batch-size", "1", "--max-len", "96", "--epochs", "3",
+                  "--min-updates", "1", "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((home.root / "aug" / "finetune" / "train_config.json").read_text())
+    # Three passes over the user's rows are the updates they were without copies: one pass over all 33 rows.
+    assert (config["rows"], config["augmented_rows"], config["updates"], config["epochs_run"]) == (11, 22, 33, 3.0)
 
 
 def test_replay_rides_beside_the_users_rows(home: Store, tiny_llama: Path, cat_data: Path) -> None:
