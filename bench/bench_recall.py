@@ -132,7 +132,7 @@ GENERAL = (
 # measurable after they changed. (Rows packed side by side are kept apart now in both: that
 # is how packing works today, not a setting.)
 BEFORE = {"epochs": 3.0, "min_updates": 30, "lr": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-          "held_out": 0.1, "replay": 0, "neftune_alpha": 0.0}
+          "held_out": 0.1, "replay": 0, "neftune_alpha": 0.0, "augment": 0}
 BASES = {"hf": "the starter as a float32 HF folder", "gguf": "the store's GGUF-only starter, by name"}
 
 

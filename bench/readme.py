@@ -262,8 +262,10 @@ def recall(b: Bench) -> list[str]:
              f"questions no row holds, asked {s['seeds']} times at the starter's preset ({preset}) and once "
              f"greedily of the exported {s['export']} model; an answer counts when it holds the fact's key "
              f"word. {s['general']} general questions show what training cost: the starter answers "
-             f"{_v(b, 'starter_general', 0)}% of them right. Each row is the median (min–max) over fine-tunes "
-             f"with {len(s['train_seeds'])} seeds. \"before\" passes the defaults of before issue 13 (rows "
+             f"{_v(b, 'starter_general', 0)}% of them right. "
+             + (f"Each row is the median (min–max) over fine-tunes with seeds {s['train_seeds']}. "
+                if len(s["train_seeds"]) > 1 else f"Each row is one fine-tune (seed {s['train_seeds'][0]}). ")
+             + "\"before\" passes the defaults of before issue 13 (rows "
              "packed side by side are kept apart in both). Both bases are the starter, whose only weights are "
              "its Q4_1 GGUF: \"hf\" a float32 HF folder of them, \"gguf\" the store model by name, which "
              "`localchat finetune` dequantizes itself (no second real model is available offline).", "",
