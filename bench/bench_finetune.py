@@ -134,7 +134,7 @@ def worker_localchat(base: str, data: str, batch: int, bf16: bool, packed_len: i
                              max_len=packed_len if packed else max(32, longest), pack=packed, held_out=0.0,
                              lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                              save_every=10**6, gradient_checkpointing=False, bf16=bf16, qlora=False,
-                             replay=0)  # the Trainer side trains on these rows alone
+                             replay=0, augment=0, neftune_alpha=0.0)  # the Trainer side: these rows alone, as written
     result = train(Path(base), ds, Path(data).parent / "ours-out", settings, quiet=True)
     wall = result.tokens_seen / result.tokens_per_s  # the training loop alone, as for the Trainer
     rss = peak_rss_gb()

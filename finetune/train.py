@@ -9,6 +9,7 @@ log and a PNG plot as training runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -129,6 +130,27 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     base answers other questions while it learns the user's rows.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    soft = batch.get("soft")
+    if soft is not None and soft.any():  # NEFTune's noise is for the user's rows: the replay ones keep clean inputs
+        with _clean_embeddings(base):
+            return _loss_of(model, base, batch)
+    return _loss_of(model, base, batch)
+
+
+@contextlib.contextmanager
+def _clean_embeddings(base: Any) -> Iterator[None]:
+    """The input embeddings in eval mode, where NEFTune's hook adds no noise: a replay row is compared with
+    the base's own distribution over the row as it is, and read as it is."""
+    emb = base.get_input_embeddings()
+    was = emb.training
+    emb.eval()
+    try:
+        yield
+    finally:
+        emb.train(was)
+
+
+def _loss_of(model: Any, base: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     if "position_ids" in batch:  # packed rows: transformers keeps each row's attention inside the row
         # when it gets positions that restart at each row and no attention mask
         inputs = {"position_ids": batch["position_ids"]}
@@ -335,7 +357,9 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     with dist.main_first():  # the main process picks the replay rows and saves them; the others read them
         replayed = _replay_rows(model, tok, template, settings, out, resume or not dist.main, device, bf16)
     replay_rows = [_as_replay(r, settings.replay_kl) for r in _encode_fitting(replayed, tok, template, max_len)]
+    own_rows = len(data.train)
     if settings.pack:  # apart: the user's rows and the replay rows go to separate micro-batches
+        own_rows = len(pack(rows[:len(data.train)], max_len))  # a pass over the rows as written, packed
         rows, replay_rows = pack(rows, max_len), pack(replay_rows, max_len)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -357,16 +381,13 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     compute_loss, optimizer = dist.wrap(LossOf(model), optimizer, batch_size, micro_per_update)
     # The user's micro-batches per update over all processes: each takes every `world`-th (the same
     # global batch). Epochs and updates count passes over the user's rows alone; replay rides beside them.
-    # A pass over `rows` shows each of the user's rows `shown` times, in its own wording and its augmented
-    # ones: --epochs counts passes over the user's rows, so augmenting adds wordings, not updates.
+    # --epochs counts passes over the user's rows as written (`own`, micro-batches a pass): their augmented
+    # copies add wordings, not updates. The batches are drawn from all of `rows`, copies included.
     per_update = settings.grad_accum * dist.world
     per_epoch = math.ceil(len(rows) / batch_size)
-    shown = len(trained) / max(1, len(data.train))
-    epochs = settings.epochs / shown  # passes over `rows`
-    if per_epoch * epochs / per_update < settings.min_updates:
-        # A dozen rows make one or two updates an epoch: too few to learn a fact. Repeat the data.
-        epochs = settings.min_updates * per_update / per_epoch
-    total = max(1, math.ceil(per_epoch * epochs / per_update))
+    own = math.ceil(own_rows / batch_size)
+    # A dozen rows make one or two updates an epoch: too few to learn a fact. Repeat the data.
+    total = max(1, settings.min_updates, math.ceil(own * settings.epochs / per_update))
     warmup = max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
@@ -394,13 +415,14 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
                   "max_len": max_len, "batch_size": batch_size, "device": device, "qlora": qlora,
                   "gradient_checkpointing": checkpointing, "bf16": bf16, "base_bytes": base_bytes,
                   "memory_estimate": need.describe(), "memory_estimate_bytes": need.total, "updates": total,
-                  "epochs_run": round(epochs * shown, 2), "processes": dist.world, "distributed": dist.kind}
+                  "epochs_run": round(total * per_update / own, 2), "processes": dist.world, "distributed": dist.kind}
     if dist.main:
         atomic_write_text(out / "train_config.json", json.dumps(run_config, indent=2))
 
-    schedule = [b for epoch in range(math.ceil(epochs)) for b in
-                _batches(rows, batch_size, settings.seed + epoch)][: total * per_update]
-    assert len(schedule) >= total * per_update
+    schedule: list[list[Encoded]] = []
+    while len(schedule) < total * per_update:  # whole shuffled passes over `rows`, the last one cut
+        schedule += _batches(rows, batch_size, settings.seed + len(schedule) // per_epoch)
+    schedule = schedule[: total * per_update]
     beside = _replay_schedule(replay_rows, batch_size, settings.seed, len(schedule))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     interrupted = False
@@ -412,7 +434,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=quiet or not dist.main)
-    per_pass = max(1, round(per_epoch / shown) // per_update)  # updates in one pass over the user's rows
+    per_pass = max(1, own // per_update)  # updates in one pass over the user's rows
     best: _Best | None = None
     tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
     try:
@@ -587,13 +609,17 @@ def _replay_rows(model: Any, tok: Any, template: str | None, settings: TrainSett
 
 
 def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
-    """`settings` with the max_len and batch_size the interrupted run in `out` used."""
+    """`settings` with what the interrupted run in `out` used for its rows and their order: its max_len and
+    batch_size, its augmentation (none in a run from before --augment) and its updates, so a resumed run
+    continues the same schedule whatever the defaults are now."""
     try:
         saved = json.loads((out / "train_config.json").read_text())
     except (OSError, ValueError):
         return settings
+    same = {k: saved.get(k, 0 if k == "augment" else getattr(settings, k))
+            for k in ("augment", "augment_drop", "epochs", "min_updates", "seed", "grad_accum", "pack")}
     return replace(settings, max_len=settings.max_len or saved.get("max_len"),
-                   batch_size=settings.batch_size or saved.get("batch_size"))
+                   batch_size=settings.batch_size or saved.get("batch_size"), **same)
 
 
 def _gpu_budget(place: Any, gib: float | None) -> int:

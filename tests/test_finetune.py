@@ -476,17 +476,13 @@ def test_replay_kl_trains_on_the_shipped_conversations(home: Store, tiny_llama: 
     assert len(rows[0][1]["content"]) > 100, "a written answer, not a random model's"
 
 
-def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
-    """A packed sequence of a user row and a replay row under --replay-kl: while the adapter is still zero
-    (the fine-tune is the base) the replay row adds nothing to the loss, only the user row's cross-entropy
-    counts; once the adapter has moved, the replay row adds exactly KL(base || fine-tune) over its answer
-    tokens, the base read with the adapter switched off."""
+def _tiny_peft_and_rows() -> tuple:
+    """A 2-layer random LLaMA under a zero LoRA adapter, a user row and a replay row (--replay-kl) for it."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from localchat.finetune.encode import IGNORE, Encoded, pack
-    from localchat.finetune.train import _collate, _loss
+    from localchat.finetune.encode import IGNORE, Encoded
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -495,6 +491,20 @@ def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     mine = Encoded(list(range(1, 9)), [IGNORE] * 4 + list(range(5, 9)))
     replayed = Encoded(list(range(10, 18)), [IGNORE] * 4 + list(range(14, 18)), soft=[True] * 8)
+    return model, mine, replayed
+
+
+def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
+    """A packed sequence of a user row and a replay row under --replay-kl: while the adapter is still zero
+    (the fine-tune is the base) the replay row adds nothing to the loss, only the user row's cross-entropy
+    counts; once the adapter has moved, the replay row adds exactly KL(base || fine-tune) over its answer
+    tokens, the base read with the adapter switched off."""
+    import torch
+
+    from localchat.finetune.encode import pack
+    from localchat.finetune.train import _collate, _loss
+
+    model, mine, replayed = _tiny_peft_and_rows()
     both = _collate(pack([mine, replayed], 64), 0, "cpu")
     alone = _collate([mine], 0, "cpu")
     with torch.no_grad():
@@ -510,3 +520,21 @@ def test_replay_kl_trains_replay_rows_toward_the_bases_distribution() -> None:
         kl = torch.nn.functional.kl_div(tuned, base, log_target=True, reduction="sum")
         assert kl > 0.01
         assert torch.allclose(_loss(model, both)[0], _loss(model, alone)[0] + kl, atol=1e-4)
+
+
+def test_neftune_noise_falls_on_the_users_rows_only() -> None:
+    """With NEFTune on (training mode) the user's rows are read through noisy embeddings, so two losses of
+    the same row differ; a replay row under --replay-kl is not: while the adapter is zero its KL to the
+    base is zero, the base's own distribution over the row as it is (with noise on either side it was not)."""
+    import torch
+    from transformers.integrations.neftune import activate_neftune
+
+    from localchat.finetune.train import _collate, _loss
+
+    model, mine, replayed = _tiny_peft_and_rows()
+    activate_neftune(model, 5.0)
+    model.train()
+    with torch.no_grad():
+        assert _loss(model, _collate([replayed], 0, "cpu"))[0].abs() < 1e-6
+        alone = _collate([mine], 0, "cpu")
+        assert not torch.allclose(_loss(model, alone)[0], _loss(model, alone)[0])

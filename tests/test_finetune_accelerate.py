@@ -21,11 +21,13 @@ from localchat.store import Store  # noqa: E402
 from tests.checkpoints import starter_hf  # noqa: E402
 from tests.test_finetune import QUESTIONS  # noqa: E402
 
-# Four updates of four one-row micro-batches, no dropout: the two runs see the same rows per update. The
-# learning rate the tolerances below were measured at: the default 2e-3 moves every weight ten times as far
-# per update, and the float-sum differences with it (FSDP's adapter then ends 1e-4 from one process's).
+# Four updates of four one-row micro-batches, no dropout, no NEFTune noise (each process would draw its own)
+# and the rows as written: the two runs see the same rows per update. The learning rate the tolerances below
+# were measured at: the default 2e-3 moves every weight ten times as far per update, and the float-sum
+# differences with it (FSDP's adapter then ends 1e-4 from one process's).
 TRAIN = ["--max-len", "64", "--batch-size", "1", "--no-pack", "--min-updates", "4", "--epochs", "0.01",
-         "--lora-dropout", "0", "--held-out", "0.1", "--replay", "0", "--lr", "2e-4", "-q"]
+         "--lora-dropout", "0", "--neftune-alpha", "0", "--augment", "0", "--held-out", "0.1", "--replay", "0",
+         "--lr", "2e-4", "-q"]
 # Same rows and weights; what differs is the order of float sums (two processes' gradients averaged by
 # gloo against one process accumulating both) and bf16 autocast where the CPU has it.
 LOSS_TOLERANCE = 2e-3

@@ -111,7 +111,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(home: Store, tmp_path: 
 
 
 def test_resume_keeps_the_shape_the_run_started_with(tmp_path: Path) -> None:
-    """Free memory may differ at --resume; the shape (and so the data order) must not."""
+    """Free memory or localchat's defaults may differ at --resume; the shape, the rows and their order must not."""
     from localchat.finetune.settings import TrainSettings
     from localchat.finetune.train import _shape_of_run
 
@@ -120,3 +120,11 @@ def test_resume_keeps_the_shape_the_run_started_with(tmp_path: Path) -> None:
     assert (s.max_len, s.batch_size) == (1024, 2)
     assert _shape_of_run(tmp_path, TrainSettings(batch_size=3)).batch_size == 3  # the user's flag wins
     assert _shape_of_run(tmp_path / "none", TrainSettings()).max_len is None
+    # What decides the rows and their updates is the run's own, whatever today's defaults: a run from before
+    # --augment had none, and its 30 updates stay 30.
+    (tmp_path / "train_config.json").write_text(json.dumps({"max_len": 1024, "batch_size": 2, "min_updates": 30}))
+    s = _shape_of_run(tmp_path, TrainSettings())
+    assert (s.augment, s.min_updates, s.epochs, s.seed) == (0, 30, 3.0, 0)
+    (tmp_path / "train_config.json").write_text(json.dumps({"augment": 2, "augment_drop": 0.5, "seed": 7}))
+    s = _shape_of_run(tmp_path, TrainSettings())
+    assert (s.augment, s.augment_drop, s.seed) == (2, 0.5, 7)
