@@ -130,11 +130,29 @@ def _loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     base answers other questions while it learns the user's rows.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    soft = batch.get("soft")
-    if soft is not None and soft.any():  # NEFTune's noise is for the user's rows: the replay ones keep clean inputs
-        with _clean_embeddings(base):
-            return _loss_of(model, base, batch)
-    return _loss_of(model, base, batch)
+    if "position_ids" in batch:  # packed rows: transformers keeps each row's attention inside the row
+        # when it gets positions that restart at each row and no attention mask
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    soft = batch["soft"][:, 1:][keep] if batch.get("soft") is not None else None
+    replayed = soft is not None and bool(soft.any())
+    # NEFTune's noise is for the user's rows: the replay ones keep clean inputs on both sides of the KL.
+    with _clean_embeddings(base) if replayed else contextlib.nullcontext():
+        hidden = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+        logits = base.lm_head(hidden[:, :-1][keep]).float()
+        n = int(keep.sum())
+        if not replayed:
+            return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), n
+        loss = torch.nn.functional.cross_entropy(logits[~soft], labels[keep][~soft], reduction="sum")
+        with torch.no_grad(), model.disable_adapter():
+            target = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+            target = base.lm_head(target[:, :-1][keep][soft]).float().log_softmax(-1)
+    loss = loss + torch.nn.functional.kl_div(logits[soft].log_softmax(-1), target, log_target=True,
+                                             reduction="sum")
+    return loss, n
 
 
 @contextlib.contextmanager
@@ -148,29 +166,6 @@ def _clean_embeddings(base: Any) -> Iterator[None]:
         yield
     finally:
         emb.train(was)
-
-
-def _loss_of(model: Any, base: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    if "position_ids" in batch:  # packed rows: transformers keeps each row's attention inside the row
-        # when it gets positions that restart at each row and no attention mask
-        inputs = {"position_ids": batch["position_ids"]}
-    else:
-        inputs = {"attention_mask": batch["attention_mask"]}
-    hidden = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    logits = base.lm_head(hidden[:, :-1][keep]).float()
-    n = int(keep.sum())
-    soft = batch["soft"][:, 1:][keep] if batch.get("soft") is not None else None
-    if soft is None or not soft.any():
-        return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), n
-    loss = torch.nn.functional.cross_entropy(logits[~soft], labels[keep][~soft], reduction="sum")
-    with torch.no_grad(), model.disable_adapter():
-        target = base.model(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-        target = base.lm_head(target[:, :-1][keep][soft]).float().log_softmax(-1)
-    loss = loss + torch.nn.functional.kl_div(logits[soft].log_softmax(-1), target, log_target=True,
-                                             reduction="sum")
-    return loss, n
 
 
 class LossOf(torch.nn.Module):

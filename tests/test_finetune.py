@@ -417,7 +417,7 @@ def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, sta
 
 
 def test_augment_thins_the_questions_of_copies_and_trains_on_them(home: Store, tiny_llama: Path,
-                                                                 cat_data: Path) -> None:
+                                                                 cat_data: Path, tmp_path: Path) -> None:
     """--augment 2 trains on two more copies of every row, each user turn missing about --augment-drop of
     its words (never all), the answers as written; the copies are the same on every run of a seed, and
     they add wordings, not updates: --epochs still counts passes over the user's rows."""
@@ -446,6 +446,19 @@ def test_augment_thins_the_questions_of_copies_and_trains_on_them(home: Store, t
     config = json.loads((home.root / "aug" / "finetune" / "train_config.json").read_text())
     # Three passes over the user's rows are the updates they were without copies: one pass over all 33 rows.
     assert (config["rows"], config["augmented_rows"], config["updates"], config["epochs_run"]) == (11, 22, 33, 3.0)
+
+    # The updates are the copies' own: as many as three passes over the rows as written, with fewer tokens.
+    from localchat.datasets import load_dataset
+    from localchat.finetune.settings import TrainSettings
+    from localchat.finetune.train import train
+
+    data = load_dataset(cat_data, held_out=0.0)
+    seen = {k: train(tiny_llama, data, tmp_path / f"augment-{k}", TrainSettings(
+        augment=k, replay=0, pack=False, batch_size=1, max_len=96, epochs=3.0, min_updates=1, held_out=0.0),
+        quiet=True) for k in (0, 2)}
+    assert seen[0].steps == seen[2].steps == 36
+    tokens = {k: r.tokens_seen for k, r in seen.items()}
+    assert 0.8 * tokens[0] < tokens[2] < tokens[0], tokens
 
 
 def test_replay_rides_beside_the_users_rows(home: Store, tiny_llama: Path, cat_data: Path) -> None:
