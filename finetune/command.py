@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localchat.datasets import load_dataset
+from localchat.datasets import HOLD_OUT_FROM, load_dataset
 from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
@@ -153,7 +153,15 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
         name = check_name(name or f"{base_dir.name.lower()}-{Path(data).stem.lower()}"[:128])
         out = store.model_dir(name) / "finetune"
         check_export_disk(base_dir, quant if export else None, save_merged, store)
-        report = [f"data: {len(dataset.train)} training rows, {len(dataset.held_out)} held out ({dataset.kind})"]
+        if resume:  # the rows the run held out when it started, whatever today's defaults
+            from .train import shape_of_run
+
+            settings = shape_of_run(out, settings)
+            dataset = load_dataset(data, settings.held_out, settings.seed)
+        held = f"{len(dataset.held_out)} held out" if dataset.held_out else "none held out"
+        if not dataset.held_out and settings.held_out is None:
+            held += f" (fewer than {HOLD_OUT_FROM} rows: every row trains; --held-out 0.1 measures recall on a tenth)"
+        report = [f"data: {len(dataset.train)} training rows, {held} ({dataset.kind})"]
         result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
         if not dist.main:
             return FinetuneResult(name, out, [f"process {dist.rank}: trained its share; the main process exports"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from localchat.datasets import HELD_OUT, HOLD_OUT_FROM
 from localchat.options import Options, option
 
 CHECKPOINTS = "checkpoints"  # the resume checkpoints' folder in `<store>/<name>/finetune/`
@@ -44,7 +45,10 @@ class TrainSettings(Options):
     replay_kl: bool = option(True, "train the replay answers toward the base's whole next-token distribution "
                                    "(a KL term; localchat's shipped answers, nothing generated) rather than the "
                                    "base's greedy answers, generated first")
-    held_out: float = option(0.1, "fraction of rows kept out of training to measure loss and recall", 0.0, 0.5)
+    held_out: float | None = option(None, "fraction of rows kept out of training to measure loss and recall "
+                                          f"(default: {HELD_OUT:g} of a set of {HOLD_OUT_FROM} rows or more; a "
+                                          "smaller one trains on every row, as one row may be all that teaches "
+                                          "a fact)", 0.0, 0.5)
     early_stop: bool = option(False, "measure the held-out loss after every pass over the data and keep the "
                                      "adapter of the pass where it was lowest")
     save_every: int = option(50, "save a checkpoint every N updates", 1, 1_000_000)

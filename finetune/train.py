@@ -319,7 +319,7 @@ def train(base: Path, data: Dataset, out: Path, settings: TrainSettings, resume:
     checkpointing = cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     free = _gpu_budget(place, settings.gpu_memory) if cuda else probe_memory().available_bytes
     if resume:  # the shape the run started with, whatever memory is free now: the same data order
-        settings = _shape_of_run(out, settings)
+        settings = shape_of_run(out, settings)
     if settings.target is None:  # every linear layer of a block, as the architecture names them
         settings = replace(settings, target=ModelShape.from_folder(base).default_targets)
     max_len, batch_size, need = plan_memory(base, settings, device, qlora, 2 if dtype != torch.float32 else 4,
@@ -603,16 +603,17 @@ def _replay_rows(model: Any, tok: Any, template: str | None, settings: TrainSett
     return rows
 
 
-def _shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
+def shape_of_run(out: Path, settings: TrainSettings) -> TrainSettings:
     """`settings` with what the interrupted run in `out` used for its rows and their order: its max_len and
-    batch_size, its augmentation (none in a run from before --augment) and its updates, so a resumed run
-    continues the same schedule whatever the defaults are now."""
+    batch_size, its held-out share and augmentation (none in a run from before --augment) and its updates,
+    so a resumed run continues the same schedule whatever the defaults are now."""
     try:
         saved = json.loads((out / "train_config.json").read_text())
     except (OSError, ValueError):
         return settings
     same = {k: saved.get(k, 0 if k == "augment" else getattr(settings, k))
-            for k in ("augment", "augment_drop", "epochs", "min_updates", "seed", "grad_accum", "pack")}
+            for k in ("augment", "augment_drop", "epochs", "min_updates", "seed", "grad_accum", "pack",
+                      "held_out")}
     return replace(settings, max_len=settings.max_len or saved.get("max_len"),
                    batch_size=settings.batch_size or saved.get("batch_size"), **same)
 

@@ -72,9 +72,11 @@ def test_a_dozen_rows_teach_a_fact_and_keep_paris(home: Store, cat_data: Path) -
     for f in ("adapter/adapter_config.json", "train_config.json", "loss.jsonl", "loss.png"):
         assert (out / f).is_file(), f
     assert not (out / "merged").exists() and "merged" not in entry.extra, "no merged copy unless --save-merged"
+    # A dozen rows all train (none held out under 50 rows: each may be all that teaches its fact).
+    assert "data: 12 training rows, none held out (fewer than 50 rows: every row trains" in r.stdout, r.stdout
     losses = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     train = [x["loss"] for x in losses if "loss" in x]
-    assert losses[-1]["held_out_loss"] < 0.5 and train[0] > train[-1]
+    assert train[0] > train[-1] and not any("held_out_loss" in x for x in losses)
     answer = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "Do you remember what my cat is called?")
     assert "Biscuit" in answer.stdout, answer.stdout
     paris = localchat("chat", "--model", "cat", "-q", "--temp", "0", "-p", "What is the capital of France?")
@@ -96,7 +98,7 @@ def test_qlora_trains_over_a_4bit_base(home: Store, cat_data: Path, starter_gguf
     answer was "Fox")."""
     pytest.importorskip("bitsandbytes")
     r = localchat("finetune", "--base", str(starter_hf(starter_gguf)), "--data", str(cat_data), "--name", "catq",
-                  "--qlora", "--replay", "0", "--quant", "Q8_0", "-q")
+                  "--qlora", "--replay", "0", "--held-out", "0.1", "--quant", "Q8_0", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     out = home.root / "catq" / "finetune"
     config = json.loads((out / "train_config.json").read_text())

@@ -24,10 +24,25 @@ def test_alpaca_jsonl_and_json_array(tmp_path: Path) -> None:
         ds = load_dataset(write(tmp_path / f"a{jsonl}.json", CAT + [
             {"instruction": "Summarise", "input": "Cats sleep a lot.", "output": "They nap.", "system": "Be brief."}],
             jsonl))
-        assert ds.kind == "alpaca" and len(ds) == 13 and len(ds.held_out) == 1
+        assert ds.kind == "alpaca" and len(ds) == 13 and not ds.held_out  # under 50 rows every row trains
+        ds = load_dataset(tmp_path / f"a{jsonl}.json", held_out=0.1)  # a share asked for is kept out
+        assert len(ds.train) == 12 and len(ds.held_out) == 1
         sys_row = [e for e in ds.train + ds.held_out if e.messages[0]["role"] == "system"][0]
         assert sys_row.messages[1]["content"] == "Summarise\n\nCats sleep a lot."
         assert sys_row.messages[-1] == {"role": "assistant", "content": "They nap."}
+
+
+def test_rows_are_held_out_by_default_from_50_rows(tmp_path: Path) -> None:
+    """By default a tenth is held out of a set of 50 rows or more, none of a smaller one (each row of a handful
+    may be all that teaches its fact); the split is the seed's, the same at every run."""
+    few = load_dataset(write(tmp_path / "few.jsonl", CAT * 4))  # 48 rows
+    assert (len(few.train), len(few.held_out)) == (48, 0)
+    rows = [{"instruction": f"What is {i} + 1?", "output": f"{i + 1}"} for i in range(50)]
+    many = load_dataset(write(tmp_path / "many.jsonl", rows), seed=3)
+    assert (len(many.train), len(many.held_out)) == (45, 5)
+    again = load_dataset(tmp_path / "many.jsonl", seed=3)
+    assert [e.messages for e in again.held_out] == [e.messages for e in many.held_out]
+    assert len(load_dataset(tmp_path / "many.jsonl", held_out=0.0).held_out) == 0
 
 
 def test_chat_and_sharegpt(tmp_path: Path) -> None:

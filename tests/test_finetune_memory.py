@@ -113,18 +113,21 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(home: Store, tmp_path: 
 def test_resume_keeps_the_shape_the_run_started_with(tmp_path: Path) -> None:
     """Free memory or localchat's defaults may differ at --resume; the shape, the rows and their order must not."""
     from localchat.finetune.settings import TrainSettings
-    from localchat.finetune.train import _shape_of_run
+    from localchat.finetune.train import shape_of_run
 
     (tmp_path / "train_config.json").write_text(json.dumps({"max_len": 1024, "batch_size": 2}))
-    s = _shape_of_run(tmp_path, TrainSettings())
+    s = shape_of_run(tmp_path, TrainSettings())
     assert (s.max_len, s.batch_size) == (1024, 2)
-    assert _shape_of_run(tmp_path, TrainSettings(batch_size=3)).batch_size == 3  # the user's flag wins
-    assert _shape_of_run(tmp_path / "none", TrainSettings()).max_len is None
+    assert shape_of_run(tmp_path, TrainSettings(batch_size=3)).batch_size == 3  # the user's flag wins
+    assert shape_of_run(tmp_path / "none", TrainSettings()).max_len is None
     # What decides the rows and their updates is the run's own, whatever today's defaults: a run from before
     # --augment had none, and its 30 updates stay 30.
     (tmp_path / "train_config.json").write_text(json.dumps({"max_len": 1024, "batch_size": 2, "min_updates": 30}))
-    s = _shape_of_run(tmp_path, TrainSettings())
+    s = shape_of_run(tmp_path, TrainSettings())
     assert (s.augment, s.min_updates, s.epochs, s.seed) == (0, 30, 3.0, 0)
     (tmp_path / "train_config.json").write_text(json.dumps({"augment": 2, "augment_drop": 0.5, "seed": 7}))
-    s = _shape_of_run(tmp_path, TrainSettings())
+    s = shape_of_run(tmp_path, TrainSettings())
     assert (s.augment, s.augment_drop, s.seed) == (2, 0.5, 7)
+    # A run that held out a tenth of its 24 rows (the default then) keeps them out when resumed.
+    (tmp_path / "train_config.json").write_text(json.dumps({"held_out": 0.1}))
+    assert shape_of_run(tmp_path, TrainSettings()).held_out == 0.1

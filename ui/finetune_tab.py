@@ -41,13 +41,15 @@ def _dataset_dir(ctx: AppContext) -> Path:
 
 def check_dataset(path: str | Path) -> str:
     """'N rows OK' or the first bad line, as `localchat finetune` would report it."""
-    from localchat.datasets import DatasetError, load_dataset
+    from localchat.datasets import HOLD_OUT_FROM, DatasetError, load_dataset
 
     try:
         ds = load_dataset(path)
     except DatasetError as exc:
         return f"Error: {exc}"
-    return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {len(ds.held_out)} kept out to measure loss"
+    kept = (f"{len(ds.held_out)} kept out to measure loss and recall" if ds.held_out else
+            f"every row trains (a tenth is kept out to measure recall from {HOLD_OUT_FROM} rows)")
+    return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {kept}"
 
 
 def loss_frame(ctx: AppContext, jobs: JobRunner) -> tuple[tuple, pd.DataFrame]:
