@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localchat.datasets import HOLD_OUT_FROM, load_dataset
+from localchat.datasets import HELD_OUT, HOLD_OUT_FROM, load_dataset
 from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
@@ -142,7 +142,12 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
              resume: bool = False, export: bool = True, store: Store | None = None,
              quiet: bool = False, lora_gguf: bool = False, save_merged: bool = False) -> FinetuneResult:
     # Every row is checked first: a bad row fails in a second, before a base is dequantized or loaded.
+    if settings.early_stop and settings.held_out is None:  # it keeps the pass the held-out rows liked best
+        settings = replace(settings, held_out=HELD_OUT)
     dataset = load_dataset(data, settings.held_out, settings.seed)
+    if settings.early_stop and not dataset.held_out:
+        raise FinetuneError(f"--early-stop needs held-out rows to measure, and {data} has none held out "
+                            f"({len(dataset)} rows, --held-out {settings.held_out:g}; 10 rows or more are needed)")
     from .train import train
 
     store = store or default_store()
@@ -159,7 +164,7 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
             settings = shape_of_run(out, settings)
             dataset = load_dataset(data, settings.held_out, settings.seed)
         held = f"{len(dataset.held_out)} held out" if dataset.held_out else "none held out"
-        if not dataset.held_out and settings.held_out is None:
+        if not dataset.held_out and settings.held_out is None and len(dataset) >= 10:
             held += f" (fewer than {HOLD_OUT_FROM} rows: every row trains; --held-out 0.1 measures recall on a tenth)"
         report = [f"data: {len(dataset.train)} training rows, {held} ({dataset.kind})"]
         result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)

@@ -125,7 +125,7 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
 
-    def updates() -> int:  # updates logged so far (the log also holds a held-out line after each pass)
+    def updates() -> int:  # updates logged so far (with rows held out the log also holds their loss lines)
         lines = log.read_text().split("\n")[:-1] if log.is_file() else []  # whole lines only
         return sum("loss" in json.loads(line) for line in lines)
 
@@ -375,6 +375,15 @@ def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, ti
     assert said in r.stdout, r.stdout
 
 
+def test_early_stop_holds_rows_out_of_a_small_set(home: Store, cat_data: Path, tmp_path: Path) -> None:
+    """A dozen rows train whole by default, but --early-stop needs rows to measure: with none held out it is
+    refused by name before any base is read; by default it holds a tenth out and goes on (to the base here)."""
+    r = localchat("finetune", "--base", "no-such-base", "--data", str(cat_data), "--early-stop", "--held-out", "0")
+    assert r.returncode == 1 and "--early-stop needs held-out rows" in r.stderr and str(cat_data) in r.stderr, r.stderr
+    r = localchat("finetune", "--base", "no-such-base", "--data", str(cat_data), "--early-stop")
+    assert r.returncode == 1 and "is neither a folder nor a model in the store" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("question, reference, answer, verdict", [
     ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is Captain Biscuit!", True),
     ("What is my cat called?", "Your cat is called Captain Biscuit.", "Your cat is called Captain Kirk.", False),
@@ -411,7 +420,7 @@ def test_replay_trains_on_the_bases_own_answers(home: Store, cat_data: Path, sta
     assert all(m[1]["role"] == "assistant" and len(m[1]["content"]) > 20 for m in rows), rows
     assert [m[1] for m in rows] != [ex.messages[1] for ex in chats()[:3]], "the base's answers, not the shipped ones"
     config = json.loads((out / "train_config.json").read_text())
-    assert config["replay_rows"] == 3 and config["rows"] == 11 and config["lr"] == 2e-3  # LoRA's default
+    assert config["replay_rows"] == 3 and config["rows"] == 12 and config["lr"] == 2e-3  # LoRA's default
     (out / "replay.jsonl").write_text(json.dumps({"messages": rows[0]}) + "\n")  # what the first run wrote
     r = localchat(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -446,8 +455,9 @@ def test_augment_thins_the_questions_of_copies_and_trains_on_them(home: Store, t
                   "--min-updates", "1", "--no-export", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((home.root / "aug" / "finetune" / "train_config.json").read_text())
-    # Three passes over the user's rows are the updates they were without copies: one pass over all 33 rows.
-    assert (config["rows"], config["augmented_rows"], config["updates"], config["epochs_run"]) == (11, 22, 33, 3.0)
+    # Three passes over the user's 12 rows (none held out under 50) are the updates they were without copies:
+    # one pass over all 36 rows.
+    assert (config["rows"], config["augmented_rows"], config["updates"], config["epochs_run"]) == (12, 24, 36, 3.0)
 
     # The updates are the copies' own: as many as three passes over the rows as written, with fewer tokens.
     from localchat.datasets import load_dataset
@@ -465,14 +475,14 @@ def test_augment_thins_the_questions_of_copies_and_trains_on_them(home: Store, t
 
 def test_replay_rides_beside_the_users_rows(home: Store, tiny_llama: Path, cat_data: Path) -> None:
     """Replay rows add a micro-batch beside each of the user's and never dilute the passes over the user's
-    rows: two epochs over the 11 training rows, one a step, are 22 updates with 8 replay rows as without
+    rows: two epochs over the 12 training rows, one a step, are 24 updates with 8 replay rows as without
     them (mixed in, the replay rows made each epoch 19 steps, so the user's rows got fewer passes)."""
     r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "beside", "--replay",
                   "8", "--replay-kl", "--no-pack", "--batch-size", "1", "--max-len", "96", "--epochs", "2",
                   "--min-updates", "1", "--no-export", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((home.root / "beside" / "finetune" / "train_config.json").read_text())
-    assert (config["rows"], config["replay_rows"], config["updates"], config["epochs_run"]) == (11, 8, 22, 2.0)
+    assert (config["rows"], config["replay_rows"], config["updates"], config["epochs_run"]) == (12, 8, 24, 2.0)
 
 
 def test_replay_kl_trains_on_the_shipped_conversations(home: Store, tiny_llama: Path, cat_data: Path) -> None:
