@@ -213,7 +213,7 @@ def finetune_export(ckpt: Path, workdir: Path) -> dict[str, dict]:
     figures: dict[str, dict] = {}
     try:
         for step, code in steps.items():
-            wall, rss = run_measured([sys.executable, "-c", "from pathlib import Path; " + code])
+            wall, rss = run_measured(["-c", "from pathlib import Path; " + code])
             out = {"export": q4, "merged": merged, "dequant": dequantized}[step]
             size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.glob("*.safetensors"))) / 1e9
             figures.update({f"big_ft_{step}_wall": figure(wall, "s"), f"big_ft_{step}_rss": figure(rss, "GB"),

@@ -62,9 +62,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                  ["--rows", "8", "--held-out", "4", "--rounds", "1", "--precision", "fp32"]),
     "ui": ("bench_ui", [],  # ~5 min: 6 rounds (a warm-up and 5) x 2 answers of 256 tokens
            ["--rounds", "1", "--tokens", "16"]),
-    # ~40 min: 2 bases x (before, after) x training seeds 0 and 1 (every figure moves from one fine-tune to
-    # the next) of fine-tune + Q4_K_M export, two at a time on one thread each, each asked 15 paraphrases and
-    # 8 general questions under 8 seeds and greedily
+    # ~50 min (3444 s measured, a 7B export running beside it): 2 bases x (before, after) x training seeds 0
+    # and 1 (every figure moves from one fine-tune to the next) of fine-tune + Q4_K_M export, two at a time on
+    # one thread each, each asked 15 paraphrases and 8 general questions under 8 seeds and greedily
     "recall": ("bench_recall", ["--threads", "1", "--jobs", "2", "--train-seeds", "0", "1"],
                ["--seeds", "1", "--bases", "hf", "--runs", "after", "--train-seeds", "0"]),
 }

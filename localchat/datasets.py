@@ -31,7 +31,8 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant",
 
 # Rows held out by default to measure loss and recall: this share, from this many rows. A smaller set
 # trains on every row, as each may be all that teaches its fact: on the recall bench's 24 rows (3 facts)
-# holding out 2 cost recall and general answers on two fine-tunes of two (README, fine-tuning defaults).
+# holding out 2 cost the GGUF starter recall and general answers on both training seeds measured (README,
+# fine-tuning defaults; the HF folder's one seed went the other way, within one seed's spread).
 # From 50 rows the 5 held out give a share worth reading; `held_out` set by the caller always applies.
 HELD_OUT = 0.1
 HOLD_OUT_FROM = 50
