@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localchat.datasets import HELD_OUT, HOLD_OUT_FROM, load_dataset
+from localchat.datasets import HELD_OUT, HOLD_OUT_FROM, HOLD_OUT_MIN, load_dataset
 from localchat.fsutil import check_disk, human, sha256_file
 from localchat.store import ModelEntry, ModelFile, Store, check_name, default_store
 
@@ -147,7 +147,8 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
     dataset = load_dataset(data, settings.held_out, settings.seed)
     if settings.early_stop and not dataset.held_out:
         raise FinetuneError(f"--early-stop needs held-out rows to measure, and {data} has none held out "
-                            f"({len(dataset)} rows, --held-out {settings.held_out:g}; 10 rows or more are needed)")
+                            f"({len(dataset)} rows, --held-out {settings.held_out:g}; {HOLD_OUT_MIN} rows or more "
+                            "are needed)")
     from .train import train
 
     store = store or default_store()
@@ -162,10 +163,11 @@ def finetune(base: str, data: str, name: str | None, settings: TrainSettings, qu
             from .train import shape_of_run
 
             settings = shape_of_run(out, settings)
-            dataset = load_dataset(data, settings.held_out, settings.seed)
+            dataset = dataset.split(settings.held_out, settings.seed)
         held = f"{len(dataset.held_out)} held out" if dataset.held_out else "none held out"
-        if not dataset.held_out and settings.held_out is None and len(dataset) >= 10:
-            held += f" (fewer than {HOLD_OUT_FROM} rows: every row trains; --held-out 0.1 measures recall on a tenth)"
+        if not dataset.held_out and settings.held_out is None and len(dataset) >= HOLD_OUT_MIN:
+            held += (f" (fewer than {HOLD_OUT_FROM} rows: every row trains; --held-out {HELD_OUT:g} measures "
+                     "recall on that share)")
         report = [f"data: {len(dataset.train)} training rows, {held} ({dataset.kind})"]
         result = train(base_dir, dataset, out, settings, resume=resume, quiet=quiet)
         if not dist.main:

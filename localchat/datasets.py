@@ -21,7 +21,7 @@ import json
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant",
 # From 50 rows the 5 held out give a share worth reading; `held_out` set by the caller always applies.
 HELD_OUT = 0.1
 HOLD_OUT_FROM = 50
+HOLD_OUT_MIN = 10  # rows: a smaller set is never split, whatever share is asked for
 
 
 class DatasetError(ValueError):
@@ -55,9 +56,22 @@ class Dataset:
     kind: str  # "alpaca", "chat", "sharegpt" or "text"
     train: list[Example]
     held_out: list[Example] = field(default_factory=list)
+    rows: list[Example] = field(default_factory=list, repr=False)  # every row, in the file's order
 
     def __len__(self) -> int:
-        return len(self.train) + len(self.held_out)
+        return len(self.rows)
+
+    def split(self, held_out: float | None = None, seed: int = 0) -> Dataset:
+        """These rows with `held_out` of them kept out for evaluation, chosen by `seed` (None: HELD_OUT of a
+        set of HOLD_OUT_FROM rows or more, else none); nothing is read again."""
+        order = list(range(len(self.rows)))
+        random.Random(seed).shuffle(order)
+        if held_out is None:
+            held_out = HELD_OUT if len(self.rows) >= HOLD_OUT_FROM else 0.0
+        n_eval = int(len(self.rows) * held_out) if len(self.rows) >= HOLD_OUT_MIN else 0
+        eval_idx = set(order[:n_eval])
+        return replace(self, train=[e for i, e in enumerate(self.rows) if i not in eval_idx],
+                       held_out=[e for i, e in enumerate(self.rows) if i in eval_idx])
 
 
 def _fail(path: Path, line: int | None, message: str) -> DatasetError:
@@ -193,8 +207,7 @@ def _example(path: Path, line: int, row: Any) -> tuple[str, Example]:
 
 
 def load_dataset(path: str | Path, held_out: float | None = None, seed: int = 0) -> Dataset:
-    """Read and check every row of `path`; split off `held_out` of it for evaluation (None: HELD_OUT of a
-    set of HOLD_OUT_FROM rows or more, else none)."""
+    """Read and check every row of `path`; split off `held_out` of it for evaluation (Dataset.split)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -213,11 +226,4 @@ def load_dataset(path: str | Path, held_out: float | None = None, seed: int = 0)
         if not examples:
             raise _fail(path, None, "the file has no rows")
         kind = "+".join(sorted(kinds))
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    if held_out is None:
-        held_out = HELD_OUT if len(examples) >= HOLD_OUT_FROM else 0.0
-    n_eval = int(len(examples) * held_out) if len(examples) >= 10 else 0
-    eval_idx = set(order[:n_eval])
-    return Dataset(path, kind, [e for i, e in enumerate(examples) if i not in eval_idx],
-                   [e for i, e in enumerate(examples) if i in eval_idx])
+    return Dataset(path, kind, examples, rows=examples).split(held_out, seed)

@@ -121,9 +121,10 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     base = starter_hf(starter_gguf)
     args = ["-m", "localchat", "finetune", "--base", str(base), "--data", str(cat_data), "--name", "cat2",
             "--save-every", "5", "--no-export", "-q", "--no-pack", "--replay", "0"]
+    held = ["--held-out", "0.25"]  # the first run's; --resume without it keeps the run's own 3 rows out
     log = home.root / "cat2" / "finetune" / "loss.jsonl"
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    proc = subprocess.Popen([sys.executable, *args, *held], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
 
     def updates() -> int:  # updates logged so far (with rows held out the log also holds their loss lines)
         lines = log.read_text().split("\n")[:-1] if log.is_file() else []  # whole lines only
@@ -142,6 +143,7 @@ def test_ctrl_c_saves_and_resume_continues(home: Store, cat_data: Path, starter_
     r = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from update {stopped[-1]}" in r.stdout
+    assert "data: 9 training rows, 3 held out (" in r.stdout, r.stdout
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, total + 1)), "the same updates, none repeated, none skipped"
 
@@ -376,13 +378,15 @@ def test_early_stop_keeps_the_pass_with_the_lowest_held_out_loss(home: Store, ti
     assert said in r.stdout, r.stdout
 
 
-def test_early_stop_holds_rows_out_of_a_small_set(home: Store, cat_data: Path, tmp_path: Path) -> None:
-    """A dozen rows train whole by default, but --early-stop needs rows to measure: with none held out it is
-    refused by name before any base is read; by default it holds a tenth out and goes on (to the base here)."""
+def test_early_stop_holds_rows_out_of_a_small_set(home: Store, tiny_llama: Path, cat_data: Path) -> None:
+    """A dozen rows train whole by default, but --early-stop needs rows to measure: by default it holds a tenth
+    out (one of the 12), and with none held out it is refused by name before any base is read."""
     r = localchat("finetune", "--base", "no-such-base", "--data", str(cat_data), "--early-stop", "--held-out", "0")
     assert r.returncode == 1 and "--early-stop needs held-out rows" in r.stderr and str(cat_data) in r.stderr, r.stderr
-    r = localchat("finetune", "--base", "no-such-base", "--data", str(cat_data), "--early-stop")
-    assert r.returncode == 1 and "is neither a folder nor a model in the store" in r.stderr, r.stderr
+    r = localchat("finetune", "--base", str(tiny_llama), "--data", str(cat_data), "--name", "es1", "--early-stop",
+                  "--replay", "0", "--min-updates", "1", "--epochs", "0.1", "--no-export", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data: 11 training rows, 1 held out (" in r.stdout and ", held-out loss " in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("question, reference, answer, verdict", [

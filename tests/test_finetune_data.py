@@ -42,6 +42,9 @@ def test_rows_are_held_out_by_default_from_50_rows(tmp_path: Path) -> None:
     assert (len(many.train), len(many.held_out)) == (45, 5)
     again = load_dataset(tmp_path / "many.jsonl", seed=3)
     assert [e.messages for e in again.held_out] == [e.messages for e in many.held_out]
+    # Split again without reading the file (--resume): the same rows as reading it with that share and seed.
+    assert many.split(0.2, 5).held_out == load_dataset(tmp_path / "many.jsonl", held_out=0.2, seed=5).held_out
+    assert len(many.split(0.2, 5)) == 50 and len(many.split(0.2, 5).held_out) == 10
     assert len(load_dataset(tmp_path / "many.jsonl", held_out=0.0).held_out) == 0
 
 

@@ -41,14 +41,14 @@ def _dataset_dir(ctx: AppContext) -> Path:
 
 def check_dataset(path: str | Path) -> str:
     """'N rows OK' or the first bad line, as `localchat finetune` would report it."""
-    from localchat.datasets import HOLD_OUT_FROM, DatasetError, load_dataset
+    from localchat.datasets import HELD_OUT, HOLD_OUT_FROM, DatasetError, load_dataset
 
     try:
         ds = load_dataset(path)
     except DatasetError as exc:
         return f"Error: {exc}"
     kept = (f"{len(ds.held_out)} kept out to measure loss and recall" if ds.held_out else
-            f"every row trains (a tenth is kept out to measure recall from {HOLD_OUT_FROM} rows)")
+            f"every row trains ({HELD_OUT:.0%} is kept out to measure recall from {HOLD_OUT_FROM} rows)")
     return f"OK: {Path(path).name}: {len(ds)} rows ({ds.kind}), {kept}"
 
 
