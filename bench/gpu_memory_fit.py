@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-GIB = 1024**3
+
+from localchat.hardware import GIB  # noqa: E402
 
 
 def main() -> int:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from localchat.hardware import GIB
+
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 CARD_GIB = 8
 QUESTIONS = ["What is my cat called?", "What's the name of my cat?", "Do you remember my cat's name?",
              "Tell me my cat's name.", "My cat's name is what?", "Who is my cat?",

@@ -17,7 +17,7 @@ import pytest
 from localchat.cli import main as cli
 from localchat.commands.serve import vllm_launch
 from localchat.engine.vllm import ENV_GUARD, ENV_PYTHON, GUARD_MIDDLEWARE, VllmLaunch, VllmUnavailable
-from localchat.hardware import ENV_REPORT, load_report
+from localchat.hardware import ENV_REPORT, GIB, load_report
 from localchat.server.settings import ServerSettings
 from localchat.store import ModelEntry, ModelFile, Store
 
@@ -27,7 +27,6 @@ from .conftest import link_or_copy
 VLLM_VENV = CACHE / "vllm-venv"
 HARDWARE = Path(__file__).parent / "hardware"
 FAKE_VLLM = "/opt/vllm-venv/bin/python"  # the vLLM environment the saved reports record
-GiB = 1024**3
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
@@ -159,7 +158,7 @@ def test_model_too_big_for_the_gpus_is_refused(tmp_path: Path, monkeypatch: pyte
     from dataclasses import replace
 
     box = load_report(HARDWARE / "cuda-1x8gb.json")
-    box = replace(box, accelerators=tuple(replace(g, total_bytes=GiB, free_bytes=GiB) for g in box.accelerators))
+    box = replace(box, accelerators=tuple(replace(g, total_bytes=GIB, free_bytes=GIB) for g in box.accelerators))
     (tmp_path / "small.json").write_text(box.to_json())
     monkeypatch.setenv(ENV_REPORT, str(tmp_path / "small.json"))
     monkeypatch.setenv("LOCALCHAT_HOME", str(tmp_path / "home"))
