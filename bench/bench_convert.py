@@ -16,8 +16,8 @@
    weights), each made a shard at a time, converted (peak RSS under 3 GB), quantized to
    Q4_K_M and set against the size llama.cpp's Q4_K_M type mix gives their tensors, then
    deleted (one at a time: each needs ~37 GB of disk at its peak).
-4. `--big` (or `--finetune-export` alone): `localchat finetune`'s export path on that
-   checkpoint with a random rank-16 adapter on every linear layer: base + adapter merged
+4. `--finetune-export` (make bench's `finetune_export`, not part of `--big`): `localchat
+   finetune`'s export path on the `--shape` checkpoint with a random rank-16 adapter on every linear layer: base + adapter merged
    tensor by tensor into the GGUF writer, then Q4_K_M, with peak RSS under 4 GB; then
    `--save-merged`'s folder, and that Q4_K_M dequantized back to bf16 as a GGUF-only base is
    for training. Each in its own process; everything they write is deleted.
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --big: the checkpoint's shape (small: a quick check of this path)")
     ap.add_argument("--decode-only", action="store_true", help="with --big: reuse the kept Q4_K_M file")
     ap.add_argument("--finetune-export", action="store_true", help="the fine-tune export rows only, on the "
-                    "--shape checkpoint (--big runs them too)")
+                    "--shape checkpoint (make bench's finetune_export)")
     ap.add_argument("--imatrix", action="store_true", help="the importance-weighted convert row only, on the "
                     "--shape checkpoint (--big runs it too)")
     ap.add_argument("--imatrix-calibration", type=Path, help="the calibration file of the --imatrix row "
@@ -577,8 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures.update(more)
     if args.big or args.decode_only:
         figures.update(big_run(args))
-    if args.big:
-        figures.update(big_finetune(args))
+    if args.big:  # the fine-tune export rows are a bench of their own in make bench (run_all's finetune_export)
         figures.update(big_imatrix(args))
     if args.scale:
         settings["scale"] = {}

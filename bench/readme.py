@@ -140,15 +140,6 @@ def convert(b: Bench) -> list[str]:
                   f"so at most about {_f(b, 'big_bound_tok_s')}; decode / bound "
                   f"{_f(b, 'big_decode_vs_bound')}. The bound leaves out the KV cache and compute, so it is "
                   "an estimate, not a ceiling."]
-        if "big_ft_export_wall" in b["figures"]:
-            lines += ["", "`localchat finetune`'s export path on that checkpoint with a random rank-16 adapter on "
-                      "every linear layer (base + adapter merged tensor by tensor into the GGUF writer, then "
-                      f"Q4_K_M, the after-export check off) takes {_f(b, 'big_ft_export_wall', 0)} at a peak RSS "
-                      f"of {_f(b, 'big_ft_export_rss')} (goal: under 4 GB). `--save-merged`'s folder "
-                      f"({_f(b, 'big_ft_merged_gb', 1)}) takes {_f(b, 'big_ft_merged_wall', 0)} at "
-                      f"{_f(b, 'big_ft_merged_rss')}; dequantizing the Q4_K_M file back to bf16, as a GGUF-only "
-                      f"base is for training ({_f(b, 'big_ft_dequant_gb', 1)}), takes "
-                      f"{_f(b, 'big_ft_dequant_wall', 0)} at {_f(b, 'big_ft_dequant_rss')}."]
         if "big_im_wall" in b["figures"]:
             lines += ["", f"`localchat convert` of that checkpoint to an importance-weighted Q4_K_M (F16, the "
                       f"importance pass: {b['figures']['big_im_imatrix_s']['note'].split(': ', 1)[1]}, then Q4_K_M; "
@@ -156,6 +147,21 @@ def convert(b: Bench) -> list[str]:
                       f"{_f(b, 'big_im_imatrix_s', 0)}, at a peak RSS of {_f(b, 'big_im_rss')} (goal: under 4 GB), "
                       f"and gives a {_f(b, 'big_im_q4_gb')} file."]
     return lines + convert_families(b) + convert_scale(b)
+
+
+def finetune_export(b: Bench) -> list[str]:
+    s = b["settings"]
+    shape = "a LLaMA-2-7B-shaped" if s["shape"] == "llama2-7b" else f"a {s['shape']}-shaped (not 7B: a check)"
+    return [f"`bench/bench_convert.py --finetune-export`: `localchat finetune`'s export path on {shape} random "
+            "checkpoint (fp16) with a random rank-16 adapter on every linear layer, each step in its own process: "
+            "base + adapter merged tensor by tensor into the GGUF writer (F16), the importance pass over the "
+            "shipped calibration set on that merge, then Q4_K_M weighted by it (the after-export check off), "
+            f"takes {_f(b, 'big_ft_export_wall', 0)} at a peak RSS of {_f(b, 'big_ft_export_rss')} (goal: "
+            f"under 4 GB) and gives a {_f(b, 'big_ft_export_gb')} file. `--save-merged`'s folder "
+            f"({_f(b, 'big_ft_merged_gb', 1)}, the base's dtype) takes {_f(b, 'big_ft_merged_wall', 0)} at "
+            f"{_f(b, 'big_ft_merged_rss')}; dequantizing the Q4_K_M file back to bf16, as a GGUF-only base is for "
+            f"training ({_f(b, 'big_ft_dequant_gb', 1)}), takes {_f(b, 'big_ft_dequant_wall', 0)} at "
+            f"{_f(b, 'big_ft_dequant_rss')}."]
 
 
 def convert_families(b: Bench) -> list[str]:
@@ -281,7 +287,8 @@ def recall(b: Bench) -> list[str]:
 
 
 WRITERS: dict[str, Callable[[Bench], list[str]]] = {
-    "runtime": runtime, "serve": serve, "serve_1b": serve, "quant_ppl": quant_ppl, "convert": convert, "gptq": gptq,
+    "runtime": runtime, "serve": serve, "serve_1b": serve, "quant_ppl": quant_ppl, "convert": convert,
+    "finetune_export": finetune_export, "gptq": gptq,
     "finetune": finetune, "ui": ui, "recall": recall}
 
 

@@ -49,13 +49,16 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                   ["--types", "Q8_0", "Q4_K_M", "--chars", "3000"]),
     # ~80 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
     # 4 x 2 starter conversions, 4 x 2 per family (~1 min each), a 13.5 GB conversion, a Q4_K_M quantization,
-    # 4 x (decode + bandwidth), the fine-tune export rows (~10 min, 18 GB of disk at the peak, deleted after):
-    # merge + F16 + Q4_K_M, the merged folder (13.5 GB) and that Q4_K_M dequantized back to bf16; `localchat convert`
+    # 4 x (decode + bandwidth); `localchat convert`
     # with its importance matrix (~20 min: 20 rows through 32 layers in torch, 18 GB of disk, deleted after); then
     # each 8B shape alone (~10-20 min, ~37 GB of disk at its peak, deleted after)
     "convert": ("bench_convert", ["--big", "--scale", "qwen3-8b", "llama3.1-8b"],
                 ["--rounds", "1", "--big", "--shape", "small", "--decode-tokens", "4",
                  "--scale", "qwen3-small", "llama3.1-small"]),
+    # ~30 min once the 7B-shaped checkpoint is cached (the same one as convert's): the fine-tune export rows, each
+    # in its own process (18 GB of disk at the peak, deleted after): merge + F16 + Q4_K_M, the merged folder
+    # (13.5 GB) and that Q4_K_M dequantized back to bf16
+    "finetune_export": ("bench_convert", ["--finetune-export"], ["--finetune-export", "--shape", "small"]),
     "gptq": ("bench_gptq", [],  # ~5 min: GPTQ with its scale search, RTN, 3 texts x 2 evaluations
              ["--samples", "4", "--seq-len", "64", "--chars", "2000"]),
     "finetune": ("bench_finetune", [],  # ~15 min: (fp32 + bf16 where native) x 3 sides x 3 rounds
