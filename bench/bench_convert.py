@@ -17,10 +17,11 @@
    Q4_K_M and set against the size llama.cpp's Q4_K_M type mix gives their tensors, then
    deleted (one at a time: each needs ~37 GB of disk at its peak).
 4. `--finetune-export` (make bench's `finetune_export`, not part of `--big`): `localchat
-   finetune`'s export path on the `--shape` checkpoint with a random rank-16 adapter on every linear layer: base + adapter merged
-   tensor by tensor into the GGUF writer, then Q4_K_M, with peak RSS under 4 GB; then
-   `--save-merged`'s folder, and that Q4_K_M dequantized back to bf16 as a GGUF-only base is
-   for training. Each in its own process; everything they write is deleted.
+   finetune`'s export path on the `--shape` checkpoint with a random rank-16 adapter on
+   every linear layer: base + adapter merged tensor by tensor into the GGUF writer, the
+   importance pass, then Q4_K_M, with peak RSS under 4 GB; then `--save-merged`'s folder,
+   and that Q4_K_M dequantized back to bf16 as a GGUF-only base is for training. Each in
+   its own process; everything they write is deleted.
 
     python bench/bench_convert.py [--big [--shape small]] [--scale SHAPE ...] [--finetune-export] [--checkpoint DIR] [--rounds 3]
 """
