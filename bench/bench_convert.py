@@ -578,7 +578,9 @@ def main(argv: list[str] | None = None) -> dict:
         figures.update(more)
     if args.big or args.decode_only:
         figures.update(big_run(args))
-    if args.big:  # the fine-tune export rows are a bench of their own in make bench (run_all's finetune_export)
+    if args.big:
+        if args.finetune_export:  # only when asked: make bench runs them as a bench of their own (finetune_export)
+            figures.update(big_finetune(args))
         figures.update(big_imatrix(args))
     if args.scale:
         settings["scale"] = {}

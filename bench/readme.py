@@ -118,6 +118,11 @@ def quant_ppl(b: Bench) -> list[str]:
     return lines
 
 
+def _shaped(shape: str) -> str:
+    """The --big checkpoint as the text names it: 7B-shaped, or a smaller check of the same path."""
+    return "a LLaMA-2-7B-shaped" if shape == "llama2-7b" else f"a {shape}-shaped (not 7B: a check)"
+
+
 def convert(b: Bench) -> list[str]:
     s = b["settings"]
     lines = [f"`bench/bench_convert.py`: F16 conversion of {s['checkpoint']} by localchat and by llama.cpp's "
@@ -128,7 +133,7 @@ def convert(b: Bench) -> list[str]:
              f"| localchat | {_f(b, 'ours_wall', 1)} | {_f(b, 'ours_rss')} |",
              f"| localchat / reference | {_f(b, 'wall_ratio', 3)} | {_f(b, 'rss_ratio', 3)} |"]
     if s.get("big"):
-        shape = "a LLaMA-2-7B-shaped" if s["shape"] == "llama2-7b" else f"a {s['shape']}-shaped (not 7B: a check)"
+        shape = _shaped(s["shape"])
         made = (f" ({_f(b, 'big_checkpoint_gb', 1)} of fp16 shards) converts to F16 in "
                 f"{_f(b, 'big_f16_wall', 0)} with a peak RSS of {_f(b, 'big_f16_rss')}; Q4_K_M takes "
                 f"{_f(b, 'big_q4_quantize_s', 0)} and") if "big_f16_wall" in b["figures"] else ""
@@ -151,7 +156,7 @@ def convert(b: Bench) -> list[str]:
 
 def finetune_export(b: Bench) -> list[str]:
     s = b["settings"]
-    shape = "a LLaMA-2-7B-shaped" if s["shape"] == "llama2-7b" else f"a {s['shape']}-shaped (not 7B: a check)"
+    shape = _shaped(s["shape"])
     return [f"`bench/bench_convert.py --finetune-export`: `localchat finetune`'s export path on {shape} random "
             "checkpoint (fp16) with a random rank-16 adapter on every linear layer, each step in its own process: "
             "base + adapter merged tensor by tensor into the GGUF writer (F16), the importance pass over the "

@@ -47,7 +47,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     # plain and weighted by it, and the auto mix at Q4_K_M's size, each on held-out chats and prose
     "quant_ppl": ("bench_quant_ppl", [],
                   ["--types", "Q8_0", "Q4_K_M", "--chars", "3000"]),
-    # ~80 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
+    # ~70 min once the 7B-shaped checkpoint is cached (making it: ~20 min and 30 GB of disk, once):
     # 4 x 2 starter conversions, 4 x 2 per family (~1 min each), a 13.5 GB conversion, a Q4_K_M quantization,
     # 4 x (decode + bandwidth); `localchat convert`
     # with its importance matrix (~20 min: 20 rows through 32 layers in torch, 18 GB of disk, deleted after); then

@@ -52,6 +52,15 @@ def test_readme_benchmark_section_is_generated_from_results():
     assert _section() == expected, "README.md's benchmark section is stale: run python bench/readme.py"
 
 
+def test_every_bench_make_bench_runs_has_its_readme_paragraph():
+    """A bench added to bench/run_all.py without a writer in bench/readme.py would be measured into
+    results.json and never shown; one in the README's order is the same list in both."""
+    spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    assert list(_readme_module().WRITERS) == list(run_all.BENCHES)
+
+
 def test_every_number_in_the_benchmark_section_is_in_results():
     """Hand-written figures: each number printed in the section is a number of results.json,
     rounded as printed (so no figure is typed in or derived by hand)."""
